@@ -1,0 +1,141 @@
+"""The notebook's layers against Hugging Face PEFT (a test dependency, see requirements.txt).
+
+The same MLP is wrapped with our layers and with ``get_peft_model(LoraConfig(...))``; parameters
+are copied across with ``helpers.to_peft_state_dict``. Compared: forward outputs, the gradients
+of A, B and m after one backward pass, and the merged weights.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import helpers
+
+peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install peft")
+from peft import (  # noqa: E402
+    LoraConfig,
+    get_peft_model,
+    get_peft_model_state_dict,
+    set_peft_model_state_dict,
+)
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+CLASSES = {
+    "LinearWithLoRA": {},
+    "LinearWithDoRA": {},
+    "LinearWithDoRAEfficient-factored": {"factored_norm": True},
+    "LinearWithDoRAEfficient-dense": {"factored_norm": False},
+}
+OURS_TO_PEFT = {"lora.A": "lora_A.default.weight", "lora.B": "lora_B.default.weight"}
+OURS_TO_PEFT["m"] = "lora_magnitude_vector.default.weight"
+
+
+def mlp(sizes, bias, dtype):
+    torch.manual_seed(0)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+        layers += [nn.Linear(a, b, bias=bias)] + ([nn.Tanh()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(nn.Flatten(), *layers).to(dtype)
+
+
+def build(nb, cls_key, sizes, rank, bias, dtype):
+    base = mlp(sizes, bias, dtype)
+    cls = getattr(nb, cls_key.split("-")[0])
+    ours = helpers.add_adapters(base, cls, rank, 2 * rank, **CLASSES[cls_key])
+    torch.manual_seed(1)
+    with torch.no_grad():  # trained-looking adapters: B != 0, m != ||W0||
+        for name, p in ours.named_parameters():
+            if name.endswith("lora.B"):
+                p.normal_(std=0.2)
+            elif name.endswith(".m"):
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**helpers.peft_config_kwargs(ours)))
+    result = set_peft_model_state_dict(theirs, helpers.to_peft_state_dict(ours))
+    assert not result.unexpected_keys
+    return base, ours, theirs
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+CASES = [
+    ((20, 16, 12), 2),
+    ((64, 48, 10), 4),
+    ((784, 128, 256, 10), 4),
+    ((784, 128, 256, 10), 16),  # the head is clipped to rank 10: rank_pattern
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("sizes, rank", CASES)
+@pytest.mark.parametrize("cls_key", list(CLASSES))
+def test_forward_gradients_merge_match_peft(nb, cls_key, sizes, rank, bias, dtype):
+    _, ours, theirs = build(nb, cls_key, sizes, rank, bias, dtype)
+    tol = TOL[dtype]
+    torch.manual_seed(2)
+    x = torch.randn(8, sizes[0], dtype=dtype)
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert rel(y_ours, y_theirs) <= tol
+    target = torch.randn_like(y_ours)
+    (y_ours * target).sum().backward()
+    (y_theirs * target).sum().backward()
+    compared = 0
+    for name, p in ours.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, _, ours_name = name.partition(".")
+        q = theirs.get_parameter(f"base_model.model.{layer}.{OURS_TO_PEFT[ours_name]}")
+        assert torch.equal(p.detach(), q.detach())  # copied exactly
+        assert rel(p.grad, q.grad) <= tol, name
+        compared += 1
+    assert compared == (len(sizes) - 1) * (3 if "DoRA" in cls_key else 2)
+    merged_theirs = copy.deepcopy(theirs).merge_and_unload()
+    merged_ours = helpers.merge_adapters(ours, nb.merge)
+    for (n1, w1), (n2, w2) in zip(
+        merged_ours.state_dict().items(), merged_theirs.state_dict().items(), strict=True
+    ):
+        assert n1 == n2 and rel(w1, w2) <= tol, n1
+    assert rel(merged_ours(x), y_theirs) <= 10 * tol
+
+
+@pytest.mark.parametrize("kind", ["LinearWithLoRA", "LinearWithDoRA"])
+def test_adapter_round_trip_through_peft(nb, kind):
+    """ours -> PEFT keys -> PEFT model -> PEFT's own state dict -> ours: same outputs."""
+    base, ours, theirs = build(nb, kind, (784, 128, 256, 10), 16, True, torch.float64)
+    x = torch.randn(5, 784, dtype=torch.float64)
+    peft_sd = get_peft_model_state_dict(theirs)
+    assert set(peft_sd) == set(helpers.to_peft_state_dict(ours))
+    back = helpers.from_peft_state_dict(peft_sd, theirs.peft_config["default"])
+    fresh = helpers.add_adapters(base, getattr(nb, kind), 16, 32)
+    helpers.load_adapter(fresh, back)
+    assert torch.equal(fresh(x), ours(x))
+    # a live PEFT state_dict (adapter name in the keys, base weights included) works too
+    back_live = helpers.from_peft_state_dict(theirs.state_dict(), theirs.peft_config["default"])
+    assert set(back_live["tensors"]) == set(back["tensors"])
+
+
+def test_adapter_trained_in_peft_loads_into_ours(nb):
+    """A PEFT DoRA adapter with other values than ours -> from_peft_state_dict -> same function."""
+    base = mlp((30, 20, 6), True, torch.float64)
+    config = LoraConfig(r=3, lora_alpha=5, use_dora=True, target_modules=["1", "3"])
+    theirs = get_peft_model(copy.deepcopy(base), config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    ours = helpers.add_adapters(base, nb.LinearWithDoRAEfficient, 3, 5)
+    helpers.load_adapter(
+        ours, helpers.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
+    )
+    x = torch.randn(4, 30, dtype=torch.float64)
+    assert rel(ours(x), theirs(x)) < 1e-12
+    wrong = helpers.add_adapters(base, nb.LinearWithDoRA, 3, 8)  # other alpha
+    with pytest.raises(ValueError, match="alpha"):
+        helpers.load_adapter(
+            wrong, helpers.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
+        )

@@ -1,0 +1,76 @@
+"""Check that re-running DoRA.ipynb on this machine reproduces every stored text output.
+
+    .venv/bin/python tools/check_determinism.py
+
+Executes the notebook in a fresh kernel (on the CPU, like tools/run_notebook.py, which made the
+stored outputs) and compares the text of every code cell's outputs with the stored ones,
+including the cells nbval ignores (training logs, accuracies, tables). Timings are masked with
+the rules of tests/nbval_sanitize.cfg; nothing else is. Exit status 1 lists the cells that differ.
+
+nbval already compares the platform-independent cells on any machine; this check is stricter and
+holds on the machine that produced the stored outputs (another CPU may round differently).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run_notebook import execute  # noqa: E402
+
+
+def sanitizers(path: Path = REPO / "tests" / "nbval_sanitize.cfg") -> list[tuple[str, str]]:
+    """The (regex, replacement) pairs of an nbval sanitize file."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return [
+        (line[len("regex:") :].strip(), nxt[len("replace:") :].strip())
+        for line, nxt in zip(lines, lines[1:], strict=False)
+        if line.startswith("regex:") and nxt.startswith("replace:")
+    ]
+
+
+def cell_texts(notebook, rules) -> list[str]:
+    """Every code cell's text outputs (streams, text/plain, errors), with timings masked."""
+    texts = []
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        parts = []
+        for out in cell.get("outputs", []):
+            parts.append(out.get("text", "") + out.get("data", {}).get("text/plain", ""))
+            parts.append(out.get("ename", "") + out.get("evalue", ""))
+        text = "".join(parts)
+        for regex, replace in rules:
+            text = re.sub(regex, replace, text)
+        texts.append(text)
+    return texts
+
+
+def main() -> int:
+    path = REPO / "DoRA.ipynb"
+    os.environ.setdefault("DORA_DEVICE", "cpu")
+    rules = sanitizers()
+    stored = cell_texts(nbformat.read(path, as_version=4), rules)
+    fresh = cell_texts(execute(path), rules)
+    differ = [i for i, (a, b) in enumerate(zip(stored, fresh, strict=True)) if a != b]
+    for i in differ:
+        print(f"code cell {i} differs:")
+        diff = difflib.unified_diff(stored[i].splitlines(), fresh[i].splitlines(), lineterm="")
+        print("\n".join(list(diff)[2:22]))
+    if differ:
+        print(f"determinism check FAILED: {len(differ)} of {len(stored)} code cells differ")
+        return 1
+    print(f"determinism check passed: all {len(stored)} code cells reproduce their stored outputs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

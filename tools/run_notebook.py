@@ -1,0 +1,104 @@
+"""Execute DoRA.ipynb top to bottom, headless, and store its outputs and figures.
+
+    .venv/bin/python tools/run_notebook.py            # CPU (the committed outputs come from this)
+    .venv/bin/python tools/run_notebook.py --device auto --output /tmp/run.ipynb
+
+1. makes MNIST available (helpers.load_mnist: verified local files, else a download);
+2. runs every cell in a fresh kernel, printing each cell's text output as it finishes, so a
+   long run shows its progress;
+3. writes the executed notebook (in place by default) and saves every figure of a cell tagged
+   ``fig-NAME`` as ``figures/NAME.png`` (the README shows them).
+
+Outputs stay comparable with `pytest --nbval`: the device is the CPU unless ``--device`` says
+otherwise, and nothing else about this machine changes what the compared cells print.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import helpers  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--notebook", type=Path, default=REPO / "DoRA.ipynb")
+    parser.add_argument("--output", type=Path, help="where to write (default: in place)")
+    parser.add_argument("--figures", type=Path, default=REPO / "figures")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
+    args = parser.parse_args()
+
+    helpers.load_mnist()
+    if args.device != "auto":
+        os.environ["DORA_DEVICE"] = args.device  # read by helpers.pick_device()
+    start = time.perf_counter()
+    notebook = execute(args.notebook)
+    print(f"executed {args.notebook.name} in {time.perf_counter() - start:.1f} s")
+    output = args.output or args.notebook
+    _write_atomic(output, nbformat.writes(notebook))
+    for path in save_figures(notebook, args.figures):
+        print(f"saved {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+
+
+def execute(path: Path) -> nbformat.NotebookNode:
+    """Run all cells in a fresh python3 kernel whose working directory is the notebook's."""
+    notebook = nbformat.read(path, as_version=4)
+    for cell in notebook.cells:
+        cell.metadata.pop("execution", None)  # timestamps of an earlier run
+    n_code = sum(cell.cell_type == "code" for cell in notebook.cells)
+    counter = iter(range(1, n_code + 1))
+
+    def report(cell, **_):
+        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
+        print(f"[{next(counter)}/{n_code}] {first[:70]}", flush=True)
+        if text.strip():
+            print("    " + text.rstrip().replace("\n", "\n    "), flush=True)
+
+    client = NotebookClient(
+        notebook,
+        timeout=1800,
+        kernel_name="python3",
+        record_timing=False,  # no per-cell timestamps in the stored notebook
+        resources={"metadata": {"path": str(path.parent)}},
+        on_cell_executed=report,
+    )
+    client.execute()
+    return notebook
+
+
+def save_figures(notebook: nbformat.NotebookNode, folder: Path) -> list[Path]:
+    """Save the PNG output of each cell tagged ``fig-NAME`` as ``folder/NAME.png``."""
+    saved = []
+    for cell in notebook.cells:
+        names = [t[4:] for t in cell.metadata.get("tags", []) if t.startswith("fig-")]
+        outputs = cell.get("outputs", [])
+        pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+        for name, png in zip(names, pngs, strict=False):
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{name}.png"
+            _write_atomic(path, base64.b64decode(png))
+            saved.append(path)
+    return saved
+
+
+def _write_atomic(path: Path, content: str | bytes) -> None:
+    """Write to a temporary file beside ``path``, then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    main()
