@@ -91,15 +91,11 @@ def _is_constant(node: ast.AST) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a torch.Generator (CPU) seeded the same way.
-
-    Pass the generator wherever randomness should be explicit (batch order).
-    """
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CPU and every GPU)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
@@ -1089,7 +1085,7 @@ def finetune(
     weight-decomposition analysis). Returns the training history plus ``trainable`` (count),
     ``model`` and, if asked, ``weights`` (a list over epochs of {layer name: weight}).
     """
-    torch.manual_seed(seed)
+    seed_everything(seed)
     if wrapper is None:
         model = copy.deepcopy(pretrained).requires_grad_(True)
     else:
