@@ -1185,6 +1185,8 @@ def plot_methods(results: dict[str, list[dict]], title: str = ""):
 
 
 def _label(ax, xlabel: str, ylabel: str) -> None:
+    if xlabel == "epoch":
+        ax.xaxis.get_major_locator().set_params(integer=True)  # no "epoch 2.5"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -1217,15 +1219,20 @@ def results_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def compare_sentence(name_a: str, runs_a: list[dict], name_b: str, runs_b: list[dict]) -> str:
-    """Say whether A's mean final accuracy differs from B's by more than the seed-to-seed spread.
+def difference(runs_a: list[dict], runs_b: list[dict]) -> tuple[float, float]:
+    """(mean final accuracy of A - that of B, 2 standard errors of that difference), in points.
 
-    The yardstick is two standard errors of the difference of means,
-    2 * sqrt(s_a^2 / n_a + s_b^2 / n_b) (about a 95 % interval).
+    2 * sqrt(s_a^2 / n_a + s_b^2 / n_b) is about a 95 % interval: a difference larger than that
+    is more than the seed-to-seed spread.
     """
     a, b = final_accuracies(runs_a), final_accuracies(runs_b)
-    diff = a.mean() - b.mean()
     margin = 2 * np.sqrt(_std(a) ** 2 / len(a) + _std(b) ** 2 / len(b))
+    return float(a.mean() - b.mean()), float(margin)
+
+
+def compare_sentence(name_a: str, runs_a: list[dict], name_b: str, runs_b: list[dict]) -> str:
+    """Say whether A's mean final accuracy differs from B's by more than the seed-to-seed spread."""
+    diff, margin = difference(runs_a, runs_b)
     verdict = "ahead of" if diff > 0 else "behind"
     if abs(diff) > margin:
         return (
@@ -1244,24 +1251,35 @@ def _std(values: np.ndarray) -> float:
 
 def decomposition_table(points: dict[str, list[dict]], paper: dict[str, float]) -> str:
     """Per method: slope and Pearson r of dM on dD over all points (as in the paper's figure),
-    the mean r within one layer (checkpoints and seeds of that layer only), and the paper's r;
-    then one printed sentence per method on whether the sign matches the paper's."""
+    the mean r within one layer (its checkpoints and seeds only), and the paper's r."""
     head = f"{'method':<10}{'points':>7}{'slope':>9}{'r, all':>9}{'r, in a layer':>15}"
-    head += f"{'r, paper':>10}"
-    lines, verdicts = [head], []
+    lines = [head + f"{'r, paper':>10}"]
     for method, pts in points.items():
         slope, r = fit_line([p["dD"] for p in pts], [p["dM"] for p in pts])
-        r_in = np.mean([fit_line(*_xy(pts, layer))[1] for layer in _layers(pts)])
+        r_in = _within_layer_r(pts)
         lines.append(
             f"{method:<10}{len(pts):>7}{slope:>9.3f}{r:>+9.2f}{r_in:>+15.2f}{paper[method]:>+10.2f}"
         )
+    return "\n".join(lines)
+
+
+def decomposition_verdicts(points: dict[str, list[dict]], paper: dict[str, float]) -> list[str]:
+    """One sentence per method: does the sign of r over all points match the paper's?"""
+    verdicts = []
+    for method, pts in points.items():
+        r = fit_line([p["dD"] for p in pts], [p["dM"] for p in pts])[1]
         same = np.sign(r) == np.sign(paper[method])
         verdicts.append(
             f"{method}: r = {r:+.2f} over all points, "
             + ("the same sign as the paper's" if same else "the opposite sign to the paper's")
-            + f" ({paper[method]:+.2f}); within a layer r = {r_in:+.2f}."
+            + f" ({paper[method]:+.2f}); within a layer r = {_within_layer_r(pts):+.2f}."
         )
-    return "\n".join(lines + [""] + verdicts)
+    return verdicts
+
+
+def _within_layer_r(points: list[dict]) -> float:
+    """Mean over layers of the Pearson r of dM on dD among that layer's points."""
+    return float(np.mean([fit_line(*_xy(points, layer))[1] for layer in _layers(points)]))
 
 
 def _layers(points: list[dict]) -> list[str]:
@@ -1343,7 +1361,6 @@ def plot_decomposition(points: dict[str, list[dict]]):
         slope, r = fit_line([p["dD"] for p in pts], [p["dM"] for p in pts])
         ax.set_title(f"{method}: slope {slope:.2f}, r = {r:+.2f}")
         _label(ax, "ΔD (direction change)", "ΔM (magnitude change)")
-        ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 2))
     handles = [
         plt.Line2D([], [], marker=markers[i % 5], ls="", color="gray", label=f"layer {name}")
         for i, name in enumerate(layers)

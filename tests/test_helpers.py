@@ -253,3 +253,25 @@ def test_seed_everything_repeats_all_generators():
         np.random.rand(),
         random.random(),
     )
+
+
+def test_difference_is_mean_gap_and_two_standard_errors():
+    diff, margin = helpers.difference(runs_with([0.90, 0.92, 0.94]), runs_with([0.90, 0.90, 0.90]))
+    assert diff == pytest.approx(2.0)
+    assert margin == pytest.approx(2 * math.sqrt(4 / 3))
+
+
+def test_decomposition_table_and_verdicts_follow_the_sign_of_r():
+    rising = [
+        {"dD": d, "dM": 2 * d + (0.1 if layer == "b" else 0), "epoch": 1, "layer": layer}
+        for layer in ("a", "b")
+        for d in (0.1, 0.2, 0.3)
+    ]
+    falling = [{**p, "dM": -p["dM"]} for p in rising]
+    points, paper = {"up": rising, "down": falling}, {"up": 0.5, "down": 0.5}
+    table = helpers.decomposition_table(points, paper).splitlines()
+    assert table[1].split()[:3] == ["up", "6", "2.000"]
+    assert table[1].split()[4] == "+1.00"  # within each layer dM = 2 dD exactly
+    verdicts = helpers.decomposition_verdicts(points, paper)
+    assert "the same sign as the paper's" in verdicts[0]
+    assert "the opposite sign to the paper's" in verdicts[1]
