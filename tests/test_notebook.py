@@ -96,3 +96,11 @@ def test_notebook_is_already_clean_for_the_nbstripout_hook(tmp_path):
     args = shlex.split(entry)[1:]
     subprocess.run([sys.executable, "-m", "nbstripout", *args, str(copy)], check=True)
     assert nbformat.read(copy, as_version=4) == NOTEBOOK
+
+
+def test_stored_stream_outputs_are_coalesced():
+    """tools/run_notebook.py joins a cell's consecutive stdout chunks (stable diffs)."""
+    for cell in CODE:
+        for before, after in zip(cell.outputs, cell.outputs[1:], strict=False):
+            both_streams = before.output_type == after.output_type == "stream"
+            assert not (both_streams and before.name == after.name), cell.source[:200]

@@ -75,7 +75,30 @@ def execute(path: Path) -> nbformat.NotebookNode:
         on_cell_executed=report,
     )
     client.execute()
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            cell.outputs = coalesce_streams(cell.outputs)
     return notebook
+
+
+def coalesce_streams(outputs: list) -> list:
+    """Join consecutive stdout (or stderr) chunks into one output, as Jupyter shows them.
+
+    How a kernel splits a cell's printing into messages depends on timing; joined, the stored
+    notebook is the same from run to run."""
+    merged = []
+    for out in outputs:
+        previous = merged[-1] if merged else None
+        if (
+            out.output_type == "stream"
+            and previous is not None
+            and previous.output_type == "stream"
+            and previous.name == out.name
+        ):
+            previous.text += out.text
+        else:
+            merged.append(out)
+    return merged
 
 
 def save_figures(notebook: nbformat.NotebookNode, folder: Path) -> list[Path]:
