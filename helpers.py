@@ -149,11 +149,14 @@ def write_idx(path: str | Path, array) -> None:
     if array.dtype != np.uint8 or array.ndim == 0:
         raise ValueError(f"write_idx needs a uint8 array, got {array.dtype} {array.shape}")
     header = struct.pack(f">I{array.ndim}I", 0x0800 | array.ndim, *array.shape)
-    _atomic_write(Path(path), [header, array.data])
+    write_atomic(Path(path), [header, array.data])
 
 
-def _atomic_write(path: Path, chunks) -> None:
-    """Write to a temp file beside ``path``, fsync, then rename: never a half-written file."""
+def write_atomic(path: Path, chunks) -> None:
+    """Write byte ``chunks`` to a temp file beside ``path``, fsync, then rename over ``path``.
+
+    Readers see the old file or the whole new one, never a half-written file; on any error
+    (Ctrl-C included) the temp file is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -611,20 +614,11 @@ def adapter_state_dict(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write ``adapter_state_dict(model)`` to ``path`` atomically (temp file, then os.replace)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(adapter_state_dict(model), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``adapter_state_dict(model)`` to ``path`` atomically (see ``write_atomic``)."""
+    buffer = io.BytesIO()
+    torch.save(adapter_state_dict(model), buffer)
+    write_atomic(Path(path), [buffer.getvalue()])
+    return Path(path)
 
 
 def _names(items) -> str:
@@ -1255,7 +1249,7 @@ def decomposition_table(points: dict[str, list[dict]], paper: dict[str, float]) 
     head = f"{'method':<10}{'points':>7}{'slope':>9}{'r, all':>9}{'r, in a layer':>15}"
     lines = [head + f"{'r, paper':>10}"]
     for method, pts in points.items():
-        slope, r = fit_line([p["dD"] for p in pts], [p["dM"] for p in pts])
+        slope, r = fit_line(*_xy(pts))
         r_in = _within_layer_r(pts)
         lines.append(
             f"{method:<10}{len(pts):>7}{slope:>9.3f}{r:>+9.2f}{r_in:>+15.2f}{paper[method]:>+10.2f}"
@@ -1267,7 +1261,7 @@ def decomposition_verdicts(points: dict[str, list[dict]], paper: dict[str, float
     """One sentence per method: does the sign of r over all points match the paper's?"""
     verdicts = []
     for method, pts in points.items():
-        r = fit_line([p["dD"] for p in pts], [p["dM"] for p in pts])[1]
+        r = fit_line(*_xy(pts))[1]
         same = np.sign(r) == np.sign(paper[method])
         verdicts.append(
             f"{method}: r = {r:+.2f} over all points, "
@@ -1286,9 +1280,9 @@ def _layers(points: list[dict]) -> list[str]:
     return list(dict.fromkeys(p["layer"] for p in points))
 
 
-def _xy(points: list[dict], layer: str) -> tuple[list[float], list[float]]:
-    """(dD values, dM values) of one layer's points."""
-    pts = [p for p in points if p["layer"] == layer]
+def _xy(points: list[dict], layer: str | None = None) -> tuple[list[float], list[float]]:
+    """(dD values, dM values) of all points, or of one layer's points."""
+    pts = [p for p in points if layer is None or p["layer"] == layer]
     return [p["dD"] for p in pts], [p["dM"] for p in pts]
 
 
@@ -1358,7 +1352,7 @@ def plot_decomposition(points: dict[str, list[dict]]):
             ax.scatter(
                 p["dD"], p["dM"], color=colour, marker=markers[layers.index(p["layer"]) % 5], s=22
             )
-        slope, r = fit_line([p["dD"] for p in pts], [p["dM"] for p in pts])
+        slope, r = fit_line(*_xy(pts))
         ax.set_title(f"{method}: slope {slope:.2f}, r = {r:+.2f}")
         _label(ax, "ΔD (direction change)", "ΔM (magnitude change)")
     handles = [

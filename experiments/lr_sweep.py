@@ -59,9 +59,7 @@ def main() -> None:
             cells.append(helpers.summary(runs))
         lines.append(f"{lr:>8.0e}" + "".join(f"{cell:>24}" for cell in cells))
         print(lines[-1], flush=True)
-    tmp = RESULTS.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(RESULTS)
+    helpers.write_atomic(RESULTS, [("\n".join(lines) + "\n").encode()])
     print(f"saved {RESULTS.relative_to(REPO)}")
 
 

@@ -46,7 +46,7 @@ def main() -> None:
     notebook = execute(args.notebook)
     print(f"executed {args.notebook.name} in {time.perf_counter() - start:.1f} s")
     output = args.output or args.notebook
-    _write_atomic(output, nbformat.writes(notebook))
+    helpers.write_atomic(output, [nbformat.writes(notebook).encode()])
     for path in save_figures(notebook, args.figures):
         print(f"saved {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
@@ -109,18 +109,10 @@ def save_figures(notebook: nbformat.NotebookNode, folder: Path) -> list[Path]:
         outputs = cell.get("outputs", [])
         pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
         for name, png in zip(names, pngs, strict=False):
-            folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{name}.png"
-            _write_atomic(path, base64.b64decode(png))
+            helpers.write_atomic(path, [base64.b64decode(png)])
             saved.append(path)
     return saved
-
-
-def _write_atomic(path: Path, content: str | bytes) -> None:
-    """Write to a temporary file beside ``path``, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(content.encode() if isinstance(content, str) else content)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
