@@ -6,6 +6,7 @@ what each rank computes alone (computed here without DDP and all-gathered by han
 optimizer steps both replicas hold identical parameters, and the frozen weights never moved.
 """
 
+import gc
 import socket
 import sys
 from pathlib import Path
@@ -33,55 +34,63 @@ def gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def worker(rank: int, port: int, class_name: str) -> None:
-    sys.path.insert(0, str(REPO))
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
-    import helpers
-
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        nb = helpers.import_notebook_definitions(REPO / "DoRA.ipynb")
-        pretrained = helpers.make_mlp((784, 128, 256, 10), seed=0)
-        model = helpers.add_adapters(pretrained, getattr(nb, class_name), rank=4, alpha=8)
-        torch.manual_seed(100 + rank)  # different adapter init per rank: DDP must broadcast
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.requires_grad:
-                    p.normal_()
-        ddp = DDP(model)
-        adapter = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert adapter == {f"{i}.{s}" for i in "024" for s in ("lora.A", "lora.B", "m")}
-        registered = {id(p) for p in ddp.parameters() if p.requires_grad}
-        assert registered == {id(p) for n, p in model.named_parameters() if n in adapter}
-        frozen0 = {n: p.detach().clone() for n, p in model.named_parameters() if n not in adapter}
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-        gen = torch.Generator().manual_seed(rank)  # each rank its own data
-        for _ in range(STEPS):
-            x, y = torch.randn(16, 784, generator=gen), torch.randint(0, 10, (16,), generator=gen)
-            # what this rank alone would compute (no DDP, no communication)
-            model.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            local = {n: p.grad.clone() for n, p in model.named_parameters() if n in adapter}
-            model.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(ddp(x), y).backward()
-            for n, p in model.named_parameters():
-                if n not in adapter:
-                    assert p.grad is None, f"frozen {n} got a gradient"
-                    continue
-                expected = torch.stack(gather(local[n])).mean(0)
-                torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6, msg=n)
-                assert not torch.allclose(local[n], expected)  # the ranks really differ
-            optimizer.step()
-        for n, p in model.named_parameters():
-            a, b = gather(p.detach())
-            assert torch.equal(a, b), f"replicas differ in {n}"
-            if n not in adapter:
-                assert torch.equal(p, frozen0[n]), f"frozen {n} changed"
+        check_replica(rank, class_name)
+        # Free the DDP wrapper (its reducer holds the process group) before the group goes:
+        # left to interpreter shutdown, gloo's threads can abort the process (SIGABRT seen
+        # in about one run in three).
+        gc.collect()
     finally:
         dist.destroy_process_group()
+
+
+def check_replica(rank: int, class_name: str) -> None:
+    sys.path.insert(0, str(REPO))
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import helpers
+
+    nb = helpers.import_notebook_definitions(REPO / "DoRA.ipynb")
+    pretrained = helpers.make_mlp((784, 128, 256, 10), seed=0)
+    model = helpers.add_adapters(pretrained, getattr(nb, class_name), rank=4, alpha=8)
+    torch.manual_seed(100 + rank)  # different adapter init per rank: DDP must broadcast
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    ddp = DDP(model)
+    adapter = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert adapter == {f"{i}.{s}" for i in "024" for s in ("lora.A", "lora.B", "m")}
+    registered = {id(p) for p in ddp.parameters() if p.requires_grad}
+    assert registered == {id(p) for n, p in model.named_parameters() if n in adapter}
+    frozen0 = {n: p.detach().clone() for n, p in model.named_parameters() if n not in adapter}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    gen = torch.Generator().manual_seed(rank)  # each rank its own data
+    for _ in range(STEPS):
+        x, y = torch.randn(16, 784, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        # what this rank alone would compute (no DDP, no communication)
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        local = {n: p.grad.clone() for n, p in model.named_parameters() if n in adapter}
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(ddp(x), y).backward()
+        for n, p in model.named_parameters():
+            if n not in adapter:
+                assert p.grad is None, f"frozen {n} got a gradient"
+                continue
+            expected = torch.stack(gather(local[n])).mean(0)
+            torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6, msg=n)
+            assert not torch.allclose(local[n], expected)  # the ranks really differ
+        optimizer.step()
+    for n, p in model.named_parameters():
+        a, b = gather(p.detach())
+        assert torch.equal(a, b), f"replicas differ in {n}"
+        if n not in adapter:
+            assert torch.equal(p, frozen0[n]), f"frozen {n} changed"
 
 
 @pytest.mark.parametrize("class_name", ["LinearWithDoRAEfficient"])
