@@ -1299,7 +1299,7 @@ def plot_digits(images: torch.Tensor, rotated: torch.Tensor, labels: torch.Tenso
     fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 2.6))
     for i in range(n):
         for row, batch in enumerate((images, rotated)):
-            axes[row, i].imshow(batch[i].cpu(), cmap="gray_r")
+            axes[row, i].imshow(batch[i].cpu().numpy(), cmap="gray_r")
             axes[row, i].set_xticks([])
             axes[row, i].set_yticks([])
         axes[0, i].set_title(str(int(labels[i])))
@@ -1330,6 +1330,11 @@ def plot_rank_sweep(sweep: dict[tuple[str, int], list[dict]], reference: list[di
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
         _label(ax, xlabel, "final test accuracy (%)")
     axes[0].set_xticks(ranks, [str(r) for r in ranks])
+    counts = [runs[0]["trainable"] for runs in sweep.values()]
+    ticks = [
+        m * 10**k for k in range(8) for m in (1, 2, 5) if min(counts) <= m * 10**k <= max(counts)
+    ]
+    axes[1].set_xticks(ticks, [f"{t:,}" for t in ticks])  # 1-2-5 steps: readable on a log axis
     axes[0].legend()
     fig.tight_layout()
     return fig
