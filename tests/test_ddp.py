@@ -21,10 +21,9 @@ WORLD = 2
 STEPS = 3
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# gloo's own connections go over the loopback interface ("lo" on Linux, "lo0" on macOS), not
+# whatever the hostname resolves to; the rendezvous is a file, so no port is picked and raced for.
+LOOPBACK = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
 
 
 def gather(t: torch.Tensor) -> list[torch.Tensor]:
@@ -33,11 +32,10 @@ def gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def worker(rank: int, port: int, class_name: str) -> None:
+def worker(rank: int, rendezvous: str, class_name: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
+    os.environ["GLOO_SOCKET_IFNAME"] = LOOPBACK
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
         check_replica(rank, class_name)
     finally:
@@ -98,7 +96,9 @@ def check_replica(rank: int, class_name: str) -> None:
             assert torch.equal(p, frozen0[n]), f"frozen {n} changed"
 
 
+@pytest.mark.skipif(LOOPBACK is None, reason="no loopback network interface")
 @pytest.mark.parametrize("class_name", ["LinearWithDoRAEfficient"])
-def test_ddp_syncs_only_adapters_and_replicas_agree(nb, class_name):
+def test_ddp_syncs_only_adapters_and_replicas_agree(nb, class_name, tmp_path):
     assert hasattr(nb, class_name)  # the notebook builds; workers import it themselves
-    mp.spawn(worker, args=(free_port(), class_name), nprocs=WORLD, join=True)
+    rendezvous = str(tmp_path / "rendezvous")
+    mp.spawn(worker, args=(rendezvous, class_name), nprocs=WORLD, join=True)
