@@ -1148,8 +1148,8 @@ def plot_history(history: dict, title: str = ""):
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
     ax_loss.plot(epochs, history["train_loss"], marker="o")
     ax_acc.plot(epochs, 100 * np.array(history["test_acc"]), marker="o", color="C1")
-    _label(ax_loss, "epoch", "training loss")
-    _label(ax_acc, "epoch", "test accuracy (%)")
+    _label(ax_loss, "epoch", "training loss", integer_x=True)
+    _label(ax_acc, "epoch", "test accuracy (%)", integer_x=True)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -1170,16 +1170,16 @@ def plot_methods(results: dict[str, list[dict]], title: str = ""):
             ax.fill_between(
                 epochs, scale * (mean - std), scale * (mean + std), color=f"C{i}", alpha=0.2
             )
-    _label(ax_loss, "epoch", "training loss")
-    _label(ax_acc, "epoch", "test accuracy (%)")
+    _label(ax_loss, "epoch", "training loss", integer_x=True)
+    _label(ax_acc, "epoch", "test accuracy (%)", integer_x=True)
     ax_acc.legend()
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def _label(ax, xlabel: str, ylabel: str) -> None:
-    if xlabel == "epoch":
+def _label(ax, xlabel: str, ylabel: str, integer_x: bool = False) -> None:
+    if integer_x:
         ax.xaxis.get_major_locator().set_params(integer=True)  # no "epoch 2.5"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -1224,14 +1224,25 @@ def difference(runs_a: list[dict], runs_b: list[dict]) -> tuple[float, float]:
     return float(a.mean() - b.mean()), float(margin)
 
 
+def verdict(runs_a: list[dict], runs_b: list[dict]) -> str:
+    """'ahead' or 'behind' if A's mean final accuracy differs from B's by more than the
+    seed-to-seed spread (see ``difference``), else 'within'."""
+    return _verdict(*difference(runs_a, runs_b))
+
+
+def _verdict(diff: float, margin: float) -> str:
+    return "within" if abs(diff) <= margin else "ahead" if diff > 0 else "behind"
+
+
 def compare_sentence(name_a: str, runs_a: list[dict], name_b: str, runs_b: list[dict]) -> str:
     """Say whether A's mean final accuracy differs from B's by more than the seed-to-seed spread."""
     diff, margin = difference(runs_a, runs_b)
-    verdict = "ahead of" if diff > 0 else "behind"
-    if abs(diff) > margin:
+    outcome = _verdict(diff, margin)
+    if outcome != "within":
         return (
-            f"{name_a} is {verdict} {name_b} by {abs(diff):.2f} points, more than the seed-to-seed "
-            f"spread (2 standard errors = {margin:.2f} points)."
+            f"{name_a} is {'ahead of' if outcome == 'ahead' else 'behind'} {name_b} by "
+            f"{abs(diff):.2f} points, more than the seed-to-seed spread "
+            f"(2 standard errors = {margin:.2f} points)."
         )
     return (
         f"{name_a} and {name_b} differ by {diff:+.2f} points, within the seed-to-seed spread "

@@ -261,6 +261,14 @@ def test_difference_is_mean_gap_and_two_standard_errors():
     assert margin == pytest.approx(2 * math.sqrt(4 / 3))
 
 
+def test_verdict_names_the_side_only_beyond_the_spread():
+    high, low = runs_with([0.95, 0.951, 0.949]), runs_with([0.90, 0.901, 0.899])
+    noisy = runs_with([0.90, 0.95, 1.00])
+    assert helpers.verdict(high, low) == "ahead"
+    assert helpers.verdict(low, high) == "behind"
+    assert helpers.verdict(noisy, high) == "within"
+
+
 def test_decomposition_table_and_verdicts_follow_the_sign_of_r():
     rising = [
         {"dD": d, "dM": 2 * d + (0.1 if layer == "b" else 0), "epoch": 1, "layer": layer}

@@ -52,13 +52,10 @@ def test_plot_methods_draws_the_mean_and_a_one_std_band_per_method():
 
 def test_plot_rank_sweep_error_bars_reference_band_and_readable_ticks():
     sweep = {
-        (method, r): [run([0.1], [acc + 0.01 * r]), run([0.1], [acc + 0.01 * r + 0.02])]
+        (method, r): [run([0.1], [acc + 0.01 * r + extra], 1_500 * r) for extra in (0, 0.02)]
         for method, acc in (("LoRA", 0.80), ("DoRA", 0.81))
         for r in (1, 2, 4, 8, 16)
     }
-    for (_, r), runs in sweep.items():
-        for one in runs:
-            one["trainable"] = 1_500 * r
     reference = [run([0.1], [0.95]), run([0.1], [0.97])]
     fig = helpers.plot_rank_sweep(sweep, reference)
     by_rank, by_params = fig.axes
