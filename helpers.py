@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import math
@@ -43,8 +44,23 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+__version__ = "0.2.0"  # the release this file belongs to; DoRA.ipynb asks for the same one
+
 REPO = Path(__file__).resolve().parent
 NOTEBOOK = REPO / "DoRA.ipynb"
+
+
+def require_version(release: str) -> None:
+    """Stop with a clear message unless this helpers.py is from ``release`` (e.g. "v0.2.0").
+
+    The notebook calls this right after ``import helpers``: a notebook from one release next to
+    a helpers.py from another (on Colab, say) would otherwise fail later, far from the cause."""
+    if release.removeprefix("v") != __version__:
+        raise ImportError(
+            f"helpers.py is version {__version__} ({__file__}) but this notebook needs "
+            f"{release}: put the helpers.py of release {release} next to the notebook (on "
+            "Colab: delete the folder 'project' and re-run the first cell)"
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -111,6 +127,17 @@ def pick_device(prefer: str | None = None) -> torch.device:
     if _mps_works():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait until ``device`` has finished its queued work (CUDA and MPS run asynchronously), so
+    that a clock read afterwards measures work done, not work queued. The one sync every timer
+    here and in ``benchmarks/`` uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _mps_works() -> bool:
@@ -596,7 +623,8 @@ def _adapter_params(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """The adapter alone: its tensors (copies) and, per layer, class, kind, rank and alpha.
+    """The adapter alone: its tensors (CPU copies, so a file saved on a GPU loads anywhere) and,
+    per layer, class, kind, rank and alpha.
 
     Loadable with ``torch.load(path, weights_only=True)`` once saved (see the module docstring).
     """
@@ -605,7 +633,9 @@ def adapter_state_dict(model: nn.Module) -> dict:
         raise ValueError("the model has no adapter layers (modules with merged_weight())")
     tensors = {}
     for name, layer in layers.items():
-        tensors.update({k: p.detach().clone() for k, p in _adapter_params(name, layer).items()})
+        tensors.update(
+            {k: p.detach().to("cpu", copy=True) for k, p in _adapter_params(name, layer).items()}
+        )
     return {
         "format": ADAPTER_FORMAT,
         "layers": {name: _layer_info(layer) for name, layer in layers.items()},
@@ -882,13 +912,6 @@ def saved_tensor_bytes(fn) -> int:
     return total
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 @torch.inference_mode()
 def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
     """Median milliseconds of ``model(x)`` in eval and inference mode (device synchronised)."""
@@ -898,7 +921,7 @@ def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: i
     for i in range(warmup + repeats):
         start = time.perf_counter()
         model(x)
-        _sync(x.device)
+        sync(x.device)
         if i >= warmup:
             times.append(time.perf_counter() - start)
     model.train(was_training)
@@ -977,9 +1000,10 @@ def make_task(
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
-    """Fraction of rows of ``x`` whose arg-max logit equals ``y`` (model in eval mode)."""
+    """Fraction of rows of ``x`` whose arg-max logit equals ``y`` (model in eval mode, moved to
+    ``x``'s device)."""
     was_training = model.training
-    model.eval()
+    model.to(x.device).eval()
     correct = sum(
         (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
         for i in range(0, len(x), batch_size)
@@ -1002,10 +1026,13 @@ def train(
 ) -> dict:
     """Adam on cross-entropy over ``task.train_x``; batches are index slices of one tensor.
 
-    Returns a history: per-epoch mean training loss, test accuracy and seconds (training only).
+    The model is moved (in place) to the task's device first, so a model built on the CPU
+    trains where the data is (a GPU, say). Returns a history: per-epoch mean training loss,
+    test accuracy and seconds (training only).
     ``on_epoch_end(model, epoch)`` is called after each epoch (e.g. to record weights).
     ``log`` gets one line per epoch; pass ``log=None`` to stay quiet.
     """
+    model.to(task.train_x.device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -1040,18 +1067,28 @@ def train(
 def make_adam(params, lr: float) -> torch.optim.Adam:
     """Adam, with the fused kernel (one update op for all tensors) where torch and the device
     have it: about 1.4x faster steps for this small MLP on a CPU. Same algorithm either way."""
+    params = list(params)
+    fused = all(_fused_adam_works(p.device, p.dtype) for p in params)
+    return torch.optim.Adam(params, lr=lr, **({"fused": True} if fused else {}))
+
+
+@functools.cache
+def _fused_adam_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether fused Adam runs on this device and dtype. torch checks some of that when the
+    optimizer is built and the rest at its first ``step()``, so try one step on a scratch tensor
+    (older torch, a device or dtype without the kernel: fall back to plain Adam)."""
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # older torch, or a device without it
-        return torch.optim.Adam(params, lr=lr)
+        p = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+        p.grad = torch.ones_like(p)
+        torch.optim.Adam([p], lr=1e-3, fused=True).step()
+        return True
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
 
 
 def _elapsed(start: float, device: torch.device) -> float:
     """Seconds since ``start``, after the device has finished its queued work."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -1108,7 +1145,8 @@ def decomposition_change(weight: torch.Tensor, weight0: torch.Tensor) -> tuple[f
     dM = mean_n | ||W[n]|| - ||W0[n]|| |          (magnitude change)
     dD = mean_n ( 1 - cos(W[n], W0[n]) )          (direction change)
     """
-    weight, weight0 = weight.double(), weight0.double()
+    # In float64 for exact sums; on the CPU first, as MPS has no float64.
+    weight, weight0 = (w.detach().to("cpu", torch.float64) for w in (weight, weight0))
     d_m = (weight.norm(dim=1) - weight0.norm(dim=1)).abs().mean()
     d_d = (1 - F.cosine_similarity(weight, weight0, dim=1)).mean()
     return d_m.item(), d_d.item()

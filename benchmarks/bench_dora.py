@@ -60,11 +60,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str, nn.Module]:
     """The five variants of ``base``, all with the same (random, non-zero) adapter parameters."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
@@ -110,10 +105,10 @@ def measure(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup:
     for i in range(warmup + repeats):
         for name, model in models.items():
             clear_grads(model, x)
-            sync(device)
+            helpers.sync(device)
             start = time.perf_counter()
             step(model, x)
-            sync(device)
+            helpers.sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     results = {}
@@ -193,10 +188,10 @@ def norm_times(nb, device: torch.device, repeats: int = 10) -> list[str]:
             for name, fn in norm_ways(nb, W0, lora_A, lora_B, 2.0).items():
                 times = []
                 for _ in range(repeats + 2):
-                    sync(device)
+                    helpers.sync(device)
                     start = time.perf_counter()
                     fn()
-                    sync(device)
+                    helpers.sync(device)
                     times.append(time.perf_counter() - start)
                 ms[name] = 1000 * statistics.median(times[2:])
         lines.append(

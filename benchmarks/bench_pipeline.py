@@ -67,20 +67,12 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def sync(device: torch.device) -> None:
-    """Wait for queued device work, so that the clock reads what was really done."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def timed(fn, device: torch.device) -> tuple[float, object]:
     """(seconds, result) of fn(), with the device synchronised before both clock reads."""
-    sync(device)
+    helpers.sync(device)
     start = time.perf_counter()
     result = fn()
-    sync(device)
+    helpers.sync(device)
     return time.perf_counter() - start, result
 
 

@@ -1,10 +1,16 @@
-"""Shared fixtures: the notebook's layer classes, imported from DoRA.ipynb (never copied)."""
+"""Shared fixtures: the notebook's layer classes, imported from DoRA.ipynb (never copied).
 
+The whole test command runs on the CPU, even on a GPU machine: the stored outputs that
+`pytest --nbval` compares come from the CPU, and the kernel nbval starts inherits this setting
+(read by helpers.pick_device)."""
+
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+os.environ["DORA_DEVICE"] = "cpu"
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 

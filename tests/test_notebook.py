@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import nbformat
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = nbformat.read(REPO / "DoRA.ipynb", as_version=4)
@@ -51,19 +52,99 @@ def test_colab_cell_does_nothing_elsewhere(monkeypatch, capsys):
     assert colab_cell().outputs == []
 
 
+class FakeColab:
+    """A Colab machine for the first cell: ``google.colab`` importable, an empty /content, and a
+    ``git clone`` that succeeds (writing project/helpers.py) or fails as git does."""
+
+    def __init__(self, monkeypatch, tmp_path, clone_error=None):
+        self.calls, self.moved, self.error = [], [], clone_error
+        monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+        monkeypatch.chdir(tmp_path)  # no helpers.py here, as on a fresh Colab machine
+        monkeypatch.setattr(subprocess, "run", self.run)
+        monkeypatch.setattr("os.chdir", self.moved.append)
+
+    def run(self, cmd, **kwargs):
+        self.calls.append(cmd)
+        if self.error:
+            return subprocess.CompletedProcess(cmd, 128, "", f"Cloning...\nfatal: {self.error}\n")
+        (Path(cmd[-1]) / "helpers.py").parent.mkdir()
+        (Path(cmd[-1]) / "helpers.py").write_text("")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    def run_cell(self):
+        scope = {}
+        exec(colab_cell().source, scope)
+        return scope
+
+
 def test_colab_cell_fetches_the_pinned_project_and_never_installs_torch(monkeypatch, tmp_path):
-    calls, moved = [], []
-    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
-    monkeypatch.chdir(tmp_path)  # no helpers.py here, as on a fresh Colab machine
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **k: calls.append(cmd))
-    monkeypatch.setattr("os.chdir", moved.append)
-    scope = {}
-    exec(colab_cell().source, scope)
-    clone = calls[0]
+    colab = FakeColab(monkeypatch, tmp_path)
+    scope = colab.run_cell()
+    clone = colab.calls[0]
     assert clone[:2] == ["git", "clone"] and scope["PROJECT_URL"] in clone
     assert clone[clone.index("--branch") + 1] == scope["PROJECT_REF"]
-    assert moved == [clone[-1]]
-    assert not any("torch" in " ".join(map(str, cmd)) for cmd in calls)
+    assert colab.moved == [clone[-1]]
+    assert not any("torch" in " ".join(map(str, cmd)) for cmd in colab.calls)
+
+
+def test_colab_cell_is_safe_to_rerun_after_a_runtime_restart(monkeypatch, tmp_path):
+    colab = FakeColab(monkeypatch, tmp_path)
+    colab.run_cell()
+    colab.run_cell()  # a restart puts the kernel back in /content, next to project/
+    assert len(colab.calls) == 1 and colab.moved == ["project", "project"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        "Remote branch v9.9.9 not found in upstream origin",
+        "could not read Username for 'https://github.com': No such device or address",
+    ],
+    ids=["missing tag", "missing repository"],
+)
+def test_colab_cell_explains_a_failed_fetch_in_one_line(monkeypatch, tmp_path, error):
+    colab = FakeColab(monkeypatch, tmp_path, clone_error=error)
+    with pytest.raises(RuntimeError) as raised:
+        colab.run_cell()
+    message = str(raised.value)
+    assert "\n" not in message and error in message
+    assert "Upload helpers.py" in message and "PROJECT_REF" in message
+    assert colab.moved == []
+
+
+def test_colab_cell_refuses_a_half_fetched_project(monkeypatch, tmp_path):
+    colab = FakeColab(monkeypatch, tmp_path)
+    (tmp_path / "project").mkdir()
+    with pytest.raises(RuntimeError, match="delete it"):
+        colab.run_cell()
+    assert colab.calls == [] and colab.moved == []
+
+
+def test_notebook_asks_for_the_helpers_of_its_own_release():
+    scope = {}
+    exec(colab_cell().source, scope)
+    import helpers
+
+    assert scope["PROJECT_REF"] == f"v{helpers.__version__}"
+    assert "helpers.require_version(PROJECT_REF)" in CODE[1].source
+    helpers.require_version(scope["PROJECT_REF"])
+    with pytest.raises(ImportError, match="needs v0.0.1: put the helpers.py of release v0.0.1"):
+        helpers.require_version("v0.0.1")
+
+
+def test_the_test_command_runs_the_notebook_on_the_cpu(monkeypatch):
+    """tests/conftest.py pins DORA_DEVICE=cpu; nbval's kernel inherits it and the notebook
+    prints (compared) which device it runs on, so a GPU machine cannot slip into the test."""
+    import os
+
+    import helpers
+
+    assert os.environ["DORA_DEVICE"] == "cpu"
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    assert helpers.pick_device().type == "cpu"
+    device_cell = next(c for c in CODE if "helpers.pick_device()" in c.source)
+    assert "NBVAL_IGNORE_OUTPUT" not in device_cell.source
+    assert device_cell.outputs[0]["text"] == "device: cpu\n"
 
 
 def test_readme_badge_points_at_the_notebook_constant():

@@ -1,7 +1,6 @@
 """Edge cases: all-zero weight rows, low-precision inputs, moving/copying layers, torch.compile."""
 
 import copy
-import time
 
 import pytest
 import torch
@@ -34,7 +33,7 @@ def test_zero_weight_rows_give_no_nan(nb, key, kwargs, detach):
     torch.manual_seed(0)
     base = nn.Linear(16, 8)
     with torch.no_grad():
-        base.weight[[1, 5]] = 0.0  # e.g. Llama-3.1-8B o_proj (PEFT issue #2049)
+        base.weight[[1, 5]] = 0.0  # as in pruned or damaged checkpoints (PEFT issue #2049)
     layer = make(nb, key, kwargs, base, detach_norm=detach)
     x = torch.randn(4, 16)
     y = layer(x)
@@ -152,14 +151,11 @@ def test_torch_compile_matches_eager(nb):
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model)
     x = torch.randn(6, 32)
-    start = time.perf_counter()
     y_c = compiled(x)
     y_c.square().sum().backward()
-    seconds = time.perf_counter() - start
     y_e = eager(x)
     y_e.square().sum().backward()
     torch.testing.assert_close(y_c, y_e, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters(), strict=True):
         if p.requires_grad:
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
-    assert seconds < 120, f"compiling took {seconds:.0f} s"

@@ -1,7 +1,7 @@
 """Execute DoRA.ipynb top to bottom, headless, and store its outputs and figures.
 
     .venv/bin/python tools/run_notebook.py            # CPU (the committed outputs come from this)
-    .venv/bin/python tools/run_notebook.py --device auto --output /tmp/run.ipynb
+    .venv/bin/python tools/run_notebook.py --device cuda --output /tmp/DoRA-cuda.ipynb
 
 1. makes MNIST available (helpers.load_mnist: verified local files, else a download);
 2. runs every cell in a fresh kernel, printing each cell's text output as it finishes, so a
@@ -10,7 +10,9 @@
    ``fig-NAME`` as ``figures/NAME.png`` (the README shows them).
 
 Outputs stay comparable with `pytest --nbval`: the device is the CPU unless ``--device`` says
-otherwise, and nothing else about this machine changes what the compared cells print.
+otherwise, and nothing else about this machine changes what the compared cells print. A run on
+any other device (``cuda``, ``mps``, or ``auto`` picking one) refuses to write the committed
+notebook or figures/: give it an ``--output`` elsewhere.
 """
 
 from __future__ import annotations
@@ -35,20 +37,45 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--notebook", type=Path, default=REPO / "DoRA.ipynb")
     parser.add_argument("--output", type=Path, help="where to write (default: in place)")
-    parser.add_argument("--figures", type=Path, default=REPO / "figures")
+    parser.add_argument(
+        "--figures", type=Path, help="folder for the PNGs (default: figures/, or beside --output)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     args = parser.parse_args()
+    device = helpers.pick_device(None if args.device == "auto" else args.device)
+    output, figures = destinations(args.notebook, args.output, args.figures, device)
+    if output is None:
+        parser.error(
+            f"a {device.type} run must not overwrite the committed DoRA.ipynb or figures/, which "
+            f"come from the CPU: pass --output elsewhere, e.g. --output /tmp/DoRA-{device.type}"
+            f".ipynb (its figures then go to /tmp/DoRA-{device.type}-figures/)"
+        )
 
     helpers.load_mnist()
-    if args.device != "auto":
-        os.environ["DORA_DEVICE"] = args.device  # read by helpers.pick_device()
+    os.environ["DORA_DEVICE"] = str(device)  # read by helpers.pick_device() in the kernel
     start = time.perf_counter()
     notebook = execute(args.notebook)
-    print(f"executed {args.notebook.name} in {time.perf_counter() - start:.1f} s")
-    output = args.output or args.notebook
+    print(f"executed {args.notebook.name} on {device} in {time.perf_counter() - start:.1f} s")
     helpers.write_atomic(output, [nbformat.writes(notebook).encode()])
-    for path in save_figures(notebook, args.figures):
+    for path in save_figures(notebook, figures):
         print(f"saved {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
+
+
+def destinations(notebook: Path, output, figures, device) -> tuple[Path | None, Path]:
+    """Where the executed notebook and its figures go; (None, _) if that is not allowed.
+
+    A CPU run writes in place and into figures/ unless told otherwise. Any other device's
+    outputs differ (other kernels, other rounding), so they never replace the committed
+    notebook or figures/: such a run needs an --output elsewhere, and its figures go beside it.
+    """
+    output = output or notebook
+    if device.type == "cpu":
+        return output, figures or REPO / "figures"
+    figures = figures or output.with_name(f"{output.stem}-figures")
+    committed = {(REPO / "DoRA.ipynb").resolve(), notebook.resolve(), (REPO / "figures").resolve()}
+    if output.resolve() in committed or figures.resolve() in committed:
+        return None, figures
+    return output, figures
 
 
 def execute(path: Path) -> nbformat.NotebookNode:

@@ -1,0 +1,241 @@
+"""Placement: with the data on an accelerator, nothing that trains or is compared stays behind.
+
+No GPU is needed. PyTorch's ``meta`` device (shapes and dtypes, no data) stands in for the
+accelerator, under a dispatch mode that makes it behave like a GPU where placement matters:
+
+* an operator that mixes a meta tensor with a CPU tensor raises, as on CUDA or MPS (plain meta
+  lets many such mixes through: ``F.linear(meta_x, cpu_weight)`` returns a meta tensor);
+  0-dim CPU tensors are allowed, as CUDA allows them; copies between devices are allowed;
+* float64 on it raises, as on MPS;
+* reading values back (``.item()``, ``.cpu()``; ``torch.equal`` and ``allclose``) gives zeros
+  (or True), so the
+  code runs on past its first read-back. The values mean nothing: only placement is tested.
+
+The helpers are run on it one by one, then the notebook's own code path, cell by cell.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import warnings
+
+import nbformat
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import helpers
+
+REPO = helpers.REPO
+
+
+aten = torch.ops.aten
+DEVICE = torch.device("meta")
+
+
+class LeftOnTheCPU(RuntimeError):
+    """An operator got a tensor on the accelerator and another on the CPU."""
+
+
+class FakeAccelerator(TorchDispatchMode):
+    """The meta device, strict about placement like CUDA/MPS (see the module docstring)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        on_meta = any(t.is_meta for t in tensors)
+        if on_meta:
+            readback = self.read_back(func, args, kwargs)
+            if readback is not NotImplemented:
+                return readback
+            if func not in (aten.copy_.default, aten._to_copy.default):
+                left = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
+                if left:
+                    raise LeftOnTheCPU(
+                        f"{func}: a {tuple(left[0].shape)} {left[0].dtype} tensor is on the CPU, "
+                        f"other inputs on the accelerator"
+                    )
+        out = func(*args, **kwargs)
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.is_meta and t.dtype == torch.float64:
+                raise RuntimeError(f"{func}: float64 on the accelerator (MPS has no float64)")
+        return out
+
+    @staticmethod
+    def read_back(func, args, kwargs):
+        """Zeros for every value read from the accelerator; NotImplemented for other ops."""
+        if func is aten._local_scalar_dense.default:
+            return args[0].dtype.is_floating_point and 0.0 or 0
+        if func in (aten.equal.default, aten.allclose.default):  # their read-back is internal
+            return True
+        if func is aten._to_copy.default and kwargs.get("device", DEVICE).type == "cpu":
+            return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype)
+        if func is aten.copy_.default and args[0].device.type == "cpu" and args[1].is_meta:
+            return args[0].zero_()
+        return NotImplemented
+
+
+@pytest.fixture
+def accelerator():
+    with FakeAccelerator():
+        yield DEVICE
+
+
+def fake_mnist(n_train=12_000, n_test=1_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n_train + n_test, 28, 28), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n_train + n_test,), generator=g)
+    return images[:n_train], labels[:n_train], images[n_train:], labels[n_train:]
+
+
+def small_task(device, n=512):
+    train_images, train_labels, test_images, test_labels = fake_mnist(n, 128)
+    return helpers.make_task(
+        train_images, train_labels, test_images, test_labels, device=device, degrees=45
+    )
+
+
+# ---- the stand-in itself ---------------------------------------------------------------
+
+
+def test_the_stand_in_catches_what_a_gpu_would(accelerator):
+    x, w = torch.ones(4, 3, device=accelerator), torch.ones(2, 3)
+    with pytest.raises(LeftOnTheCPU):
+        torch.nn.functional.linear(x, w)  # plain meta would allow this
+    with pytest.raises(RuntimeError, match="float64"):
+        x.double()
+    assert x.sum().item() == 0.0 and x.cpu().shape == (4, 3)
+    assert (x * torch.tensor(2.0)).is_meta  # a CPU scalar is fine, as on CUDA
+    assert torch.ones(3).to(accelerator).is_meta  # explicit moves are fine
+
+
+def test_the_old_training_loop_fails_on_it(accelerator):
+    """The bug this file guards against: a model left on the CPU, data on the device."""
+    model, task = helpers.make_mlp(seed=0), small_task(accelerator)
+    with pytest.raises(LeftOnTheCPU):
+        model(task.train_x[:8])
+
+
+# ---- the helpers, one by one --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("wrapper", [None, "LinearWithLoRA", "LinearWithDoRA"])
+def test_training_helpers_follow_the_data(nb, accelerator, wrapper):
+    task = small_task(accelerator)
+    pretrained = helpers.make_mlp(seed=0)  # built on the CPU, as a reader would
+    helpers.train(pretrained, task, epochs=1, lr=1e-3, batch_size=128, log=None)
+    assert all(p.is_meta for p in pretrained.parameters())
+    cls = wrapper and getattr(nb, wrapper)
+    run = helpers.finetune(
+        pretrained, task, wrapper=cls, epochs=2, lr=1e-3, batch_size=128, checkpoints=True, log=None
+    )
+    assert all(p.is_meta for p in run["model"].parameters())
+    assert helpers.accuracy(helpers.make_mlp(seed=1), task.test_x, task.test_y) == 0.0
+    points = helpers.decomposition_points([run], pretrained)  # float64, on the CPU
+    assert len(points) == 2 * 3
+    helpers.inference_ms(run["model"], task.test_x, repeats=1, warmup=0)
+
+
+def test_merging_saving_and_loading_on_the_device(nb, accelerator, tmp_path):
+    task = small_task(accelerator)
+    pretrained = helpers.make_mlp(seed=0).to(accelerator)
+    model = helpers.add_adapters(pretrained, nb.LinearWithDoRAEfficient, 4, 8)
+    merged = helpers.merge_adapters(model, nb.merge)
+    assert all(p.is_meta for p in merged.parameters())
+    merged(task.test_x)
+    path = helpers.save_adapter(model, tmp_path / "adapter.pt")
+    adapter = helpers.adapter_state_dict(model)
+    assert all(t.device.type == "cpu" for t in adapter["tensors"].values())
+    restored = helpers.add_adapters(pretrained, nb.LinearWithDoRAEfficient, 4, 8)
+    helpers.load_adapter(restored, path)
+    restored(task.test_x)
+
+
+@pytest.fixture
+def fresh_fused_probe():
+    """helpers caches whether fused Adam works per device and dtype: forget it around a test."""
+    clear = getattr(getattr(helpers, "_fused_adam_works", None), "cache_clear", lambda: None)
+    clear()
+    yield
+    clear()
+
+
+def test_adam_falls_back_when_the_fused_kernel_fails_at_its_first_step(
+    monkeypatch, fresh_fused_probe
+):
+    """torch checks some fused-Adam requirements only at step(): train must not crash there."""
+
+    class FusedFailsAtStep(torch.optim.Adam):
+        def step(self, closure=None):
+            if self.defaults.get("fused"):
+                raise RuntimeError("fused Adam is not supported on this device")
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "Adam", FusedFailsAtStep)
+    model = helpers.make_mlp((784, 16, 10), seed=0)
+    helpers.train(model, small_task("cpu", 64), epochs=1, lr=1e-3, log=None)
+    optimizer = helpers.make_adam([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+    assert not optimizer.defaults.get("fused")
+
+
+# ---- the notebook's own code path -----------------------------------------------------------
+
+
+# Placement does not depend on how long training runs: a short protocol keeps this test fast
+# (meta tensors cost Python time per operator, not per element).
+SHORT_PROTOCOL = {"PRETRAIN_EPOCHS": 1, "FT_EPOCHS": 1, "FT_TRAIN_SIZE": 256}
+
+
+class ForTheStandIn(ast.NodeTransformer):
+    """Drops assertions (they check values, which mean nothing on a device without data) and
+    sets the protocol constants of ``SHORT_PROTOCOL``, in ``NAME = value`` or ``A, B = a, b``."""
+
+    def visit_Assert(self, node):
+        return ast.Pass()
+
+    def visit_Assign(self, node):
+        target, value = node.targets[0], node.value
+        pairs = (
+            zip(target.elts, value.elts, strict=False)
+            if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
+            else [(target, value)]
+        )
+        for name, constant in pairs:
+            if isinstance(name, ast.Name) and name.id in SHORT_PROTOCOL:
+                replacement = ast.Constant(SHORT_PROTOCOL[name.id])
+                if constant is value:
+                    node.value = replacement
+                else:
+                    value.elts[value.elts.index(constant)] = replacement
+        return node
+
+
+def test_the_notebook_runs_with_everything_on_the_device(monkeypatch, accelerator):
+    """Every code cell, in order, with DORA_DEVICE=meta, fake MNIST and a short protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("DORA_DEVICE", "meta")
+    monkeypatch.setattr(helpers, "load_mnist", lambda *a, **k: fake_mnist(1_000, 500))
+    monkeypatch.chdir(REPO)
+    scope = {"__name__": "__main__"}
+    cells = [c for c in nbformat.read(REPO / "DoRA.ipynb", as_version=4).cells]
+    code = [c.source for c in cells if c.cell_type == "code"]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        for number, source in enumerate(code, start=1):
+            tree = ast.fix_missing_locations(ForTheStandIn().visit(ast.parse(source)))
+            try:
+                exec(compile(tree, f"code cell {number}", "exec"), scope)
+            except LeftOnTheCPU as err:
+                raise AssertionError(f"code cell {number}: {err}\n{source[:300]}") from None
+            finally:
+                plt.close("all")
+    assert scope["device"] == DEVICE
+    assert all(p.is_meta for p in scope["pretrained"].parameters())
+    assert all(scope[name] == value for name, value in SHORT_PROTOCOL.items())
