@@ -85,6 +85,15 @@ def frozen_magnitude(linear, rank, alpha):
     return layer
 
 
+class Float32Norm(ReferenceDoRA):
+    """Takes the norm in float32 whatever its dtype: float64 cannot tell conventions apart."""
+
+    def forward(self, x):
+        V = self.linear.weight + self.scaling * self.B @ self.A
+        norm = V.float().norm(dim=1, keepdim=True).detach()  # an "upcast", a downcast here
+        return F.linear(x, self.m[:, None] * V / norm, self.linear.bias)
+
+
 class LoRA(nn.Module):  # the rasbt-style adapter: A (in, r), B (r, out), scaling alpha
     def __init__(self, in_dim, out_dim, rank, alpha):
         super().__init__()
@@ -183,8 +192,9 @@ def test_messages_name_the_variant():
         (LogMagnitudeDoRA, "neither the row norms of W0 nor its column norms", "pass"),
         ("LinearWithLoRA", "this looks like LoRA, not DoRA", "pass"),
         (lambda linear: linear, "must take (linear, rank, alpha)", "fail"),
+        (Float32Norm, "float32 rounding: it computes in float32", "fail"),
     ],
-    ids=["log-magnitude", "lora", "wrong-signature"],
+    ids=["log-magnitude", "lora", "wrong-signature", "float32-norm"],
 )
 def test_unidentifiable_layers_run_check_1_only_and_say_why(nb, factory, says, check_1):
     if isinstance(factory, str):
@@ -195,7 +205,7 @@ def test_unidentifiable_layers_run_check_1_only_and_say_why(nb, factory, says, c
     status = {r.number: r.status for r in report.results}
     assert all(status[n] == "skip" for n in ALL - {1})
     assert status[1] == check_1
-    assert "cannot identify A, B and m" in str(report)
+    assert f"cannot check this layer: {report.problem}" in str(report)
 
 
 NOTEBOOK_LAYERS = {

@@ -72,6 +72,7 @@ from torch import nn
 EPS = 1e-12  # the reference's floor for ||V||: the paper's formula gives 0 / 0 on a zero row
 TOL = 1e-9  # largest relative difference accepted in float64
 LOW_PRECISION_TOL = 0.05  # bfloat16 / float16 layers against the float32 layer
+FLOAT32_ROUNDING = 1e-5  # differences between TOL and this: the layer computes in float32
 IN, OUT, RANK, ALPHA = 11, 7, 3, 5  # pairwise different: shapes say which axis is which
 SEED = 0
 
@@ -363,7 +364,7 @@ class Report:
         if self.identified:
             lines.append(f"  found {self.adapter}")
         else:
-            lines.append(f"  cannot identify A, B and m: {self.problem}")
+            lines.append(f"  cannot check this layer: {self.problem}")
         lines += [str(r) for r in self.results]
         n, failed = len(self.results), self.failed
         skipped = sum(r.status == "skip" for r in self.results)
@@ -519,6 +520,8 @@ def check_identity_at_init(run: Run):
         err = rel(layer(x), expected)
     if err <= TOL:
         return True, "the layer starts as the pretrained layer (same outputs)"
+    if err < FLOAT32_ROUNDING:
+        return False, FLOAT32_INSIDE.format(err=err)
     why = ""
     if run.adapter is not None and run.adapter.tensors(layer)[1].detach().any():
         why = " (B is not zero at initialisation)"
@@ -847,6 +850,13 @@ def factory_name(factory) -> str:
     return getattr(factory, "__qualname__", None) or type(factory).__name__
 
 
+FLOAT32_INSIDE = (
+    "at initialisation the layer differs from the base layer by {err:.0e}, float32 rounding: it "
+    "computes in float32 even with float64 parameters and inputs, and these checks need float64 "
+    "to tell the conventions apart; make the layer compute in its parameters' dtype"
+)
+
+
 def identify(run: Run) -> tuple[Adapter, str]:
     """Build one layer and find its A, B and m (NotIdentified says why not)."""
     base = run.kind.make_base(IN, OUT)
@@ -862,6 +872,9 @@ def identify(run: Run) -> tuple[Adapter, str]:
         W_init, _ = run.kind.effective_weight(layer, IN)
     except Exception as e:
         raise NotIdentified(f"the layer {describe(e)} on a ({IN + 1}, {IN}) float64 input") from e
+    err = rel(W_init, base.weight.detach())
+    if TOL < err < FLOAT32_ROUNDING:
+        raise NotIdentified(FLOAT32_INSIDE.format(err=err))
     bias = base.bias.detach()
     adapter = find_adapter(layer, base.weight.detach(), bias, RANK, W_init)
     return adapter, adapter.describe(layer)
