@@ -9,15 +9,16 @@ One training step (forward + backward of ``out.sum()``) is timed for each varian
   the layer's default picks the factored one from 2**20 weights up, marked "default");
 * PEFT DoRA: ``peft.get_peft_model(..., LoraConfig(use_dora=True))`` with the same parameters.
 
-Two configurations: the tutorial's MLP 784-128-256-10 on a batch of 128 images (whole model
-wrapped, input without gradient), and one 4096 x 4096 layer on 2048 tokens (a LLaMA-7B projection;
-its input needs a gradient, as inside a network). float32; the CPU, or CUDA when available.
+Two configurations: the notebook's MLP (its SIZES, read from DoRA.ipynb) on a batch of
+BATCH_SIZE images (whole model wrapped, input without gradient), and one 4096 x 4096 layer on
+2048 tokens (a LLaMA-7B projection; its input needs a gradient, as inside a network).
+float32; the CPU, or CUDA when available.
 
 Method: all variants of a configuration live in one process and run interleaved (v1, v2, ...,
 v1, v2, ...) after warm-up steps; the median of the repeats is reported. "saved" is
 ``helpers.saved_tensor_bytes`` of one forward pass: bytes autograd keeps for backward
 (activations and intermediates; parameters and inputs excluded). Ratios come from this one run.
-The layer classes are the notebook's (``helpers.import_notebook_definitions``), never copies.
+The layer classes are the notebook's (``tools/notebook_definitions.py``), never copies.
 Run from the repository root:
 
     .venv/bin/python benchmarks/bench_dora.py [--repeats 5] [--rank 16]
@@ -41,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import helpers  # noqa: E402
+from tools.notebook_definitions import import_notebook_definitions  # noqa: E402
 
 LORA, BOOK, FACT, DENSE, PEFT = (
     "LoRA",
@@ -204,20 +206,20 @@ def norm_times(nb, device: torch.device, repeats: int = 10) -> list[str]:
 def main() -> None:
     args = parse_args()
     device = helpers.pick_device()
-    nb = helpers.import_notebook_definitions()
+    nb = import_notebook_definitions()
     torch.manual_seed(0)
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
         f"repeats {args.repeats} (median), warm-up {args.warmup}"
     )
     rows = []
-    mlp = helpers.make_mlp((784, 128, 256, 10), seed=0).to(device)
-    x = torch.randn(128, 784, device=device)
-    models = variants(nb, mlp, rank=4, alpha=8)
+    mlp = helpers.make_mlp(nb.SIZES, seed=0).to(device)  # the notebook's network
+    x = torch.randn(nb.BATCH_SIZE, nb.SIZES[0], device=device)
+    models = variants(nb, mlp, rank=nb.RANK, alpha=nb.ALPHA)
     check_same_outputs(models, x)
-    title = "MLP 784-128-256-10, batch 128, r=4"
-    # all three MLP layers are below 2**20 weights: the default is the dense norm
-    default = default_norm(nb, 784, 128)
+    title = f"MLP {'-'.join(map(str, nb.SIZES))}, batch {nb.BATCH_SIZE}, r={nb.RANK}"
+    # every layer of the MLP is below 2**20 weights: the default is the dense norm
+    default = default_norm(nb, nb.SIZES[0], nb.SIZES[1])
     rows += report(title, measure(models, x, 10 * args.repeats, 5 * args.warmup), default)
 
     big = nn.Sequential(nn.Linear(4096, 4096)).to(device)  # add_adapters wraps children

@@ -1,18 +1,19 @@
-"""Where the notebook's learning rates come from: a small sweep on the same rotated-digits task.
+"""Where the notebook's learning rates come from: each method's rate, chosen on held-out data.
 
-    .venv/bin/python experiments/lr_sweep.py [--seeds 2]
+    .venv/bin/python experiments/lr_sweep.py
 
-Pretrains the notebook's MLP exactly as the notebook does (same seed, epochs, batch size), then
-fine-tunes with full fine-tuning, LoRA and DoRA (rank 4, alpha 8) at several Adam learning rates,
-with the notebook's protocol (10,000 rotated digits, 4 epochs, batch 128), and prints the final
-test accuracy (mean +- std over seeds) per method and rate, also saved to
-experiments/lr_sweep.txt. The notebook uses 1e-3 for full
-fine-tuning and 5e-3 for LoRA and DoRA. Accuracy only: timings here mean nothing.
+Reads the protocol from DoRA.ipynb (network, pretraining, rotated task, seeds, epochs, batch
+size, rank, alpha: ``tools/notebook_definitions.py``), pretrains as the notebook does, then
+fine-tunes with full fine-tuning, LoRA and DoRA at each rate in ``RATES``, every seed at once,
+and measures accuracy on the validation set: rotated training digits disjoint from the
+fine-tuning examples and from the test set. Each method gets the rate with the best mean
+validation accuracy; the test set is never looked at. Writes experiments/lr_sweep.json (the
+protocol it ran, the table, the chosen rates), which the notebook reads. Accuracy only.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,46 +21,68 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import helpers  # noqa: E402
+from tools.files import write_atomic  # noqa: E402
+from tools.notebook_definitions import import_notebook_definitions, protocol  # noqa: E402
 
 RATES = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
-RESULTS = Path(__file__).with_name("lr_sweep.txt")  # the notebook prints this file
+RESULTS = Path(__file__).with_name("lr_sweep.json")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=2)
-    args = parser.parse_args()
-    nb = helpers.import_notebook_definitions()
+    nb = import_notebook_definitions()
+    p = protocol(nb)  # the notebook's settings, saved with the result
     data = helpers.load_mnist()
-    mnist = helpers.make_task(*data)
-    rotated = helpers.make_task(*data, degrees=45, n_train=10_000, seed=0)
-    pretrained = helpers.make_mlp((784, 128, 256, 10), seed=0)
-    helpers.train(pretrained, mnist, epochs=3, lr=1e-3, batch_size=128, seed=0, log=None)
+    device = helpers.pick_device()
+    mnist = helpers.make_task(*data, device=device)
+    rotated = helpers.make_task(
+        *data,
+        device=device,
+        degrees=p["ANGLE"],
+        n_train=p["FT_TRAIN_SIZE"],
+        n_val=p["VAL_SIZE"],
+        seed=0,
+    )
+    pretrained = helpers.make_mlp(tuple(p["SIZES"]), seed=0)
+    helpers.train(
+        pretrained,
+        mnist,
+        epochs=p["PRETRAIN_EPOCHS"],
+        lr=p["PRETRAIN_LR"],
+        batch_size=p["BATCH_SIZE"],
+        log=None,
+    )
     methods = {"full FT": None, "LoRA": nb.LinearWithLoRA, "DoRA": nb.LinearWithDoRA}
-    lines = [f"{'lr':>8}" + "".join(f"{name:>24}" for name in methods)]
+    scores: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
+    lines = [f"{'lr':>8}" + "".join(f"{name:>18}" for name in methods)]
+    print(f"validation accuracy (%), mean ± std over {len(p['SEEDS'])} seeds", flush=True)
     print(lines[0], flush=True)
     for lr in RATES:
         cells = []
-        for wrapper in methods.values():
-            runs = [
-                helpers.finetune(
-                    pretrained,
-                    rotated,
-                    wrapper=wrapper,
-                    rank=4,
-                    alpha=8,
-                    seed=seed,
-                    lr=lr,
-                    epochs=4,
-                    batch_size=128,
-                    log=None,
-                )
-                for seed in range(args.seeds)
-            ]
-            cells.append(helpers.summary(runs))
-        lines.append(f"{lr:>8.0e}" + "".join(f"{cell:>24}" for cell in cells))
+        for name, wrapper in methods.items():
+            runs = helpers.finetune(
+                pretrained,
+                rotated,
+                seeds=p["SEEDS"],
+                wrapper=wrapper,
+                rank=p["RANK"],
+                alpha=p["ALPHA"],
+                lr=lr,
+                epochs=p["FT_EPOCHS"],
+                batch_size=p["BATCH_SIZE"],
+                evaluate_on="val",
+                log=None,
+            )
+            acc = runs.final
+            scores[name][f"{lr:g}"] = [float(acc.mean()), float(acc.std(ddof=1))]
+            cells.append(f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}")
+        lines.append(f"{lr:>8g}" + "".join(f"{cell:>18}" for cell in cells))
         print(lines[-1], flush=True)
-    helpers.write_atomic(RESULTS, [("\n".join(lines) + "\n").encode()])
+    chosen = {name: float(max(s, key=lambda lr: s[lr][0])) for name, s in scores.items()}
+    table = "\n".join([f"validation accuracy (%), mean ± std over {len(p['SEEDS'])} seeds", *lines])
+    result = {"protocol": p, "rates": list(RATES), "validation": scores, "chosen": chosen}
+    result["table"] = table
+    write_atomic(RESULTS, [(json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode()])
+    print("chosen:", chosen)
     print(f"saved {RESULTS.relative_to(REPO)}")
 
 

@@ -14,10 +14,10 @@ os.environ["DORA_DEVICE"] = "cpu"
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import helpers  # noqa: E402
+from tools.notebook_definitions import import_notebook_definitions  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def nb():
     """The notebook's imports, functions, classes and UPPER_CASE constants, as a module."""
-    return helpers.import_notebook_definitions(REPO / "DoRA.ipynb")
+    return import_notebook_definitions(REPO / "DoRA.ipynb")

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import helpers
+from tools.adapter_files import adapter_state_dict
 
 CLASSES = ["LinearWithLoRA", "LinearWithDoRA", "LinearWithDoRAEfficient"]
 SIZES = (784, 128, 256, 10)
@@ -106,7 +107,7 @@ def test_adapter_file_is_small(nb, tmp_path):
 def test_textbook_and_efficient_files_interchange(nb):
     pretrained, book = trained(nb, "LinearWithDoRA")
     fast = helpers.add_adapters(pretrained, nb.LinearWithDoRAEfficient, 4, 8)
-    helpers.load_adapter(fast, helpers.adapter_state_dict(book))
+    helpers.load_adapter(fast, adapter_state_dict(book))
     x = torch.randn(5, 784)
     torch.testing.assert_close(fast(x), book(x), rtol=1e-5, atol=1e-5)
 
@@ -139,26 +140,26 @@ def load_error(model, adapter) -> str:
 def test_error_other_rank(nb):
     pretrained, model = trained(nb, rank=4)
     other = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 8, 8)
-    message = load_error(other, helpers.adapter_state_dict(model))
+    message = load_error(other, adapter_state_dict(model))
     assert "rank 4" in message and "rank=4" in message and "'0'" in message
 
 
 def test_error_other_alpha(nb):
     pretrained, model = trained(nb, alpha=8)
     other = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 4, 16)
-    assert "alpha=8" in load_error(other, helpers.adapter_state_dict(model))
+    assert "alpha=8" in load_error(other, adapter_state_dict(model))
 
 
 def test_error_lora_file_into_dora_model(nb):
     pretrained, lora = trained(nb, "LinearWithLoRA")
     dora = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 4, 8)
-    message = load_error(dora, helpers.adapter_state_dict(lora))
+    message = load_error(dora, adapter_state_dict(lora))
     assert "LORA adapter" in message and "LinearWithDoRA" in message
 
 
 def test_error_missing_tensor(nb):
     pretrained, model = trained(nb)
-    adapter = helpers.adapter_state_dict(model)
+    adapter = adapter_state_dict(model)
     del adapter["tensors"]["2.m"]
     fresh = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 4, 8)
     assert "missing tensors '2.m'" in load_error(fresh, adapter)
@@ -166,7 +167,7 @@ def test_error_missing_tensor(nb):
 
 def test_error_wrong_shapes(nb):
     pretrained, model = trained(nb)
-    adapter = helpers.adapter_state_dict(model)
+    adapter = adapter_state_dict(model)
     adapter["tensors"]["0.lora.A"] = torch.zeros(4, 100)
     fresh = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 4, 8)
     message = load_error(fresh, adapter)
@@ -177,14 +178,14 @@ def test_error_other_layers(nb):
     _, model = trained(nb)
     other_pretrained = helpers.make_mlp((784, 128, 10), seed=0)  # layers '0', '2' only
     other = helpers.add_adapters(other_pretrained, nb.LinearWithDoRA, 4, 8)
-    message = load_error(other, helpers.adapter_state_dict(model))
+    message = load_error(other, adapter_state_dict(model))
     assert "'4'" in message and "other layers" in message
 
 
 def test_error_other_model_sizes(nb):
     _, model = trained(nb)
     other = helpers.add_adapters(helpers.make_mlp((784, 64, 256, 10)), nb.LinearWithDoRA, 4, 8)
-    assert "shape" in load_error(other, helpers.adapter_state_dict(model))
+    assert "shape" in load_error(other, adapter_state_dict(model))
 
 
 def test_error_not_an_adapter_file(nb, tmp_path):
@@ -192,7 +193,7 @@ def test_error_not_an_adapter_file(nb, tmp_path):
     torch.save(pretrained.state_dict(), tmp_path / "full.pt")
     fresh = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 4, 8)
     assert "not an adapter" in load_error(fresh, tmp_path / "full.pt")
-    assert "no adapter layers" in load_error(pretrained, helpers.adapter_state_dict(model))
+    assert "no adapter layers" in load_error(pretrained, adapter_state_dict(model))
 
 
 # ----------------------------------------------------------------------------- PEFT keys
@@ -212,7 +213,7 @@ def test_to_and_from_peft_keys(nb):
     assert config["rank_pattern"] == {"^4": 10} and config["alpha_pattern"] == {}
     back = helpers.from_peft_state_dict(peft_sd, config)
     assert back["layers"]["4"]["rank"] == 10 and back["layers"]["0"]["kind"] == "dora"
-    mine = helpers.adapter_state_dict(model)
+    mine = adapter_state_dict(model)
     assert set(back["tensors"]) == set(mine["tensors"])
     assert all(torch.equal(back["tensors"][k], mine["tensors"][k]) for k in mine["tensors"])
 

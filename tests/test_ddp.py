@@ -56,8 +56,9 @@ def check_replica(rank: int, class_name: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import helpers
+    from tools.notebook_definitions import import_notebook_definitions
 
-    nb = helpers.import_notebook_definitions(REPO / "DoRA.ipynb")
+    nb = import_notebook_definitions(REPO / "DoRA.ipynb")
     pretrained = helpers.make_mlp((784, 128, 256, 10), seed=0)
     model = helpers.add_adapters(pretrained, getattr(nb, class_name), rank=4, alpha=8)
     torch.manual_seed(100 + rank)  # different adapter init per rank: DDP must broadcast

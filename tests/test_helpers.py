@@ -55,18 +55,20 @@ def test_make_task_subsamples_with_seed_and_validates():
 
 
 def test_train_reduces_loss_and_reports_each_epoch():
-    model, lines = helpers.make_mlp(seed=0), []
-    history = helpers.train(model, tiny_task(), epochs=3, lr=1e-3, batch_size=32, log=lines.append)
-    assert history["train_loss"][-1] < 0.5 * history["train_loss"][0]
-    assert len(history["test_acc"]) == len(history["seconds"]) == len(lines) == 3
-    assert history["test_acc"][-1] > 0.9
+    model, lines = helpers.make_mlp((784, 128, 256, 10), seed=0), []
+    runs = helpers.train(model, tiny_task(), epochs=3, lr=1e-3, batch_size=32, log=lines.append)
+    assert runs.train_loss.shape == runs.test_acc.shape == (1, 3)
+    assert runs.train_loss[0, -1] < 0.5 * runs.train_loss[0, 0]
+    assert len(runs.seconds) == len(lines) == 3
+    assert runs.final[0] > 90 and runs.models == [model]
     assert lines[0].startswith("epoch 1/3: train loss")
+    assert helpers.accuracy(model, tiny_task().test_x, tiny_task().test_y) == runs.test_acc[0, -1]
 
 
 def test_train_is_deterministic_for_a_seed():
     def run(seed):
-        model = helpers.make_mlp(seed=0)
-        helpers.train(model, tiny_task(), epochs=2, lr=1e-3, batch_size=32, seed=seed, log=None)
+        model = helpers.make_mlp((784, 128, 256, 10), seed=0)
+        helpers.train(model, tiny_task(), epochs=2, lr=1e-3, batch_size=32, seeds=[seed], log=None)
         return model.state_dict()
 
     first, again, other = run(0), run(0), run(1)
@@ -74,10 +76,19 @@ def test_train_is_deterministic_for_a_seed():
     assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
-def test_train_refuses_a_frozen_model():
-    model = helpers.make_mlp().requires_grad_(False)
+def test_train_refuses_a_frozen_model_and_mismatched_seeds():
+    model = helpers.make_mlp((784, 128, 256, 10)).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
-        helpers.train(model, tiny_task(), epochs=1, lr=1e-3, log=None)
+        helpers.train(model, tiny_task(), epochs=1, lr=1e-3, batch_size=32, log=None)
+    with pytest.raises(ValueError, match="2 models need 2 seeds"):
+        helpers.train([model, model], tiny_task(), epochs=1, lr=1e-3, batch_size=32, log=None)
+
+
+def test_models_trained_together_must_share_frozen_weights(nb):
+    a = helpers.add_adapters(helpers.make_mlp((784, 16, 10), seed=0), nb.LinearWithLoRA, 2, 4)
+    b = helpers.add_adapters(helpers.make_mlp((784, 16, 10), seed=1), nb.LinearWithLoRA, 2, 4)
+    with pytest.raises(ValueError, match="share their frozen weights"):
+        helpers.train([a, b], tiny_task(), seeds=[0, 1], epochs=1, lr=1e-3, batch_size=32, log=None)
 
 
 def test_accuracy_counts_correct_rows():
@@ -93,7 +104,7 @@ def test_accuracy_counts_correct_rows():
 
 
 def test_add_adapters_wraps_every_linear_and_freezes_the_rest(nb):
-    base = helpers.make_mlp(seed=0)
+    base = helpers.make_mlp((784, 128, 256, 10), seed=0)
     model = helpers.add_adapters(base, nb.LinearWithDoRA, rank=16, alpha=32)
     wrapped = [m for m in model.modules() if isinstance(m, nb.LinearWithDoRA)]
     assert len(wrapped) == 3
@@ -106,7 +117,7 @@ def test_add_adapters_wraps_every_linear_and_freezes_the_rest(nb):
 
 
 def test_parameter_counts(nb):
-    base = helpers.make_mlp(seed=0)
+    base = helpers.make_mlp((784, 128, 256, 10), seed=0)
     total = 784 * 128 + 128 + 128 * 256 + 256 + 256 * 10 + 10
     assert helpers.parameter_counts(base) == (total, total)
     lora = helpers.add_adapters(base, nb.LinearWithLoRA, 4, 8)
@@ -114,7 +125,9 @@ def test_parameter_counts(nb):
 
 
 def test_layer_weights_reports_merged_weights(nb):
-    model = helpers.add_adapters(helpers.make_mlp(seed=0), nb.LinearWithLoRA, 2, 4)
+    model = helpers.add_adapters(
+        helpers.make_mlp((784, 128, 256, 10), seed=0), nb.LinearWithLoRA, 2, 4
+    )
     with torch.no_grad():
         model[0].lora.B.normal_()
     weights = helpers.layer_weights(model)
@@ -123,16 +136,20 @@ def test_layer_weights_reports_merged_weights(nb):
     assert torch.allclose(weights["0"], expected)
 
 
-def test_finetune_records_checkpoints_and_seeds_the_adapter(nb):
-    base, task = helpers.make_mlp(seed=0), tiny_task()
+def test_finetune_records_checkpoints_per_seed_and_epoch(nb):
+    base, task = helpers.make_mlp((784, 32, 16, 10), seed=0), tiny_task()
     kw = dict(wrapper=nb.LinearWithDoRA, epochs=2, lr=1e-3, batch_size=64, log=None)
-    run = helpers.finetune(base, task, seed=3, checkpoints=True, **kw)
-    again = helpers.finetune(base, task, seed=3, **kw)
-    assert len(run["weights"]) == 2 and set(run["weights"][0]) == {"0", "2", "4"}
-    assert run["test_acc"] == again["test_acc"]
-    assert run["trainable"] == helpers.parameter_counts(run["model"])[0]
-    full = helpers.finetune(base, task, seed=3, wrapper=None, epochs=1, lr=1e-3, log=None)
-    assert full["trainable"] == helpers.parameter_counts(base)[0]
+    runs = helpers.finetune(base, task, seeds=(3, 4), record_weights=True, **kw)
+    again = helpers.finetune(base, task, seeds=(3, 4), **kw)
+    assert len(runs.weights) == 2 and len(runs.weights[0]) == 2
+    assert set(runs.weights[0][0]) == {"0", "2", "4"}
+    np.testing.assert_array_equal(runs.test_acc, again.test_acc)
+    assert again.weights == []
+    assert runs.trainable == helpers.parameter_counts(runs.models[0])[0]
+    full = helpers.finetune(base, task, seeds=(3,), epochs=1, lr=1e-3, batch_size=64, log=None)
+    assert full.trainable == helpers.parameter_counts(base)[0]
+    last = helpers.layer_weights(runs.models[1])
+    assert all(torch.equal(last[k], runs.weights[1][-1][k]) for k in last)
 
 
 # ---- the paper's weight-decomposition analysis -----------------------------------------
@@ -161,51 +178,46 @@ def test_pure_rotation_changes_direction_only():
 def test_decomposition_points_and_fit_line():
     base = helpers.make_mlp((4, 3, 2), seed=0)
     w = helpers.layer_weights(base)
-    run = {"weights": [{k: 2 * v for k, v in w.items()}, {k: 3 * v for k, v in w.items()}]}
-    pts = helpers.decomposition_points([run], base)
-    assert [p["epoch"] for p in pts] == [1, 1, 2, 2]
-    assert pts[0]["layer"] == "0 (4->3)"
+    checkpoints = [{k: 2 * v for k, v in w.items()}, {k: 3 * v for k, v in w.items()}]
+    runs = helpers.Runs((5,), [], 0, np.zeros((1, 2)), np.zeros((1, 2)), [0, 0], [checkpoints])
+    pts = helpers.decomposition_points(runs, base, ["0", "2"])
+    assert [(p["epoch"], p["layer"], p["seed"]) for p in pts] == [
+        (1, "0", 5),
+        (1, "2", 5),
+        (2, "0", 5),
+        (2, "2", 5),
+    ]
     assert all(p["dD"] == pytest.approx(0, abs=1e-12) for p in pts)
     slope, r = helpers.fit_line([0, 1, 2, 3], [1, 3, 5, 7])
     assert slope == pytest.approx(2) and r == pytest.approx(1)
     assert helpers.fit_line([0, 1, 2], [3, 2, 1])[1] == pytest.approx(-1)
+    assert helpers.fit_line([1, 1, 1], [3, 2, 1]) == (0.0, 0.0)  # undefined: no spread in x
+
+
+def test_correlations_pooled_across_layers_and_within():
+    # two seeds, two layers, two epochs: within each layer dM rises with dD, but the layer
+    # that turns more (larger dD) rescales less, so across layers the correlation is negative
+    pts = [
+        {"seed": s, "epoch": e, "layer": la, "dD": d0 + 0.1 * e, "dM": m0 + 0.1 * e}
+        for s in (0, 1)
+        for e in (1, 2)
+        for la, d0, m0 in (("a", 0.0, 1.0), ("b", 1.0, 0.0))
+    ]
+    r = helpers.correlations(pts)
+    np.testing.assert_allclose(r["within a layer"], [1.0, 1.0])
+    np.testing.assert_allclose(r["across layers"], [-1.0, -1.0])
+    assert (r["pooled"] < 0).all()
+
+
+def test_sign_verdict_needs_an_interval_that_excludes_zero():
+    assert helpers.sign_verdict(np.array([0.8, 0.82, 0.79]), -0.6)[0] == "opposite sign"
+    assert helpers.sign_verdict(np.array([0.8, 0.82, 0.79]), 0.8)[0] == "reproduces"
+    assert helpers.sign_verdict(np.array([-0.5, 0.6, 0.1]), 0.8)[0] == "cannot tell"
+    verdict, low, high = helpers.sign_verdict(np.array([-0.3, -0.31, -0.29]), -0.31)
+    assert verdict == "reproduces" and low < -0.3 < high < 0
 
 
 # ---- reporting ---------------------------------------------------------------------------
-
-
-def runs_with(accuracies):
-    return [{"test_acc": [a], "seconds": [0.1], "trainable": 7} for a in accuracies]
-
-
-def test_compare_sentence_follows_the_numbers():
-    clear = helpers.compare_sentence(
-        "A", runs_with([0.95, 0.951, 0.949]), "B", runs_with([0.90, 0.901, 0.899])
-    )
-    assert clear.startswith("A is ahead of B by 5.00 points, more than")
-    behind = helpers.compare_sentence(
-        "B", runs_with([0.90, 0.901, 0.899]), "A", runs_with([0.95, 0.951, 0.949])
-    )
-    assert behind.startswith("B is behind A by 5.00 points")
-    unclear = helpers.compare_sentence(
-        "A", runs_with([0.95, 0.90, 0.93]), "B", runs_with([0.94, 0.91, 0.92])
-    )
-    assert "cannot tell them apart" in unclear
-
-
-def test_summary_and_results_table():
-    runs = runs_with([0.9, 0.92, 0.94])
-    assert helpers.summary(runs) == "92.00 +- 2.00 % (n=3)"
-    table = helpers.results_table({"LoRA": runs}).splitlines()
-    assert table[0].split() == ["method", "trainable", "test", "accuracy", "time", "/", "epoch"]
-    assert table[1].split()[:3] == ["LoRA", "7", "92.00"]
-    assert table[1].endswith("0.10 s")
-
-
-def test_mean_std_over_runs():
-    mean, std = helpers.mean_std([{"x": [1.0, 2.0]}, {"x": [3.0, 4.0]}], "x")
-    np.testing.assert_allclose(mean, [2.0, 3.0])
-    np.testing.assert_allclose(std, [math.sqrt(2), math.sqrt(2)])
 
 
 def test_add_adapters_wraps_a_bare_linear(nb):
@@ -255,31 +267,15 @@ def test_seed_everything_repeats_all_generators():
     )
 
 
-def test_difference_is_mean_gap_and_two_standard_errors():
-    diff, margin = helpers.difference(runs_with([0.90, 0.92, 0.94]), runs_with([0.90, 0.90, 0.90]))
-    assert diff == pytest.approx(2.0)
-    assert margin == pytest.approx(2 * math.sqrt(4 / 3))
-
-
-def test_verdict_names_the_side_only_beyond_the_spread():
-    high, low = runs_with([0.95, 0.951, 0.949]), runs_with([0.90, 0.901, 0.899])
-    noisy = runs_with([0.90, 0.95, 1.00])
-    assert helpers.verdict(high, low) == "ahead"
-    assert helpers.verdict(low, high) == "behind"
-    assert helpers.verdict(noisy, high) == "within"
-
-
-def test_decomposition_table_and_verdicts_follow_the_sign_of_r():
-    rising = [
-        {"dD": d, "dM": 2 * d + (0.1 if layer == "b" else 0), "epoch": 1, "layer": layer}
-        for layer in ("a", "b")
-        for d in (0.1, 0.2, 0.3)
-    ]
-    falling = [{**p, "dM": -p["dM"]} for p in rising]
-    points, paper = {"up": rising, "down": falling}, {"up": 0.5, "down": 0.5}
-    table = helpers.decomposition_table(points, paper).splitlines()
-    assert table[1].split()[:3] == ["up", "6", "2.000"]
-    assert table[1].split()[4] == "+1.00"  # within each layer dM = 2 dD exactly
-    verdicts = helpers.decomposition_verdicts(points, paper)
-    assert "the same sign as the paper's" in verdicts[0]
-    assert "the opposite sign to the paper's" in verdicts[1]
+def test_make_task_validation_split_is_disjoint_and_keeps_the_training_set():
+    images = torch.arange(50, dtype=torch.uint8).reshape(50, 1, 1).expand(50, 28, 28).clone()
+    labels = torch.arange(50) % 10
+    plain = helpers.make_task(images, labels, images[:5], labels[:5], n_train=20, seed=1)
+    split = helpers.make_task(images, labels, images[:5], labels[:5], n_train=20, n_val=10, seed=1)
+    assert torch.equal(plain.train_x, split.train_x)  # asking for validation changes nothing
+    assert split.val_x.shape == (10, 784) and plain.val_x.shape == (0, 784)
+    train_ids = {round(float(v), 5) for v in split.train_x[:, 0]}  # one pixel value per image
+    val_ids = {round(float(v), 5) for v in split.val_x[:, 0]}
+    assert len(train_ids) == 20 and len(val_ids) == 10 and train_ids.isdisjoint(val_ids)
+    with pytest.raises(ValueError, match="n_train"):
+        helpers.make_task(images, labels, images, labels, n_train=45, n_val=10)

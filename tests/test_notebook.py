@@ -185,3 +185,18 @@ def test_stored_stream_outputs_are_coalesced():
         for before, after in zip(cell.outputs, cell.outputs[1:], strict=False):
             both_streams = before.output_type == after.output_type == "stream"
             assert not (both_streams and before.name == after.name), cell.source[:200]
+
+
+def test_table_of_contents_links_every_section_heading():
+    """The first cell links each '## ' heading (JupyterLab's anchors: spaces become '-')."""
+    headings = [
+        line[3:].strip()
+        for cell in NOTEBOOK.cells
+        if cell.cell_type == "markdown"
+        for line in cell.source.splitlines()
+        if line.startswith("## ")
+    ]
+    anchors = {heading.replace(" ", "-") for heading in headings}
+    links = re.findall(r"\]\(#([^)]+)\)", NOTEBOOK.cells[0].source)
+    assert set(links) == anchors
+    assert "only want the layers" in NOTEBOOK.cells[0].source

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import helpers
+from tools.adapter_files import adapter_state_dict
 
 REPO = helpers.REPO
 
@@ -92,9 +93,16 @@ def fake_mnist(n_train=12_000, n_test=1_000, seed=0):
 
 
 def small_task(device, n=512):
-    train_images, train_labels, test_images, test_labels = fake_mnist(n, 128)
+    train_images, train_labels, test_images, test_labels = fake_mnist(n + 64, 128)
     return helpers.make_task(
-        train_images, train_labels, test_images, test_labels, device=device, degrees=45
+        train_images,
+        train_labels,
+        test_images,
+        test_labels,
+        device=device,
+        degrees=45,
+        n_train=n,
+        n_val=64,
     )
 
 
@@ -114,7 +122,7 @@ def test_the_stand_in_catches_what_a_gpu_would(accelerator):
 
 def test_the_old_training_loop_fails_on_it(accelerator):
     """The bug this file guards against: a model left on the CPU, data on the device."""
-    model, task = helpers.make_mlp(seed=0), small_task(accelerator)
+    model, task = helpers.make_mlp((784, 32, 10), seed=0), small_task(accelerator)
     with pytest.raises(LeftOnTheCPU):
         model(task.train_x[:8])
 
@@ -125,29 +133,39 @@ def test_the_old_training_loop_fails_on_it(accelerator):
 @pytest.mark.parametrize("wrapper", [None, "LinearWithLoRA", "LinearWithDoRA"])
 def test_training_helpers_follow_the_data(nb, accelerator, wrapper):
     task = small_task(accelerator)
-    pretrained = helpers.make_mlp(seed=0)  # built on the CPU, as a reader would
+    pretrained = helpers.make_mlp((784, 32, 32, 10), seed=0)  # built on the CPU, as a reader would
     helpers.train(pretrained, task, epochs=1, lr=1e-3, batch_size=128, log=None)
     assert all(p.is_meta for p in pretrained.parameters())
     cls = wrapper and getattr(nb, wrapper)
-    run = helpers.finetune(
-        pretrained, task, wrapper=cls, epochs=2, lr=1e-3, batch_size=128, checkpoints=True, log=None
+    runs = helpers.finetune(
+        pretrained,
+        task,
+        seeds=(0, 1),
+        wrapper=cls,
+        epochs=2,
+        lr=1e-3,
+        batch_size=128,
+        record_weights=True,
+        evaluate_on="val",
+        log=None,
     )
-    assert all(p.is_meta for p in run["model"].parameters())
-    assert helpers.accuracy(helpers.make_mlp(seed=1), task.test_x, task.test_y) == 0.0
-    points = helpers.decomposition_points([run], pretrained)  # float64, on the CPU
-    assert len(points) == 2 * 3
-    helpers.inference_ms(run["model"], task.test_x, repeats=1, warmup=0)
+    assert all(p.is_meta for model in runs.models for p in model.parameters())
+    assert helpers.accuracy(helpers.make_mlp((784, 10), seed=1), task.test_x, task.test_y) == 0.0
+    points = helpers.decomposition_points(runs, pretrained, ["2"])  # float64, on the CPU
+    assert len(points) == 2 * 2
+    helpers.compare("A", runs, "B", runs)  # statistics of values read back (zeros): no NaN
+    helpers.inference_ms(runs.models[0], task.test_x, repeats=1, warmup=0)
 
 
 def test_merging_saving_and_loading_on_the_device(nb, accelerator, tmp_path):
     task = small_task(accelerator)
-    pretrained = helpers.make_mlp(seed=0).to(accelerator)
+    pretrained = helpers.make_mlp((784, 128, 256, 10), seed=0).to(accelerator)
     model = helpers.add_adapters(pretrained, nb.LinearWithDoRAEfficient, 4, 8)
     merged = helpers.merge_adapters(model, nb.merge)
     assert all(p.is_meta for p in merged.parameters())
     merged(task.test_x)
     path = helpers.save_adapter(model, tmp_path / "adapter.pt")
-    adapter = helpers.adapter_state_dict(model)
+    adapter = adapter_state_dict(model)
     assert all(t.device.type == "cpu" for t in adapter["tensors"].values())
     restored = helpers.add_adapters(pretrained, nb.LinearWithDoRAEfficient, 4, 8)
     helpers.load_adapter(restored, path)
@@ -176,7 +194,7 @@ def test_adam_falls_back_when_the_fused_kernel_fails_at_its_first_step(
 
     monkeypatch.setattr(torch.optim, "Adam", FusedFailsAtStep)
     model = helpers.make_mlp((784, 16, 10), seed=0)
-    helpers.train(model, small_task("cpu", 64), epochs=1, lr=1e-3, log=None)
+    helpers.train(model, small_task("cpu", 64), epochs=1, lr=1e-3, batch_size=32, log=None)
     optimizer = helpers.make_adam([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
     assert not optimizer.defaults.get("fused")
 
@@ -186,7 +204,7 @@ def test_adam_falls_back_when_the_fused_kernel_fails_at_its_first_step(
 
 # Placement does not depend on how long training runs: a short protocol keeps this test fast
 # (meta tensors cost Python time per operator, not per element).
-SHORT_PROTOCOL = {"PRETRAIN_EPOCHS": 1, "FT_EPOCHS": 1, "FT_TRAIN_SIZE": 256}
+SHORT_PROTOCOL = {"PRETRAIN_EPOCHS": 1, "FT_EPOCHS": 1, "FT_TRAIN_SIZE": 256, "VAL_SIZE": 128}
 
 
 class ForTheStandIn(ast.NodeTransformer):

@@ -19,7 +19,14 @@ def close_figures():
 
 
 def run(losses, accs, trainable=100):
-    return {"train_loss": list(losses), "test_acc": list(accs), "trainable": trainable}
+    """One seed's history as helpers.Runs."""
+    return runs([losses], [accs], trainable)
+
+
+def runs(losses, accs, trainable=100):
+    """Several seeds' histories (lists of per-epoch lists) as helpers.Runs."""
+    loss, acc = np.array(losses, dtype=float), np.array(accs, dtype=float)
+    return helpers.Runs(tuple(range(len(acc))), [], trainable, loss, acc, [0.0])
 
 
 def test_plot_history_draws_loss_and_accuracy_in_percent():
@@ -33,11 +40,11 @@ def test_plot_history_draws_loss_and_accuracy_in_percent():
 
 
 def test_plot_methods_draws_the_mean_and_a_one_std_band_per_method():
-    runs = {
-        "LoRA": [run([1.0, 0.5], [0.80, 0.90]), run([1.2, 0.7], [0.82, 0.94])],
-        "DoRA": [run([0.9, 0.4], [0.85, 0.95]), run([0.9, 0.4], [0.85, 0.95])],
+    results = {
+        "LoRA": runs([[1.0, 0.5], [1.2, 0.7]], [[0.80, 0.90], [0.82, 0.94]]),
+        "DoRA": runs([[0.9, 0.4], [0.9, 0.4]], [[0.85, 0.95], [0.85, 0.95]]),
     }
-    fig = helpers.plot_methods(runs)
+    fig = helpers.plot_methods(results, "fine-tuning")
     ax_loss, ax_acc = fig.axes
     np.testing.assert_allclose(ax_acc.lines[0].get_ydata(), [81, 92])
     np.testing.assert_allclose(ax_loss.lines[1].get_ydata(), [0.9, 0.4])
@@ -48,16 +55,20 @@ def test_plot_methods_draws_the_mean_and_a_one_std_band_per_method():
     assert high == pytest.approx(92 + np.std([90, 94], ddof=1))
     legend = [t.get_text() for t in ax_acc.get_legend().get_texts()]
     assert legend == ["LoRA (n=2)", "DoRA (n=2)"]
+    assert fig._suptitle.get_text() == "fine-tuning"
 
 
 def test_plot_rank_sweep_error_bars_reference_band_and_readable_ticks():
     sweep = {
-        (method, r): [run([0.1], [acc + 0.01 * r + extra], 1_500 * r) for extra in (0, 0.02)]
+        (method, r): runs(
+            [[0.1], [0.1]], [[acc + 0.01 * r + extra] for extra in (0, 0.02)], 1_500 * r
+        )
         for method, acc in (("LoRA", 0.80), ("DoRA", 0.81))
         for r in (1, 2, 4, 8, 16)
     }
-    reference = [run([0.1], [0.95]), run([0.1], [0.97])]
-    fig = helpers.plot_rank_sweep(sweep, reference)
+    reference = runs([[0.1], [0.1]], [[0.95], [0.97]])
+    fig = helpers.plot_rank_sweep(sweep, reference, "rank sweep")
+    assert fig._suptitle.get_text() == "rank sweep"
     by_rank, by_params = fig.axes
     means = by_rank.lines[-1].get_ydata()  # the full-FT line is drawn after the methods
     assert by_rank.lines[-1].get_label() == "full FT"
@@ -80,17 +91,20 @@ def test_plot_rank_sweep_error_bars_reference_band_and_readable_ticks():
 
 def test_plot_decomposition_titles_carry_the_fitted_slope_and_r():
     pts = [
-        {"dD": d, "dM": 2 * d + 0.1 * (-1) ** i, "epoch": 1 + i % 2, "layer": f"{i % 3} (4->4)"}
+        {"dD": d, "dM": 2 * d + 0.1 * (-1) ** i, "epoch": 1 + i % 2, "layer": f"{i % 3}", "seed": 0}
         for i, d in enumerate(np.linspace(0.1, 1.0, 12))
     ]
-    fig = helpers.plot_decomposition({"LoRA": pts, "DoRA": [dict(p, dM=-p["dM"]) for p in pts]})
+    points = {"LoRA": pts, "DoRA": [dict(p, dM=-p["dM"]) for p in pts]}
+    fig = helpers.plot_decomposition(points, "Figure 2")
     ax_lora, ax_dora = fig.axes[:2]
     slope, r = helpers.fit_line([p["dD"] for p in pts], [p["dM"] for p in pts])
     assert ax_lora.get_title() == f"LoRA: slope {slope:.2f}, r = {r:+.2f}"
     assert ax_dora.get_title() == f"DoRA: slope {-slope:.2f}, r = {-r:+.2f}"
-    assert len(ax_lora.collections) == len(pts)  # one marker per point
+    drawn = np.concatenate([c.get_offsets() for c in ax_lora.collections])
+    assert sorted(map(tuple, drawn)) == sorted((p["dD"], p["dM"]) for p in pts)  # every point
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend == ["layer 0 (4->4)", "layer 1 (4->4)", "layer 2 (4->4)", "epoch 1", "epoch 2"]
+    assert legend == ["layer 0", "layer 1", "layer 2", "epoch 1", "epoch 2"]
+    assert fig._suptitle.get_text() == "Figure 2"
 
 
 def test_plot_digits_two_rows_labelled_by_class():
@@ -98,3 +112,4 @@ def test_plot_digits_two_rows_labelled_by_class():
     fig = helpers.plot_digits(images, images, torch.tensor([3, 1, 4, 1]))
     assert len(fig.axes) == 8
     assert [ax.get_title() for ax in fig.axes[:4]] == ["3", "1", "4", "1"]
+    assert fig._suptitle.get_text()  # every figure has a title

@@ -59,6 +59,7 @@ import importlib.util
 import math
 import os
 import sys
+import textwrap
 import time
 import traceback
 from collections.abc import Callable
@@ -68,6 +69,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+WIDTH = 96  # report lines wrap here: they fit a terminal and a notebook's output area
 
 EPS = 1e-12  # the reference's floor for ||V||: the paper's formula gives 0 / 0 on a zero row
 TOL = 1e-9  # largest relative difference accepted in float64
@@ -329,7 +332,8 @@ class CheckResult:
 
     def __str__(self) -> str:
         mark = {"pass": "pass", "fail": "FAIL", "skip": "skip"}[self.status]
-        return f"  {mark} {self.number}. {self.title}: {self.detail}"
+        text = f"  {mark} {self.number}. {self.title}: {self.detail}"
+        return textwrap.fill(text, WIDTH, subsequent_indent=" " * 10, break_on_hyphens=False)
 
 
 @dataclass
@@ -361,10 +365,12 @@ class Report:
 
     def __str__(self) -> str:
         lines = [f"DoRA conformance: {self.name}"]
-        if self.identified:
-            lines.append(f"  found {self.adapter}")
-        else:
-            lines.append(f"  cannot check this layer: {self.problem}")
+        found = (
+            f"found {self.adapter}"
+            if self.identified
+            else f"cannot check this layer: {self.problem}"
+        )
+        lines.append(textwrap.fill(f"  {found}", WIDTH, subsequent_indent=" " * 4))
         lines += [str(r) for r in self.results]
         n, failed = len(self.results), self.failed
         skipped = sum(r.status == "skip" for r in self.results)

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import helpers  # noqa: E402
+from tools.files import write_atomic  # noqa: E402
 
 
 def main() -> None:
@@ -56,7 +57,7 @@ def main() -> None:
     start = time.perf_counter()
     notebook = execute(args.notebook)
     print(f"executed {args.notebook.name} on {device} in {time.perf_counter() - start:.1f} s")
-    helpers.write_atomic(output, [nbformat.writes(notebook).encode()])
+    write_atomic(output, [nbformat.writes(notebook).encode()])
     for path in save_figures(notebook, figures):
         print(f"saved {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
@@ -137,7 +138,7 @@ def save_figures(notebook: nbformat.NotebookNode, folder: Path) -> list[Path]:
         pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
         for name, png in zip(names, pngs, strict=False):
             path = folder / f"{name}.png"
-            helpers.write_atomic(path, [base64.b64decode(png)])
+            write_atomic(path, [base64.b64decode(png)])
             saved.append(path)
     return saved
 

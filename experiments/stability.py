@@ -1,0 +1,90 @@
+"""Do the notebook's conclusions survive other seeds and other float rounding?
+
+    .venv/bin/python experiments/stability.py
+
+Runs DoRA.ipynb headless (on the CPU) in variants of the committed run, changing one thing at a
+time, and reads each run's verdict table (its last cell, "What this run shows"):
+
+* ten other seeds (``SEEDS = range(10, 20)``): another draw of initialisations and batch orders;
+* one thread instead of the machine's default (``torch.set_num_threads(1)``);
+* another instruction set: PyTorch's AVX2 kernels instead of AVX-512 (``ATEN_CPU_CAPABILITY``,
+  and the same for oneDNN and MKL), the same seeds with the float rounding of a CPU without
+  AVX-512, which moves every number a little, as another CPU type does.
+
+The notebook itself is not modified: the script adds a cell after the one it overrides, in
+memory. It writes experiments/stability.json (the protocol, and each variant's verdicts), which
+``tools/update_readme.py`` compares with the committed notebook's verdicts: the README states as
+results only the conclusions that held in every run, and marks the others "not settled".
+Takes about three times the notebook's run time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools.files import write_atomic  # noqa: E402
+from tools.notebook_definitions import protocol  # noqa: E402
+from tools.run_notebook import execute  # noqa: E402
+from tools.update_readme import verdicts_of  # noqa: E402
+
+RESULTS = Path(__file__).with_name("stability.json")
+AVX2 = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+VARIANTS = {  # name: (a line of the notebook, a statement run right after its cell, environment)
+    "seeds 10-19": ("SEEDS = range(10)", "SEEDS = range(10, 20)", {}),
+    "1 thread": ("import helpers", "torch.set_num_threads(1)", {}),
+    "AVX2 kernels": ("import helpers", "print(torch.backends.cpu.get_cpu_capability())", AVX2),
+}
+
+
+def variant(name: str) -> nbformat.NotebookNode:
+    """The notebook with one statement added after the cell that contains ``anchor``."""
+    anchor, statement, _ = VARIANTS[name]
+    notebook = nbformat.read(REPO / "DoRA.ipynb", as_version=4)
+    index = next(i for i, c in enumerate(notebook.cells) if anchor in c.source.splitlines())
+    notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(f"{statement}  # {name}"))
+    return notebook
+
+
+def main() -> None:
+    os.environ["DORA_DEVICE"] = "cpu"
+    results = {}
+    for name in VARIANTS:
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        path = REPO / f".stability-{re.sub(r'[^a-z0-9]+', '-', name)}.ipynb"
+        nbformat.write(variant(name), path)  # beside DoRA.ipynb: it runs in the repository
+        saved_env = dict(os.environ)
+        os.environ.update(VARIANTS[name][2])  # the kernel inherits this process's environment
+        try:
+            results[name] = verdicts_of(execute(path))
+        finally:
+            path.unlink(missing_ok=True)
+            os.environ.clear()
+            os.environ.update(saved_env)
+        print(f"   {time.perf_counter() - start:.0f} s", flush=True)
+    saved = {"protocol": protocol(), "variants": results}
+    write_atomic(RESULTS, [(json.dumps(saved, indent=1, ensure_ascii=False) + "\n").encode()])
+    committed = verdicts_of(nbformat.read(REPO / "DoRA.ipynb", as_version=4))
+    for key, verdict in committed.items():
+        others = [results[name].get(key) for name in VARIANTS]
+        mark = "agree" if all(v == verdict for v in others) else "DIFFER"
+        print(f"{mark:<7}{key}: committed {verdict!r}; " + "; ".join(map(repr, others)))
+    print(f"saved {RESULTS.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()

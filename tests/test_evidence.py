@@ -1,0 +1,148 @@
+"""The verdicts the notebook prints: their error rates, power, intervals and sentences.
+
+Simulated experiments with a known truth. Under the null hypothesis (both configurations from
+one distribution) a verdict other than "no difference detected" is a false positive: its rate
+must be at most 5 % within sampling error, for the paired test, for Welch's test, and for a
+Holm-corrected family of five. A real shift must be detected.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import helpers
+
+TRIALS = 4000
+SLACK = 3 * math.sqrt(0.05 * 0.95 / TRIALS)  # three standard errors of a 5 % rate
+
+
+def runs(accuracies, seeds=None):
+    """A helpers.Runs holding only final accuracies (in percent)."""
+    acc = np.asarray(accuracies, dtype=float)
+    seeds = tuple(range(len(acc))) if seeds is None else tuple(seeds)
+    return helpers.Runs(seeds, [], 0, np.zeros((len(acc), 1)), acc[:, None] / 100, [0.0])
+
+
+def paired_pair(rng, n=10, shift=0.0, seed_sd=0.6, noise_sd=0.4):
+    """Two arms sharing a per-seed effect (same init, same batches), as in the notebook."""
+    seed_effect = rng.normal(90, seed_sd, n)
+    a = seed_effect + rng.normal(0, noise_sd, n) + shift
+    b = seed_effect + rng.normal(0, noise_sd, n)
+    return runs(a), runs(b)
+
+
+def compare_pair(a, b):
+    return helpers.compare("A", a, "B", b)
+
+
+def test_paired_false_positive_rate_is_at_most_five_percent():
+    rng = np.random.default_rng(0)
+    verdicts = [compare_pair(*paired_pair(rng)).verdict for _ in range(TRIALS)]
+    rate = np.mean([v != "no difference detected" for v in verdicts])
+    assert rate <= 0.05 + SLACK, rate
+
+
+def test_welch_false_positive_rate_with_unequal_spreads():
+    rng = np.random.default_rng(1)
+    false = 0
+    for _ in range(TRIALS):
+        a = runs(rng.normal(90, 1.5, 10), seeds=range(10))
+        b = runs(rng.normal(90, 0.5, 10), seeds=range(10, 20))  # other seeds: not paired
+        comparison = helpers.compare("A", a, "B", b)
+        assert comparison.test == "Welch t-test"
+        false += comparison.verdict != "no difference detected"
+    assert false / TRIALS <= 0.05 + SLACK
+
+
+def test_holm_keeps_the_family_wise_rate_of_a_five_rank_sweep():
+    rng = np.random.default_rng(2)
+    any_false = 0
+    for _ in range(TRIALS // 2):
+        family = helpers.holm([compare_pair(*paired_pair(rng)) for _ in range(5)])
+        any_false += any(c.verdict != "no difference detected" for c in family)
+    assert any_false / (TRIALS // 2) <= 0.05 + SLACK
+    unadjusted = sum(
+        any(compare_pair(*paired_pair(rng)).p < 0.05 for _ in range(5)) for _ in range(TRIALS // 4)
+    )
+    assert unadjusted / (TRIALS // 4) > 0.15  # without the correction: about 23 %
+
+
+def test_a_real_shift_is_detected_and_the_interval_covers_it():
+    rng = np.random.default_rng(3)
+    found, covered = 0, 0
+    for _ in range(1000):
+        comparison = compare_pair(*paired_pair(rng, shift=0.8))
+        found += comparison.verdict == "ahead"
+        covered += comparison.low <= 0.8 <= comparison.high
+    assert found / 1000 > 0.9  # differences have sd 0.57: 10 seeds detect 0.8 nearly always
+    assert abs(covered / 1000 - 0.95) < 0.025
+
+
+def test_detectable_difference_is_about_the_eighty_percent_power_point():
+    rng = np.random.default_rng(4)
+    se = math.sqrt(2) * 0.4 / math.sqrt(10)  # sd of a per-seed difference, over sqrt(n)
+    detectable = np.mean([compare_pair(*paired_pair(rng)).detectable for _ in range(500)])
+    assert detectable == pytest.approx((2.262 + 0.883) * se, rel=0.1)  # t quantiles, 9 df
+    hits = [
+        compare_pair(*paired_pair(rng, shift=detectable)).verdict == "ahead" for _ in range(1000)
+    ]
+    assert 0.72 < np.mean(hits) < 0.88
+
+
+def test_paired_only_when_the_seeds_match():
+    a, b = runs([90, 91, 92]), runs([89, 90.5, 91])
+    assert helpers.compare("A", a, "B", b).test == "paired t-test"
+    assert helpers.compare("A", a, "B", runs([89, 90.5, 91], seeds=(5, 6, 7))).test == (
+        "Welch t-test"
+    )
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        helpers.compare("A", runs([90]), "B", runs([91]))
+
+
+def test_degenerate_spreads_give_no_nan():
+    same = helpers.compare("A", runs([90, 90, 90]), "B", runs([90, 90, 90]))
+    assert same.p == 1.0 and same.verdict == "no difference detected" and same.low == same.high
+    shifted = helpers.compare("A", runs([91, 92, 93]), "B", runs([90, 91, 92]))
+    assert shifted.verdict == "ahead" and shifted.diff == pytest.approx(1.0)
+
+
+def test_holm_adjusts_in_step_down_order():
+    ps = [0.01, 0.04, 0.03, 0.5]
+    family = [helpers.Comparison("A", "B", 1.0, 0.1, 2.0, p, 10, "paired t-test", 0.5) for p in ps]
+    adjusted = [c.p_holm for c in helpers.holm(family)]
+    assert adjusted == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert [c.verdict for c in helpers.holm(family)] == [
+        "ahead",
+        "no difference detected",
+        "no difference detected",
+        "no difference detected",
+    ]
+
+
+def test_sentences_follow_the_interval():
+    ahead = helpers.compare("DoRA", runs([91, 92, 93.1]), "LoRA", runs([90, 91, 92]))
+    assert ahead.sentence().startswith("DoRA is ahead of LoRA by 1.03 points (95 % CI +")
+    assert "paired t-test, 3 seeds" in ahead.sentence()
+    behind = helpers.compare("LoRA", runs([90, 91, 92]), "DoRA", runs([91, 92, 93.1]))
+    assert behind.sentence().startswith("LoRA is behind DoRA by 1.03 points")
+    unclear = helpers.compare("DoRA", runs([91, 90, 92.5]), "LoRA", runs([90.5, 91, 92]))
+    text = unclear.sentence()
+    assert "no difference detected" in text and "could detect about" in text
+    assert unclear.low < 0 < unclear.high
+
+
+def test_in_words():
+    assert helpers.in_words([], "rank") == "no rank"
+    assert helpers.in_words([4], "rank") == "rank 4"
+    assert helpers.in_words([1, 16], "rank") == "ranks 1 and 16"
+    assert helpers.in_words([2, 4, 8], "rank") == "ranks 2, 4 and 8"
+
+
+def test_results_table_and_wrapping():
+    table = helpers.results_table({"LoRA": runs([90, 92, 94])}).splitlines()
+    assert table[0].split()[:4] == ["method", "trainable", "test", "accuracy"]
+    assert table[1].split()[:5] == ["LoRA", "0", "92.00", "±", "2.00"]
+    assert table[1].split()[5] == "87.03-96.97"  # 92 ± t(0.975, 2) * 2 / sqrt(3)
+    long = "word " * 60
+    assert all(len(line) <= helpers.WIDTH for line in helpers.wrap(long, "  ").splitlines())

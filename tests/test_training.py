@@ -1,0 +1,119 @@
+"""Seeds trained at once equal the same seeds trained one at a time; seeds pair configurations.
+
+The reference below is the plainest training loop there is: one model, one Adam, one batch at a
+time. ``helpers.train`` stacks the seeds' parameters and runs them under ``torch.func.vmap`` with
+one Adam over the stacks; seed k must come out as the reference run of seed k (same init, same
+batches), up to float rounding.
+"""
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from test_helpers import tiny_task
+
+import helpers
+
+SIZES = (784, 32, 16, 10)
+CLASSES = [None, "LinearWithLoRA", "LinearWithDoRA", "LinearWithDoRAEfficient"]
+
+
+def build(nb, wrapper, seed, pretrained):
+    """What helpers.finetune builds for one seed, written out."""
+    helpers.seed_everything(seed)
+    if wrapper is None:
+        return copy.deepcopy(pretrained).requires_grad_(True)
+    return helpers.add_adapters(pretrained, getattr(nb, wrapper), 4, 8)
+
+
+def solo_run(model, task, seed, epochs, lr, batch_size):
+    """One model, one seed: the batch order from the seed's own generator, plain Adam."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(task.train_x), generator=generator)
+        for i in range(0, len(order), batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(model(task.train_x[idx]), task.train_y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model
+
+
+@pytest.mark.parametrize("wrapper", CLASSES, ids=["full", "lora", "dora", "dora-efficient"])
+def test_each_batched_seed_equals_its_solo_run(nb, wrapper):
+    pretrained, task, seeds = helpers.make_mlp(SIZES, seed=0), tiny_task(), (0, 1, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # vmap: addmm_ has no batching rule yet
+        runs = helpers.finetune(
+            pretrained,
+            task,
+            seeds=seeds,
+            wrapper=wrapper and getattr(nb, wrapper),
+            epochs=2,
+            lr=3e-3,
+            batch_size=32,
+            log=None,
+        )
+    for k, seed in enumerate(seeds):
+        solo = solo_run(build(nb, wrapper, seed, pretrained), task, seed, 2, 3e-3, 32)
+        for name, p in solo.named_parameters():
+            q = runs.models[k].get_parameter(name)
+            torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5, msg=f"seed {seed}: {name}")
+        accuracy = helpers.accuracy(solo, task.test_x, task.test_y)
+        assert runs.test_acc[k, -1] == pytest.approx(accuracy, abs=1 / len(task.test_x))
+    assert not torch.equal(runs.models[0].get_parameter(name), runs.models[1].get_parameter(name))
+
+
+def test_seed_k_gives_every_configuration_the_same_start_and_batches(nb, monkeypatch):
+    """LoRA, DoRA and exact-gradient DoRA of seed k: same initial A, same batch order."""
+    pretrained, task, seeds = helpers.make_mlp(SIZES, seed=0), tiny_task(), (3, 7)
+    started, orders = {}, {}
+    real_train, real_orders = helpers.train, helpers.batch_orders
+
+    def recording_orders(seeds, n):
+        generator = real_orders(seeds, n)
+        first = next(generator)
+        orders[current] = first.clone()
+        yield first
+        yield from generator
+
+    def recording_train(models, task, **kwargs):
+        started[current] = [m.get_parameter("0.lora.A").detach().clone() for m in models]
+        return real_train(models, task, **kwargs)
+
+    monkeypatch.setattr(helpers, "train", recording_train)
+    monkeypatch.setattr(helpers, "batch_orders", recording_orders)
+    configurations = {
+        "LoRA": dict(wrapper=nb.LinearWithLoRA),
+        "DoRA": dict(wrapper=nb.LinearWithDoRA),
+        "DoRA, exact": dict(wrapper=nb.LinearWithDoRA, layer_kwargs={"detach_norm": False}),
+    }
+    for current, setting in configurations.items():  # noqa: B007 (read by the recorders)
+        helpers.finetune(
+            pretrained, task, seeds=seeds, epochs=1, lr=1e-3, batch_size=64, log=None, **setting
+        )
+    for name in ("DoRA", "DoRA, exact"):
+        assert all(torch.equal(a, b) for a, b in zip(started[name], started["LoRA"], strict=True))
+        assert torch.equal(orders[name], orders["LoRA"])
+    assert not torch.equal(started["LoRA"][0], started["LoRA"][1])  # seeds differ
+
+
+def test_a_seeds_batch_order_does_not_depend_on_its_neighbours():
+    together = next(helpers.batch_orders((3, 7), 50))
+    assert torch.equal(together[0], next(helpers.batch_orders((3,), 50))[0])
+    assert torch.equal(together[1], next(helpers.batch_orders((7,), 50))[0])
+    assert sorted(together[1].tolist()) == list(range(50))
+
+
+def test_evaluation_on_the_validation_set(nb):
+    task = tiny_task()
+    task.val_x, task.val_y = task.train_x[64:128], (task.train_y[64:128] + 1) % 10  # wrong labels
+    model = helpers.make_mlp(SIZES, seed=0)
+    runs = helpers.train(model, task, epochs=2, lr=3e-3, batch_size=32, evaluate_on="val", log=None)
+    assert runs.final[0] < 20  # trained on the right labels, scored on wrong ones
+    assert np.isclose(runs.test_acc[0, -1], helpers.accuracy(model, task.val_x, task.val_y))

@@ -1,0 +1,296 @@
+"""Adapters as files: our format, and Hugging Face PEFT's names for the same tensors.
+
+``helpers`` imports what the notebook uses from here (sections 9 and 10). Nothing here defines
+layer math: the adapter layers are the notebook's classes, and these functions only use what
+every one of them has: ``linear`` (the frozen ``nn.Linear``), ``lora.A`` (rank, in),
+``lora.B`` (out, rank), ``lora.scaling`` (alpha / rank), ``m`` (out,) for DoRA, and
+``merged_weight()``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tools.files import write_atomic
+
+
+def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{module name: layer} for every adapter layer (a module with ``merged_weight()``).
+
+    Only the outermost such module counts; the model itself may be one (name "").
+    """
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if callable(getattr(module, "merged_weight", None)) and not _inside(name, found):
+            found[name] = module
+    return found
+
+
+def _inside(name: str, outer_names) -> bool:
+    """Whether module ``name`` lies strictly inside one of ``outer_names`` ("" is the root)."""
+    return any(
+        outer == "" or name.startswith(f"{outer}.") for outer in outer_names if outer != name
+    )
+
+
+# An adapter file (``adapter_state_dict`` / ``save_adapter``) is a plain dict that
+# ``torch.load(..., weights_only=True)`` accepts (no pickled code runs on loading):
+#     {"format": "dora-tutorial-adapter/1",
+#      "layers": {"0": {"class": "LinearWithDoRA", "kind": "dora", "rank": 4, "alpha": 8.0,
+#                       "in_features": 784, "out_features": 64}, ...},
+#      "tensors": {"0.lora.A": (4, 784), "0.lora.B": (64, 4), "0.m": (64,), ...}}
+# Tensor keys are the model's own ``state_dict`` keys, so the file names the layers it fits.
+ADAPTER_FORMAT = "dora-tutorial-adapter/1"
+
+
+def _layer_info(layer: nn.Module) -> dict:
+    rank = layer.lora.A.shape[0]
+    return {
+        "class": type(layer).__name__,
+        "kind": "dora" if hasattr(layer, "m") else "lora",
+        "rank": int(rank),
+        "alpha": float(layer.lora.scaling * rank),
+        "in_features": int(layer.linear.in_features),
+        "out_features": int(layer.linear.out_features),
+    }
+
+
+def _adapter_params(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """{model state_dict key: parameter} for a layer's adapter parameters (all but ``linear.*``)."""
+    prefix = f"{name}." if name else ""
+    return {prefix + n: p for n, p in layer.named_parameters() if not n.startswith("linear.")}
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """The adapter alone: its tensors (CPU copies, so a file saved on a GPU loads anywhere) and,
+    per layer, class, kind, rank and alpha."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError("the model has no adapter layers (modules with merged_weight())")
+    tensors = {}
+    for name, layer in layers.items():
+        tensors.update(
+            {k: p.detach().to("cpu", copy=True) for k, p in _adapter_params(name, layer).items()}
+        )
+    return {
+        "format": ADAPTER_FORMAT,
+        "layers": {name: _layer_info(layer) for name, layer in layers.items()},
+        "tensors": tensors,
+    }
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``adapter_state_dict(model)`` to ``path`` atomically (see ``write_atomic``)."""
+    buffer = io.BytesIO()
+    torch.save(adapter_state_dict(model), buffer)
+    write_atomic(Path(path), [buffer.getvalue()])
+    return Path(path)
+
+
+def load_adapter(model: nn.Module, source) -> nn.Module:
+    """Copy a saved adapter (a path, or a dict from ``adapter_state_dict``) into ``model``.
+
+    ``model`` must already be wrapped the same way (same layers, kinds, ranks, alphas), e.g.
+    ``add_adapters(pretrained, LinearWithDoRA, rank, alpha)``. Everything is checked before any
+    tensor is copied; a mismatch raises ``ValueError`` saying what differs and leaves the model
+    untouched. Textbook and efficient DoRA classes are interchangeable (same parameters).
+    """
+    adapter = _read_adapter(source)
+    layers = adapter_layers(model)
+    if not layers:
+        raise ValueError(
+            "the model has no adapter layers: wrap it first, e.g. "
+            "add_adapters(pretrained, LinearWithDoRA, rank, alpha)"
+        )
+    saved = adapter["layers"]
+    if set(saved) != set(layers):
+        raise ValueError(
+            "the adapter belongs to other layers: the file has adapters for "
+            f"{_names(set(saved) - set(layers))} that the model lacks, and the model has adapter "
+            f"layers {_names(set(layers) - set(saved))} that the file lacks"
+        )
+    problems = [p for name, layer in layers.items() if (p := _mismatch(name, layer, saved[name]))]
+    expected = {
+        k: p for name, layer in layers.items() for k, p in _adapter_params(name, layer).items()
+    }
+    tensors = adapter["tensors"]
+    if not problems and set(tensors) != set(expected):
+        problems.append(
+            f"missing tensors {_names(set(expected) - set(tensors))}; "
+            f"unexpected tensors {_names(set(tensors) - set(expected))}"
+        )
+    if not problems:
+        problems += [
+            f"tensor {k!r}: shape {tuple(tensors[k].shape)} in the file, "
+            f"{tuple(p.shape)} in the model"
+            for k, p in expected.items()
+            if tensors[k].shape != p.shape
+        ]
+    if problems:
+        raise ValueError("the adapter does not fit this model:\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(tensors[k])
+    return model
+
+
+def _mismatch(name: str, layer: nn.Module, want: dict) -> str | None:
+    """What makes a saved layer ``want`` unfit for the model's ``layer``, in words (or None)."""
+    have = _layer_info(layer)
+    if have["kind"] != want["kind"]:
+        return (
+            f"layer {name!r}: the file holds a {want['kind'].upper()} adapter "
+            f"({want['class']}), the model's layer is {have['class']} ({have['kind'].upper()})"
+        )
+    if have["rank"] != want["rank"]:
+        return (
+            f"layer {name!r}: the file has rank {want['rank']}, the model rank {have['rank']}; "
+            f"wrap the model with rank={want['rank']}"
+        )
+    if not math.isclose(have["alpha"], want["alpha"], rel_tol=1e-9):
+        return (
+            f"layer {name!r}: the file has alpha {want['alpha']:g}, the model alpha "
+            f"{have['alpha']:g} (scaling alpha/rank differs); wrap with alpha={want['alpha']:g}"
+        )
+    return None
+
+
+def _names(items) -> str:
+    return ", ".join(repr(i) for i in sorted(items)) or "none"
+
+
+def _read_adapter(source) -> dict:
+    if isinstance(source, str | os.PathLike):
+        adapter = torch.load(source, map_location="cpu", weights_only=True)
+        where = f"{os.fspath(source)!r}"
+    else:
+        adapter, where = source, "the adapter dict"
+    if not isinstance(adapter, dict) or adapter.get("format") != ADAPTER_FORMAT:
+        found = adapter.get("format") if isinstance(adapter, dict) else type(adapter).__name__
+        raise ValueError(
+            f"{where} is not an adapter saved by save_adapter (format {found!r}, expected "
+            f"{ADAPTER_FORMAT!r}); for a PEFT state dict use from_peft_state_dict first"
+        )
+    return adapter
+
+
+# Hugging Face PEFT names the same tensors differently (keys as get_peft_model_state_dict
+# writes them for a get_peft_model wrapper of the same base model).
+_PEFT_PREFIX = "base_model.model."
+_PEFT_NAMES = {"lora.A": "lora_A.weight", "lora.B": "lora_B.weight", "m": "lora_magnitude_vector"}
+
+
+def _as_adapter(source) -> dict:
+    return adapter_state_dict(source) if isinstance(source, nn.Module) else _read_adapter(source)
+
+
+def to_peft_state_dict(source) -> dict[str, torch.Tensor]:
+    """Our adapter (a model, a path or an adapter dict) with PEFT's saved-adapter keys:
+    ``base_model.model.<layer>.lora_A.weight``, ``...lora_B.weight`` and, for DoRA,
+    ``...lora_magnitude_vector``. Load with ``peft.set_peft_model_state_dict``, using
+    ``LoraConfig(**peft_config_kwargs(source))``."""
+    adapter = _as_adapter(source)
+    out = {}
+    for name in adapter["layers"]:
+        prefix = f"{name}." if name else ""
+        for ours, theirs in _PEFT_NAMES.items():
+            if prefix + ours in adapter["tensors"]:
+                out[f"{_PEFT_PREFIX}{prefix}{theirs}"] = adapter["tensors"][prefix + ours]
+    return out
+
+
+def peft_config_kwargs(source) -> dict:
+    """Keyword arguments for ``peft.LoraConfig`` that reproduce our adapter's layout.
+
+    The most common rank and alpha become ``r`` and ``lora_alpha``; layers that differ (e.g. a
+    head clipped to full rank by ``add_adapters``) go into ``rank_pattern`` / ``alpha_pattern``
+    as ``"^<name>"``, which PEFT's pattern matching then applies to that exact module only.
+    ``target_modules`` is a regular expression that PEFT matches against whole module names.
+    """
+    info = _as_adapter(source)["layers"]
+    kinds = {i["kind"] for i in info.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"PEFT needs one kind of adapter per model, found {sorted(kinds)}")
+    rank = Counter(i["rank"] for i in info.values()).most_common(1)[0][0]
+    alpha = Counter(i["alpha"] for i in info.values()).most_common(1)[0][0]
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_dora": kinds == {"dora"},
+        "lora_dropout": 0.0,
+        "target_modules": "|".join(re.escape(n) for n in info),
+        "rank_pattern": {
+            f"^{re.escape(n)}": i["rank"] for n, i in info.items() if i["rank"] != rank
+        },
+        "alpha_pattern": {
+            f"^{re.escape(n)}": i["alpha"] for n, i in info.items() if i["alpha"] != alpha
+        },
+    }
+
+
+def from_peft_state_dict(state_dict: dict, config, adapter_name: str = "default") -> dict:
+    """A PEFT LoRA/DoRA state dict -> our adapter dict (for ``load_adapter``).
+
+    Accepts the saved-adapter keys (``get_peft_model_state_dict``) and a live PEFT model's
+    ``state_dict()`` (keys with ``.<adapter_name>.``; base-layer weights are skipped).
+    ``config`` is the ``LoraConfig`` (or a dict with ``lora_alpha`` and optionally
+    ``alpha_pattern``): alpha is not stored in the tensors. Ranks come from the shapes.
+    """
+
+    def get(key, default=None):
+        return (
+            config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+        )
+
+    if get("use_rslora", False):
+        raise ValueError("use_rslora=True scales by alpha/sqrt(r); these layers use alpha/r")
+    a, prefix = re.escape(adapter_name), re.escape(_PEFT_PREFIX)
+    patterns = {
+        "lora.A": re.compile(rf"^(?:{prefix})?(.*?)\.?lora_A(?:\.{a})?\.weight$"),
+        "lora.B": re.compile(rf"^(?:{prefix})?(.*?)\.?lora_B(?:\.{a})?\.weight$"),
+        "m": re.compile(rf"^(?:{prefix})?(.*?)\.?lora_magnitude_vector(?:\.{a}\.weight)?$"),
+    }
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        if ".base_layer." in key:
+            continue
+        for ours, pattern in patterns.items():
+            if match := pattern.match(key):
+                layers.setdefault(match.group(1), {})[ours] = tensor
+                break
+        else:
+            raise ValueError(f"unrecognised key in the PEFT state dict: {key!r}")
+    if not layers:
+        raise ValueError("no LoRA/DoRA tensors found in the PEFT state dict")
+    if get("lora_alpha") is None:
+        raise ValueError(
+            "config has no lora_alpha: pass the LoraConfig the adapter was trained with"
+        )
+    alpha_pattern = get("alpha_pattern") or {}
+    info, tensors = {}, {}
+    for name, parts in layers.items():
+        if "lora.A" not in parts or "lora.B" not in parts:
+            raise ValueError(f"layer {name!r}: the PEFT state dict lacks lora_A or lora_B")
+        alpha = next(
+            (v for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", name)),
+            get("lora_alpha"),
+        )
+        rank, n_in = parts["lora.A"].shape
+        info[name] = {
+            "class": "peft lora.Linear",
+            "kind": "dora" if "m" in parts else "lora",
+            "rank": int(rank),
+            "alpha": float(alpha),
+            "in_features": int(n_in),
+            "out_features": int(parts["lora.B"].shape[0]),
+        }
+        tensors.update({(f"{name}." if name else "") + k: v for k, v in parts.items()})
+    return {"format": ADAPTER_FORMAT, "layers": info, "tensors": tensors}

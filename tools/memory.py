@@ -1,0 +1,61 @@
+"""What autograd keeps for backward: the probe behind ``helpers.saved_tensor_bytes``."""
+
+from __future__ import annotations
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class _NewStorages(TorchDispatchMode):
+    """Records the storages that operators allocate (outputs not sharing an input's storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.new: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided
+        }
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                key = t.untyped_storage()._cdata
+                if key not in inputs:
+                    self.new.add(key)
+        return out
+
+
+def saved_tensor_bytes(fn) -> int:
+    """Bytes that autograd keeps for the backward pass of what ``fn()`` computes.
+
+    Counted: each storage, once and at its full size, that autograd saved for backward during
+    ``fn()`` (seen through ``torch.autograd.graph.saved_tensors_hooks``) and that
+      * was allocated during ``fn()``: activations and intermediate results, and
+      * is still alive when ``fn()`` returns (its result is held while counting).
+    Not counted: storages that existed before the call (parameters, buffers, inputs, also when
+    saved through a view such as ``W.T``); tensors saved by a graph that was dropped again
+    inside ``fn()`` (e.g. a norm computed with autograd and then detached), which raise the peak
+    but are not kept for backward. ``fn`` takes no arguments; return what the backward would
+    start from (e.g. a loss).
+    """
+    packed: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def pack(t):
+        if t.layout == torch.strided:
+            storage = t.untyped_storage()
+            packed[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+        return t
+
+    tracker = _NewStorages()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
+        result = fn()
+    total = sum(
+        nbytes for key, (ref, nbytes) in packed.items() if key in tracker.new and not ref.expired()
+    )
+    del result
+    return total

@@ -1,0 +1,89 @@
+"""The notebook as a module: its layers, functions and protocol constants, for tests and scripts.
+
+    nb = import_notebook_definitions()      # nb.LinearWithDoRA, nb.merge, nb.FT_EPOCHS, ...
+
+Only the imports, functions, classes and constants of the code cells run (nothing trains or
+plots), so tests and scripts use the very classes the reader builds and the protocol the
+notebook states: nothing is copied.
+"""
+
+from __future__ import annotations
+
+import ast
+import types
+from pathlib import Path
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "DoRA.ipynb"
+
+
+def import_notebook_definitions(path: str | Path = NOTEBOOK, name: str = "dora_notebook"):
+    """Execute only the imports, functions, classes and UPPER_CASE constants of a notebook's
+    code cells, in order, and return them as a module. Cells tagged ``no-import`` are skipped.
+    """
+    import nbformat
+
+    keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)
+    module = types.ModuleType(name)
+    module.__file__ = str(path)
+    module.constants = []  # the names of the notebook's settings, in order
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        if cell.cell_type != "code" or "no-import" in cell.metadata.get("tags", []):
+            continue
+        source = "\n".join(
+            line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!"))
+        )
+        tree = ast.parse(source)
+        body = [node for node in tree.body if isinstance(node, keep) or is_constant(node)]
+        module.constants += [node.targets[0].id for node in body if is_constant(node)]
+        exec(compile(ast.Module(body=body, type_ignores=[]), f"{path}", "exec"), module.__dict__)
+    return module
+
+
+def is_constant(node: ast.AST) -> bool:
+    """``UPPER_CASE = <literal>`` (a number, string, tuple, list or dict of them, or
+    ``range(...)`` of numbers): a notebook-wide setting, one per line."""
+    return (
+        isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and isinstance(node.targets[0], ast.Name)
+        and node.targets[0].id.isupper()
+        and _literal(node.value)
+    )
+
+
+def _literal(node: ast.AST) -> bool:
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        return _literal(node.operand)
+    if isinstance(node, ast.Tuple | ast.List):
+        return all(_literal(e) for e in node.elts)
+    if isinstance(node, ast.Dict):
+        return all(
+            k is not None and _literal(k) and _literal(v)
+            for k, v in zip(node.keys, node.values, strict=True)
+        )
+    return (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "range"
+        and not node.keywords
+        and all(_literal(a) for a in node.args)
+    )
+
+
+def protocol(nb=None) -> dict:
+    """The notebook's settings (its UPPER_CASE constants) as JSON-friendly values.
+
+    Scripts that run the notebook's experiment save this beside their results; a test compares
+    it with the notebook, so a changed setting cannot leave a stale result behind."""
+    nb = nb or import_notebook_definitions()
+    return {name: _jsonable(getattr(nb, name)) for name in dict.fromkeys(nb.constants)}
+
+
+def _jsonable(value):
+    if isinstance(value, range | tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
