@@ -7,15 +7,15 @@
 1. starts JupyterLab on 127.0.0.1 (random port, random token, throw-away config, data and home
    directories, autosave off, news and update checks off, every cell rendered at once) with
    DORA_DEVICE=cpu, and opens the notebook in Debian's headless Chromium (/usr/bin/chromium and
-   /usr/bin/chromedriver, driven by selenium; nothing is downloaded; the browser resolves no
-   host name but 127.0.0.1) in a 1400 x 1000 window with the file browser open;
+   /usr/bin/chromedriver, driven by selenium; nothing is downloaded; the browser reaches
+   nothing but 127.0.0.1) in a 1400 x 1000 window with the file browser open;
 2. waits for MathJax and the images, then fails on: a markdown or output element wider than its
    column (scrollWidth > clientWidth; MathJax's hidden screen-reader copy and glyph overhangs
    inside a formula do not count), an output line that only fits by wrapping (measured
    unwrapped), a MathJax error or TeX left untypeset, an image that did not load (the Colab badge
    needs the internet and is skipped), and an error or stderr output;
-3. unless --no-run: Kernel > Restart Kernel and Run All, waits for the last cell, and checks the
-   page again (now with this machine's outputs);
+3. unless --no-run: Kernel > Restart Kernel and Run All (the restart dialog confirmed), waits
+   until no cell is running, and checks the page again (now with this machine's outputs);
 4. saves screenshots (top, section 2, the results table, the end, and each cell with a problem)
    and prints one line per problem and the time of each phase. Exit status 0 when clean, else 1.
 
@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,8 +73,15 @@ CHROMIUM_FLAGS = [
     "--disable-default-apps",
     "--disable-extensions",
     "--no-first-run",
+    "--disable-domain-reliability",
+    "--disable-client-side-phishing-detection",
+    "--disable-features=AutofillServerCommunication,NetworkTimeServiceQuerying,"
+    "OptimizationHints,MediaRouter,Translate",
+    "--no-pings",
     "--no-default-browser-check",
-    "--no-proxy-server",
+    # Only 127.0.0.1: host names other than it resolve to nothing, and chromium() sends every
+    # request that is not to the loopback interface (Chromium never proxies those) to a "proxy"
+    # on a local port that is bound and never listens, so it is refused on this machine.
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
     f"--window-size={WINDOW[0]},{WINDOW[1]}",
 ]
@@ -422,14 +430,17 @@ def chromium(profile: Path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in [*CHROMIUM_FLAGS, f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
-        driver.set_script_timeout(60)
-        yield driver
-    finally:
-        driver.quit()
+    with socket.socket() as refuser:
+        refuser.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        proxy = f"--proxy-server=http://127.0.0.1:{refuser.getsockname()[1]}"
+        for flag in [*CHROMIUM_FLAGS, proxy, f"--user-data-dir={profile}"]:
+            options.add_argument(flag)
+        driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+        try:
+            driver.set_script_timeout(60)
+            yield driver
+        finally:
+            driver.quit()
 
 
 def wait_for(driver, path: str, ready, timeout: float, what: str) -> dict:
