@@ -1,0 +1,139 @@
+"""tools/render_check.py against tiny notebooks: it must name what a reader would trip over.
+
+Each test starts JupyterLab and headless Chromium (about 10 s). Skipped where Debian's chromium
+and chromium-driver are not installed; CI (.ci/run) installs them before the tests.
+"""
+
+import base64
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+
+from render_check import CHROMEDRIVER, CHROMIUM  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason=f"needs {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)",
+)
+
+# a valid 1 x 1 PNG
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII="
+KERNEL = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+
+
+def render_check(tmp_path, cells, *args):
+    path = tmp_path / "tiny.ipynb"
+    path.write_text(json.dumps(new_notebook(cells=cells, metadata=KERNEL)))
+    before = path.read_bytes()
+    result = subprocess.run(
+        [sys.executable, str(TOOLS / "render_check.py"), "--notebook", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert path.read_bytes() == before  # never written back
+    return result.returncode, result.stdout + result.stderr
+
+
+def fails(output):
+    """The problem lines, with the cell they name."""
+    return [line for line in output.splitlines() if line.startswith("FAIL ")]
+
+
+def stdout(text):
+    return new_output("stream", name="stdout", text=text)
+
+
+def test_an_over_wide_formula_fails_and_names_its_cell(tmp_path):
+    wide = " + ".join(f"a_{{{i}}} b_{{{i}}}" for i in range(60))
+    cells = [
+        new_markdown_cell(f"A sum too long for any column:\n\n$$y = {wide}$$"),
+        new_markdown_cell("A normal cell: $y = x W^\\top + b$, and\n\n$$V = W_0 + s\\,BA.$$"),
+    ]
+    code, output = render_check(tmp_path, cells, "--no-run")
+    assert code == 1, output
+    problems = fails(output)
+    assert len(problems) == 1, output
+    assert problems[0].startswith("FAIL cell 0: markdown overflow: display math is "), output
+    assert "px wide in a" in problems[0] and "(formula 1: y = a_{0} b_{0}" in problems[0]
+    assert "horizontal scrollbar on the markdown area" in problems[0]
+
+
+def test_tex_errors_wrapped_lines_stderr_broken_images_and_raw_tex_fail(tmp_path):
+    printed = new_code_cell("print(...)")
+    printed.outputs = [stdout("short line\n" + "word " * 60 + "\n")]
+    warned = new_code_cell("warn()")
+    warned.outputs = [stdout("ok\n"), new_output("stream", name="stderr", text="UserWarning: x\n")]
+    broken = new_code_cell("show()")
+    not_png = base64.b64encode(b"not a png").decode()
+    broken.outputs = [new_output("display_data", data={"image/png": not_png, "text/plain": "<F>"})]
+    cells = [
+        new_markdown_cell("Fine: $x^2$."),
+        new_markdown_cell(
+            "A typo: $\\nosuchmacro{x}$, and $$\\begin{nosuchenv} x \\end{nosuchenv}$$"
+        ),
+        printed,
+        warned,
+        broken,
+        new_markdown_cell("An unclosed formula: $x^{2}."),
+    ]
+    code, output = render_check(tmp_path, cells, "--no-run")
+    assert code == 1, output
+    problems = fails(output)
+    cells_named = [p.split(":")[0] for p in problems]
+    assert cells_named == [f"FAIL cell {i}" for i in (1, 1, 2, 3, 4, 5)], output
+    assert "MathJax error: Unknown environment 'nosuchenv'" in output
+    assert "MathJax error: undefined control sequence \\nosuchmacro (shown in red)" in output
+    assert "output line wraps: line 2 (300 chars)" in problems[2]
+    assert "stderr output (open): UserWarning: x" in problems[3]
+    assert "image did not load" in problems[4]
+    assert "TeX not typeset" in problems[5] and "$x^{2}." in problems[5]
+
+
+def test_a_clean_notebook_passes_and_leaves_screenshots(tmp_path):
+    figure = new_code_cell("plot()")
+    figure.outputs = [
+        stdout("a short line\n"),
+        new_output("display_data", data={"image/png": PNG, "text/plain": "<Figure>"}),
+    ]
+    cells = [
+        new_markdown_cell(
+            "# Title\n\n## 2. Section two\n\n$$W'[n] = m_n \\frac{V[n]}{\\|V[n]\\|}$$"
+        ),
+        figure,
+        new_markdown_cell("The results table: none here."),
+    ]
+    shots = tmp_path / "shots"
+    code, output = render_check(tmp_path, cells, "--no-run", "--screenshots", str(shots))
+    assert code == 0, output
+    assert "render check: OK" in output
+    assert "[time] total:" in output
+    names = sorted(p.name for p in shots.iterdir())
+    assert names == [
+        "open-01-top.png",
+        "open-02-section-2.png",
+        "open-03-results-table.png",
+        "open-04-end.png",
+    ]
+
+
+def test_run_all_reports_an_error_the_stored_outputs_do_not_show(tmp_path):
+    cells = [
+        new_markdown_cell("Runs cleanly as stored, not when run."),
+        new_code_cell("import sys\nprint('to stderr', file=sys.stderr)\nraise ValueError('boom')"),
+        new_code_cell("print('never reached')"),
+    ]
+    code, output = render_check(tmp_path, cells)
+    assert code == 1, output
+    problems = fails(output)
+    assert "FAIL cell 1: error output (run): ValueError: boom" in problems, output
+    assert "FAIL cell 1: stderr output (run): to stderr" in problems, output
+    assert any(p.startswith("FAIL page: run-all stopped: 1 of 2 code cells ran") for p in problems)
+    assert "open: no problems" in output
