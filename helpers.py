@@ -4,7 +4,6 @@ The notebook builds the LoRA and DoRA layers; this file holds what the story sho
 cluttered by. Each section names the notebook sections it serves:
 
     setup ............................ Setup
-    measuring a layer ................ 2b, 8, 9
     models and adapters .............. 3
     data ............................. 4, 5    (downloading MNIST: tools/mnist_files.py)
     training, many seeds at once ..... 4, 5, 6, 8
@@ -12,6 +11,11 @@ cluttered by. Each section names the notebook sections it serves:
     how fine-tuning moves weights .... 7
     shipping ......................... 9, 10
     plots ............................ all
+
+Self-contained instruments live in tools/, one module each, and what the notebook uses from them
+is imported below: downloading MNIST (tools/mnist_files.py), adapter files and PEFT's names
+(tools/adapter_files.py), bytes kept for backward (tools/memory.py, sections 2b and 8), the
+conformance check (tools/check_dora.py, section 12).
 
 Helpers never define adapter layers: they take the notebook's layer classes as arguments.
 """
@@ -34,8 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Self-contained instruments live in tools/, one module each; what the notebook uses from them
-# is imported here, so `helpers.<name>` is all the notebook needs:
 from tools.adapter_files import (  # noqa: F401  (our adapter files and PEFT's names: 9, 10)
     adapter_layers,
     from_peft_state_dict,
@@ -115,25 +117,6 @@ def seed_everything(seed: int) -> None:
 def wrap(text: str, indent: str = "") -> str:
     """``text`` wrapped to ``WIDTH`` columns; continuation lines indented by ``indent``."""
     return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False)
-
-
-# ---- Measuring a layer: bytes kept for backward, inference time (notebook: 2b, 8, 9) ---------
-
-
-@torch.inference_mode()
-def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
-    """Median milliseconds of ``model(x)`` in eval and inference mode (device synchronised)."""
-    was_training = model.training
-    model.eval()
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        model(x)
-        sync(x.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    model.train(was_training)
-    return 1000 * statistics.median(times)
 
 
 # ---- Models and adapters: the MLP, wrapping every Linear, counting (notebook: 3) -------------
@@ -722,7 +705,7 @@ def decomposition_table(points: dict[str, list[dict]], paper: dict[str, float]) 
     return "\n".join(lines)
 
 
-# ---- Shipping: merge, save only the adapter, Hugging Face PEFT (notebook: 9, 10) -------------
+# ---- Shipping: merge, time, save the adapter, Hugging Face PEFT (notebook: 9, 10) -------------
 
 
 def merge_adapters(model: nn.Module, merge) -> nn.Module:
@@ -735,6 +718,22 @@ def merge_adapters(model: nn.Module, merge) -> nn.Module:
     for name, layer in adapter_layers(model).items():
         model = _replace(model, name, merge(layer))
     return model
+
+
+@torch.inference_mode()
+def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``model(x)`` in eval and inference mode (device synchronised)."""
+    was_training = model.training
+    model.eval()
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        model(x)
+        sync(x.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    model.train(was_training)
+    return 1000 * statistics.median(times)
 
 
 # ---- Plots: each draws only the numbers it is given (fixed sizes: nbval compares their text) ----

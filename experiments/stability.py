@@ -11,8 +11,9 @@ time, and reads each run's verdict table (its last cell, "What this run shows"):
   and the same for oneDNN and MKL), the same seeds with the float rounding of a CPU without
   AVX-512, which moves every number a little, as another CPU type does.
 
-The notebook itself is not modified: the script adds a cell after the one it overrides, in
-memory. It writes experiments/stability.json (the protocol, and each variant's verdicts), which
+The notebook itself is not modified: the script replaces one line of it in memory (a setting
+is replaced where it is defined, so everything that uses it sees the new value). It writes
+experiments/stability.json (the protocol, and each variant's verdicts and sentences), which
 ``tools/update_readme.py`` compares with the committed notebook's verdicts: the README states as
 results only the conclusions that held in every run, and marks the others "not settled".
 Takes about three times the notebook's run time.
@@ -35,7 +36,12 @@ sys.path.insert(0, str(REPO))
 from tools.files import write_atomic  # noqa: E402
 from tools.notebook_definitions import protocol  # noqa: E402
 from tools.run_notebook import execute  # noqa: E402
-from tools.update_readme import verdicts_of  # noqa: E402
+from tools.update_readme import (  # noqa: E402
+    parse_verdict_table,
+    sentences,
+    summary_text,
+    verdicts_of,
+)
 
 RESULTS = Path(__file__).with_name("stability.json")
 AVX2 = {
@@ -43,25 +49,31 @@ AVX2 = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
 }
-VARIANTS = {  # name: (a line of the notebook, a statement run right after its cell, environment)
+VARIANTS = {  # name: (a line of the notebook, what it becomes in this variant, environment)
     "seeds 10-19": ("SEEDS = range(10)", "SEEDS = range(10, 20)", {}),
-    "1 thread": ("import helpers", "torch.set_num_threads(1)", {}),
-    "AVX2 kernels": ("import helpers", "print(torch.backends.cpu.get_cpu_capability())", AVX2),
+    "1 thread": ("import helpers", "import helpers\ntorch.set_num_threads(1)", {}),
+    "AVX2 kernels": (
+        "import helpers",
+        "import helpers\nprint(torch.backends.cpu.get_cpu_capability())",
+        AVX2,
+    ),
 }
 
 
 def variant(name: str) -> nbformat.NotebookNode:
-    """The notebook with one statement added after the cell that contains ``anchor``."""
-    anchor, statement, _ = VARIANTS[name]
+    """The notebook with one line replaced (in memory: DoRA.ipynb is not modified)."""
+    line, replacement, _ = VARIANTS[name]
     notebook = nbformat.read(REPO / "DoRA.ipynb", as_version=4)
-    index = next(i for i, c in enumerate(notebook.cells) if anchor in c.source.splitlines())
-    notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(f"{statement}  # {name}"))
+    cell = next(c for c in notebook.cells if line in c.source.splitlines())
+    lines = cell.source.splitlines()
+    lines[lines.index(line)] = replacement
+    cell.source = "\n".join(lines)
     return notebook
 
 
 def main() -> None:
     os.environ["DORA_DEVICE"] = "cpu"
-    results = {}
+    results, said = {}, {}
     for name in VARIANTS:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
@@ -70,13 +82,15 @@ def main() -> None:
         saved_env = dict(os.environ)
         os.environ.update(VARIANTS[name][2])  # the kernel inherits this process's environment
         try:
-            results[name] = verdicts_of(execute(path))
+            summary = summary_text(execute(path))
+            results[name] = parse_verdict_table(summary)
+            said[name] = sentences(summary)
         finally:
             path.unlink(missing_ok=True)
             os.environ.clear()
             os.environ.update(saved_env)
         print(f"   {time.perf_counter() - start:.0f} s", flush=True)
-    saved = {"protocol": protocol(), "variants": results}
+    saved = {"protocol": protocol(), "variants": results, "sentences": said}
     write_atomic(RESULTS, [(json.dumps(saved, indent=1, ensure_ascii=False) + "\n").encode()])
     committed = verdicts_of(nbformat.read(REPO / "DoRA.ipynb", as_version=4))
     for key, verdict in committed.items():

@@ -69,7 +69,7 @@ class FakeAccelerator(TorchDispatchMode):
     def read_back(func, args, kwargs):
         """Zeros for every value read from the accelerator; NotImplemented for other ops."""
         if func is aten._local_scalar_dense.default:
-            return args[0].dtype.is_floating_point and 0.0 or 0
+            return 0.0 if args[0].dtype.is_floating_point else 0
         if func in (aten.equal.default, aten.allclose.default):  # their read-back is internal
             return True
         if func is aten._to_copy.default and kwargs.get("device", DEVICE).type == "cpu":
