@@ -1,6 +1,7 @@
 """Edge cases: all-zero weight rows, low-precision inputs, moving/copying layers, torch.compile."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -137,12 +138,15 @@ def test_state_dict_moves_between_textbook_and_efficient(nb):
     torch.testing.assert_close(fast(x), book(x), rtol=1e-5, atol=1e-6)
 
 
-def test_torch_compile_matches_eager(nb):
+def test_torch_compile_matches_eager(nb, monkeypatch):
     """torch.compile (inductor, CPU) on the wrapped MLP: same outputs and adapter gradients.
 
     One model only (the efficient DoRA layer, the one worth compiling): a cold inductor compile
     of forward and backward takes 15-30 s on a 2-core CPU.
     """
+    # Dynamo in torch 2.5 and 2.6 (not 2.14) imports a traced function's module by name to guard
+    # on its globals: the notebook's module, built in memory, must be findable in sys.modules.
+    monkeypatch.setitem(sys.modules, nb.__name__, nb)
     torch._dynamo.reset()
     pretrained = helpers.make_mlp((32, 24, 16, 10), seed=0)
     eager = randomise(
