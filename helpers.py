@@ -40,8 +40,10 @@ from tools.adapter_files import (  # noqa: F401  (our adapter files and PEFT's n
     adapter_layers,
     from_peft_state_dict,
     load_adapter,
+    load_peft_adapter,
     peft_config_kwargs,
     save_adapter,
+    save_peft_adapter,
     to_peft_state_dict,
 )
 from tools.check_dora import check_dora  # noqa: F401  (any DoRA layer against the paper: 12)
