@@ -256,7 +256,7 @@ def from_peft_state_dict(state_dict: dict, config, adapter_name: str = "default"
     ``r`` / ``rank_pattern``. Options these layers do not implement (``use_rslora``, a trained
     bias, weights stored transposed, ...: see ``peft_options_problems``) raise ``ValueError``.
     """
-    options = config if isinstance(config, dict) else config.to_dict()
+    options = config if isinstance(config, dict) else config.to_dict()  # a LoraConfig
     problems = peft_options_problems(options)
     if problems:
         raise ValueError(
