@@ -42,8 +42,10 @@ from tools.adapter_files import (  # noqa: F401  (our adapter files and PEFT's n
     adapter_layers,
     from_peft_state_dict,
     load_adapter,
+    load_peft_adapter,
     peft_config_kwargs,
     save_adapter,
+    save_peft_adapter,
     to_peft_state_dict,
 )
 from tools.check_dora import check_dora  # noqa: F401  (any DoRA layer against the paper: 12)
@@ -327,7 +329,7 @@ def train(
     moved to the task's device, trained in one batched computation (``torch.func.vmap`` over
     their stacked trainable parameters, one Adam over the stacks: Adam works element by
     element, so this is the algorithm of separate runs), and written back when done.
-    After each epoch: mean training loss and accuracy on ``task.<evaluate_on>_x`` per model.
+    After each epoch: mean training loss, and accuracy on ``task.<evaluate_on>_x`` (eval mode).
     """
     models = [models] if isinstance(models, nn.Module) else list(models)
     seeds = tuple(seeds)
@@ -345,11 +347,12 @@ def train(
     def loss(params, x, y):
         return F.cross_entropy(logits(params, x), y)
 
-    batched_loss = torch.func.vmap(loss)
+    batched_loss = torch.func.vmap(loss, randomness="different")  # dropout: a mask per seed
     optimizer = make_adam(list(stacked.values()), lr)
     eval_x, eval_y = getattr(task, f"{evaluate_on}_x"), getattr(task, f"{evaluate_on}_y")
     n, orders = len(task.train_x), batch_orders(seeds, len(task.train_x))
     losses, accuracies, seconds, weights = [], [], [], [[] for _ in models]
+    template.train()
     for epoch in range(1, epochs + 1):
         start, total = time.perf_counter(), torch.zeros(len(models), device=device)
         order = next(orders).to(device)
@@ -363,7 +366,9 @@ def train(
         sync(device)
         seconds.append(time.perf_counter() - start)
         losses.append((total / n).cpu().numpy())
+        template.eval()  # evaluated without dropout
         accuracies.append(_accuracies(logits, stacked, eval_x, eval_y))
+        template.train()
         if record_weights:
             _write_back(stacked, models)
             for k, model in enumerate(models):

@@ -234,9 +234,15 @@ def main() -> None:
     print("\nRow norm alone (forward, no autograd; median of 10):")
     print("\n".join(norm_times(nb, device)))
 
+    columns = ["ms / step (fwd+bwd)", "x LoRA", "saved for backward (MiB)"]
+    print_readme_table(device, columns, rows)
+
+
+def print_readme_table(device, columns: list[str], rows: list[str]) -> None:
+    """The rows as a markdown table for the README (configuration, variant, then ``columns``)."""
     print(f"\nREADME table ({device}, float32, torch {torch.__version__}):\n")
-    print("| configuration | variant | ms / step (fwd+bwd) | x LoRA | saved for backward (MiB) |")
-    print("|---|---|---:|---:|---:|")
+    print("| configuration | variant | " + " | ".join(columns) + " |")
+    print("|---|---|" + "---:|" * len(columns))
     print("\n".join(rows))
 
 

@@ -128,10 +128,11 @@ def test_save_is_atomic(nb, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["adapter.pt"]
 
 
-def load_error(model, adapter) -> str:
+def load_error(model, adapter, load=helpers.load_adapter) -> str:
+    """The ValueError's message of ``load(model, adapter)``; the model must be untouched."""
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError) as info:
-        helpers.load_adapter(model, adapter)
+        load(model, adapter)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), "model changed on error"
     return str(info.value)

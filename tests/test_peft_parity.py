@@ -144,3 +144,52 @@ def test_adapter_trained_in_peft_loads_into_ours(nb):
         helpers.load_adapter(
             wrong, helpers.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
         )
+
+
+# ----------------------------------------------------------------------------- dropout
+
+DROPOUT = 0.3
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("cls_key", list(CLASSES))
+def test_dropout_matches_peft_in_training_and_eval(nb, cls_key, bias):
+    """Same random state before both forwards: the same mask, the same outputs and gradients;
+    in eval mode no mask, and the function of the layers without dropout."""
+    base = mlp((40, 24, 12), bias, torch.float64)
+    cls = getattr(nb, cls_key.split("-")[0])
+    ours = helpers.add_adapters(base, cls, 4, 8, dropout=DROPOUT, **CLASSES[cls_key])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith("lora.B"):
+                p.normal_(std=0.2)
+            elif name.endswith(".m"):
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    config = LoraConfig(**helpers.peft_config_kwargs(ours))
+    assert config.lora_dropout == DROPOUT
+    theirs = get_peft_model(copy.deepcopy(base), config)
+    set_peft_model_state_dict(theirs, helpers.to_peft_state_dict(ours))
+    ours.train()
+    theirs.train()
+    x = torch.randn(16, 40, dtype=torch.float64)
+    torch.manual_seed(7)
+    y_ours = ours(x)
+    torch.manual_seed(7)
+    y_theirs = theirs(x)
+    assert rel(y_ours, y_theirs) <= 1e-12
+    torch.manual_seed(8)
+    assert rel(ours(x), y_ours) > 1e-3  # another mask, another output: dropout is on
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            layer, _, ours_name = name.partition(".")
+            q = theirs.get_parameter(f"base_model.model.{layer}.{OURS_TO_PEFT[ours_name]}")
+            assert rel(p.grad, q.grad) <= 1e-12, name
+    ours.eval()
+    theirs.eval()
+    with torch.no_grad():
+        y_eval = ours(x)
+        assert rel(y_eval, theirs(x)) <= 1e-12
+        assert rel(y_eval, helpers.merge_adapters(ours, nb.merge)(x)) <= 1e-12

@@ -117,3 +117,70 @@ def test_evaluation_on_the_validation_set(nb):
     runs = helpers.train(model, task, epochs=2, lr=3e-3, batch_size=32, evaluate_on="val", log=None)
     assert runs.final[0] < 20  # trained on the right labels, scored on wrong ones
     assert np.isclose(runs.test_acc[0, -1], helpers.accuracy(model, task.val_x, task.val_y))
+
+
+# ---- "Is DoRA really training?": the magnitude through helpers.finetune ----------------------
+
+
+def magnitude_moves(runs, pretrained):
+    """For every seed and DoRA layer: the largest |m_n - ||W0[n]||| after training."""
+    weights0 = helpers.layer_weights(pretrained)
+    return [
+        (layer.m.detach() - weights0[name].norm(dim=1)).abs().max().item()
+        for model in runs.models
+        for name, layer in helpers.adapter_layers(model).items()
+    ]
+
+
+SHORT = {"seeds": (0, 1), "epochs": 1, "lr": 3e-3, "batch_size": 32, "log": None}
+
+
+def dora_runs(nb, wrapper, pretrained, **kwargs):
+    return helpers.finetune(pretrained, tiny_task(), wrapper=wrapper, **SHORT, **kwargs)
+
+
+def test_dora_magnitude_trains_in_every_layer_and_seed(nb):
+    pretrained = helpers.make_mlp(SIZES, seed=0)
+    runs = dora_runs(nb, nb.LinearWithDoRA, pretrained)
+    lora = helpers.add_adapters(pretrained, nb.LinearWithLoRA, 4, 8)
+    assert runs.trainable == helpers.parameter_counts(lora)[0] + sum(SIZES[1:])  # m is stacked
+    assert min(magnitude_moves(runs, pretrained)) > 1e-4
+    same_seed_lora = dora_runs(nb, nb.LinearWithLoRA, pretrained)
+    for dora, lora in zip(runs.models, same_seed_lora.models, strict=True):
+        gap = [
+            (w - helpers.layer_weights(lora)[name]).abs().max()
+            for name, w in helpers.layer_weights(dora).items()
+        ]
+        assert min(gap) > 1e-4  # same A and batches, another method: other weights
+
+
+def test_the_magnitude_check_fails_when_m_is_not_trained(nb):
+    """The check above catches both ways m can silently stop training."""
+
+    class NotHeld(nb.LinearWithDoRA):  # m frozen: the optimizer does not hold it
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.m.requires_grad_(False)
+
+    class NoGradient(nb.LinearWithDoRA):  # m trainable, but no gradient reaches it
+        def forward(self, x):
+            V = self.linear.weight + self.lora.delta_weight()
+            W = self.m.detach().unsqueeze(1) * V / nb.row_norm(V).unsqueeze(1).detach()
+            return F.linear(x, W, self.linear.bias)
+
+    pretrained = helpers.make_mlp(SIZES, seed=0)
+    for broken in (NotHeld, NoGradient):
+        assert max(magnitude_moves(dora_runs(nb, broken, pretrained), pretrained)) == 0.0
+
+
+@pytest.mark.parametrize("wrapper", CLASSES[1:], ids=["lora", "dora", "dora-efficient"])
+def test_dropout_trains_per_seed_and_evaluates_without_masks(nb, wrapper):
+    pretrained = helpers.make_mlp(SIZES, seed=0)
+    layer_kwargs = {"dropout": 0.5}
+    runs = dora_runs(nb, getattr(nb, wrapper), pretrained, layer_kwargs=layer_kwargs)
+    task = tiny_task()
+    for k, model in enumerate(runs.models):  # the accuracies were measured in eval mode
+        assert model.training
+        accuracy = helpers.accuracy(model, task.test_x, task.test_y)
+        assert runs.test_acc[k, -1] == pytest.approx(accuracy, abs=1e-9)
+    assert all(layer.dropout == 0.5 for layer in helpers.adapter_layers(runs.models[0]).values())

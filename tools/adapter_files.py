@@ -1,4 +1,4 @@
-"""Adapters as files: our format, and Hugging Face PEFT's names for the same tensors.
+"""Adapters as files: our format, and Hugging Face PEFT's names, options and directories.
 
 ``helpers`` imports what the notebook uses from here (sections 9 and 10). Nothing here defines
 layer math: the adapter layers are the notebook's classes, and these functions only use what
@@ -10,6 +10,7 @@ every one of them has: ``linear`` (the frozen ``nn.Linear``), ``lora.A`` (rank, 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tools.files import write_atomic
+from tools.files import write_atomic, write_atomic_dir
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -45,7 +46,7 @@ def _inside(name: str, outer_names) -> bool:
 # ``torch.load(..., weights_only=True)`` accepts (no pickled code runs on loading):
 #     {"format": "dora-tutorial-adapter/1",
 #      "layers": {"0": {"class": "LinearWithDoRA", "kind": "dora", "rank": 4, "alpha": 8.0,
-#                       "in_features": 784, "out_features": 64}, ...},
+#                       "in_features": 784, "out_features": 64, "dropout": 0.0}, ...},
 #      "tensors": {"0.lora.A": (4, 784), "0.lora.B": (64, 4), "0.m": (64,), ...}}
 # Tensor keys are the model's own ``state_dict`` keys, so the file names the layers it fits.
 ADAPTER_FORMAT = "dora-tutorial-adapter/1"
@@ -60,6 +61,7 @@ def _layer_info(layer: nn.Module) -> dict:
         "alpha": float(layer.lora.scaling * rank),
         "in_features": int(layer.linear.in_features),
         "out_features": int(layer.linear.out_features),
+        "dropout": float(getattr(layer, "dropout", 0.0)),  # on the adapter's input, in training
     }
 
 
@@ -169,6 +171,11 @@ def _names(items) -> str:
 
 def _read_adapter(source) -> dict:
     if isinstance(source, str | os.PathLike):
+        if Path(source).is_dir():
+            raise ValueError(
+                f"{os.fspath(source)!r} is a directory: for a PEFT adapter directory (what "
+                "save_pretrained writes) use load_peft_adapter"
+            )
         adapter = torch.load(source, map_location="cpu", weights_only=True)
         where = f"{os.fspath(source)!r}"
     else:
@@ -221,11 +228,14 @@ def peft_config_kwargs(source) -> dict:
         raise ValueError(f"PEFT needs one kind of adapter per model, found {sorted(kinds)}")
     rank = Counter(i["rank"] for i in info.values()).most_common(1)[0][0]
     alpha = Counter(i["alpha"] for i in info.values()).most_common(1)[0][0]
+    dropouts = {i.get("dropout", 0.0) for i in info.values()}
+    if len(dropouts) != 1:
+        raise ValueError(f"PEFT has one lora_dropout per adapter, the layers use {dropouts}")
     return {
         "r": rank,
         "lora_alpha": alpha,
         "use_dora": kinds == {"dora"},
-        "lora_dropout": 0.0,
+        "lora_dropout": dropouts.pop(),
         "target_modules": "|".join(re.escape(n) for n in info),
         "rank_pattern": {
             f"^{re.escape(n)}": i["rank"] for n, i in info.items() if i["rank"] != rank
@@ -241,17 +251,18 @@ def from_peft_state_dict(state_dict: dict, config, adapter_name: str = "default"
 
     Accepts the saved-adapter keys (``get_peft_model_state_dict``) and a live PEFT model's
     ``state_dict()`` (keys with ``.<adapter_name>.``; base-layer weights are skipped).
-    ``config`` is the ``LoraConfig`` (or a dict with ``lora_alpha`` and optionally
-    ``alpha_pattern``): alpha is not stored in the tensors. Ranks come from the shapes.
+    ``config`` is the ``LoraConfig`` (or a dict of its options, at least ``lora_alpha``): alpha
+    is not stored in the tensors. Ranks come from the shapes and must agree with the config's
+    ``r`` / ``rank_pattern``. Options these layers do not implement (``use_rslora``, a trained
+    bias, weights stored transposed, ...: see ``peft_options_problems``) raise ``ValueError``.
     """
-
-    def get(key, default=None):
-        return (
-            config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+    options = config if isinstance(config, dict) else config.to_dict()  # a LoraConfig
+    problems = peft_options_problems(options)
+    if problems:
+        raise ValueError(
+            "the PEFT adapter uses options these layers do not implement:\n  "
+            + "\n  ".join(problems)
         )
-
-    if get("use_rslora", False):
-        raise ValueError("use_rslora=True scales by alpha/sqrt(r); these layers use alpha/r")
     a, prefix = re.escape(adapter_name), re.escape(_PEFT_PREFIX)
     patterns = {
         "lora.A": re.compile(rf"^(?:{prefix})?(.*?)\.?lora_A(?:\.{a})?\.weight$"),
@@ -270,27 +281,167 @@ def from_peft_state_dict(state_dict: dict, config, adapter_name: str = "default"
             raise ValueError(f"unrecognised key in the PEFT state dict: {key!r}")
     if not layers:
         raise ValueError("no LoRA/DoRA tensors found in the PEFT state dict")
-    if get("lora_alpha") is None:
+    if options.get("lora_alpha") is None:
         raise ValueError(
             "config has no lora_alpha: pass the LoraConfig the adapter was trained with"
         )
-    alpha_pattern = get("alpha_pattern") or {}
     info, tensors = {}, {}
     for name, parts in layers.items():
         if "lora.A" not in parts or "lora.B" not in parts:
             raise ValueError(f"layer {name!r}: the PEFT state dict lacks lora_A or lora_B")
-        alpha = next(
-            (v for k, v in alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", name)),
-            get("lora_alpha"),
-        )
         rank, n_in = parts["lora.A"].shape
+        problems += _peft_layer_problems(name, parts, int(rank), options)
         info[name] = {
             "class": "peft lora.Linear",
             "kind": "dora" if "m" in parts else "lora",
             "rank": int(rank),
-            "alpha": float(alpha),
+            "alpha": float(
+                _pattern_value(name, options.get("alpha_pattern"), options["lora_alpha"])
+            ),
             "in_features": int(n_in),
             "out_features": int(parts["lora.B"].shape[0]),
+            "dropout": float(options.get("lora_dropout") or 0.0),
         }
         tensors.update({(f"{name}." if name else "") + k: v for k, v in parts.items()})
+    if problems:
+        raise ValueError("the PEFT adapter contradicts its config:\n  " + "\n  ".join(problems))
     return {"format": ADAPTER_FORMAT, "layers": info, "tensors": tensors}
+
+
+def _pattern_value(name: str, patterns, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` lookup: the first pattern that matches the end
+    of the module name (after a dot), else ``default``."""
+    return next(
+        (v for k, v in (patterns or {}).items() if re.match(rf"(.*\.)?({k})$", name)), default
+    )
+
+
+def _peft_layer_problems(name: str, parts: dict, rank: int, options: dict) -> list[str]:
+    """Where one layer's tensors contradict the config (rank, use_dora), in words."""
+    problems = []
+    if options.get("r") is not None:
+        want = _pattern_value(name, options.get("rank_pattern"), options["r"])
+        if want != rank:
+            problems.append(f"layer {name!r}: the config says rank {want}, its tensors have {rank}")
+    if options.get("use_dora") and "m" not in parts:
+        problems.append(
+            f"layer {name!r}: use_dora=True but no lora_magnitude_vector (DoRA's magnitude m)"
+        )
+    if options.get("use_dora") is False and "m" in parts:
+        problems.append(f"layer {name!r}: a lora_magnitude_vector, but use_dora=False")
+    return problems
+
+
+# LoraConfig options these layers implement, and options that only say how PEFT found or
+# initialised the layers (the saved tensors settle both). Every other option must be off (None,
+# False, empty or "none"): the layers would compute another function, so it is refused.
+_PEFT_HANDLED = {
+    *("r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_dora", "lora_dropout"),
+    *("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"),
+    *("peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode"),
+    *("auto_mapping", "peft_version", "runtime_config", "init_lora_weights", "megatron_core"),
+    *("loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size"),
+    "ensure_weight_tying",
+}
+_PEFT_WHY = {
+    "use_rslora": "scales the update by alpha/sqrt(r); these layers use alpha/r",
+    "fan_in_fan_out": "stores weights transposed (Conv1D); these layers wrap nn.Linear",
+    "bias": "trains the base layers' biases too; these layers keep them frozen",
+    "lora_bias": "gives lora_B a bias; these layers have none",
+    "modules_to_save": "trains full copies of other modules, which these layers do not hold",
+}
+# init_lora_weights that only initialise A and B; the others (pissa, olora, corda, loftq,
+# lora_ga) also change the base weights, so the adapter fits only the changed base model.
+_PEFT_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+def peft_options_problems(options: dict) -> list[str]:
+    """What in a PEFT adapter config (a dict) these layers cannot reproduce, in words."""
+    problems = []
+    if options.get("peft_type", "LORA") != "LORA":
+        problems.append(f"peft_type={options['peft_type']!r}: not a LoRA/DoRA adapter")
+    init = options.get("init_lora_weights", True)
+    if init not in _PEFT_PLAIN_INITS:
+        problems.append(
+            f"init_lora_weights={init!r} changes the base weights: convert the adapter first "
+            "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
+    for key, value in options.items():
+        if key not in _PEFT_HANDLED and value not in (None, False, "none", [], {}):
+            why = _PEFT_WHY.get(key, "an option these layers do not implement")
+            problems.append(f"{key}={value!r}: {why}")
+    return problems
+
+
+# ---- PEFT adapter directories: what save_pretrained writes and from_pretrained reads ---------
+
+PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+_PEFT_FILES = {PEFT_CONFIG, PEFT_WEIGHTS, "adapter_model.bin", "README.md"}  # of an earlier save
+# The options PEFT reads besides peft_config_kwargs' (their values here: plain LoRA/DoRA).
+_PEFT_PLAIN = {
+    "peft_type": "LORA",
+    "task_type": None,
+    "base_model_name_or_path": None,
+    "inference_mode": True,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "use_rslora": False,
+    "init_lora_weights": True,
+    "modules_to_save": None,
+}
+
+
+def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model's adapter as a PEFT adapter directory, atomically: ``adapter_config.json``
+    and ``adapter_model.safetensors``, which ``PeftModel.from_pretrained(base, directory)``
+    loads onto the pretrained model. Built from ``peft_config_kwargs`` and
+    ``to_peft_state_dict``; written with ``write_atomic_dir`` (an existing directory is
+    replaced only if it holds nothing but an earlier adapter)."""
+    from safetensors.torch import save  # safetensors comes with peft (requirements.txt)
+
+    config = {**_PEFT_PLAIN, **peft_config_kwargs(model)}
+    tensors = {k: t.contiguous() for k, t in to_peft_state_dict(model).items()}
+    files = {
+        PEFT_CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
+        PEFT_WEIGHTS: save(tensors, metadata={"format": "pt"}),
+    }
+    write_atomic_dir(Path(directory), files, replaceable=_PEFT_FILES)
+    return Path(directory)
+
+
+def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, tensors) of a PEFT adapter directory, with errors that name the file."""
+    directory = Path(directory)
+    config_path = directory / PEFT_CONFIG
+    if not config_path.is_file():
+        raise ValueError(f"{str(directory)!r} has no {PEFT_CONFIG}: not a PEFT adapter directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{str(config_path)!r} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{str(config_path)!r} holds a {type(config).__name__}, not a config")
+    weights = directory / PEFT_WEIGHTS
+    try:
+        if weights.is_file():
+            from safetensors.torch import load
+
+            return config, load(weights.read_bytes())
+        if (directory / "adapter_model.bin").is_file():  # save_pretrained(safe_serialization=False)
+            bin_path = directory / "adapter_model.bin"
+            return config, torch.load(bin_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors and torch.load raise their own types
+        raise ValueError(f"cannot read the adapter tensors in {str(directory)!r}: {err}") from err
+    raise ValueError(f"{str(directory)!r} has no {PEFT_WEIGHTS}: the adapter's tensors are missing")
+
+
+def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Copy a PEFT LoRA/DoRA adapter directory (``save_pretrained``'s) into ``model``.
+
+    ``model`` must already be wrapped to fit, e.g. ``add_adapters(pretrained, LinearWithDoRA,
+    r, lora_alpha)``. Everything is checked before a tensor is copied (the config's options,
+    ``from_peft_state_dict``; layers, kinds, ranks, alphas and shapes, ``load_adapter``); a
+    directory that does not fit raises ``ValueError`` saying what differs, and ``model`` is
+    left untouched. Dropout acts only in training: the model keeps its own."""
+    config, tensors = read_peft_adapter(directory)
+    return load_adapter(model, from_peft_state_dict(tensors, config))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,3 +27,37 @@ def write_atomic(path: Path, chunks) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic_dir(path: Path, files: dict[str, bytes], replaceable=frozenset()) -> None:
+    """Write a directory holding ``files`` ({name: bytes}) so that readers never see half of it.
+
+    The files go into a temp directory beside ``path``, which then takes ``path``'s place:
+    readers see the old directory (or none) or the whole new one. An existing ``path`` is
+    replaced only if it holds nothing but names in ``replaceable`` (an earlier save); anything
+    else in it raises ``ValueError`` before a byte is written. On any error the temp directory
+    is removed and the old directory stays."""
+    path = Path(path)
+    if path.exists():
+        others = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
+        if not path.is_dir() or set(others) - set(replaceable):
+            raise ValueError(
+                f"{str(path)!r} exists and holds other things ({', '.join(others)}): "
+                "write to a new or empty directory"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        for name, data in files.items():
+            write_atomic(tmp / name, [data])
+        os.chmod(tmp, 0o755)
+        if path.exists():
+            os.replace(path, old)  # an existing directory cannot be renamed over: move it aside
+        os.replace(tmp, path)
+    except BaseException:
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,159 @@
+"""Unmerged inference: does DoRA cost what LoRA costs once its per-call work is kept?
+
+In eval mode with autograd off, the notebook's DoRA layers keep what depends on the parameters
+only (``InferenceCache``): the textbook ``LinearWithDoRA`` keeps W' = m V / ||V|| (a full
+weight), the efficient ``LinearWithDoRAEfficient`` keeps k = m / ||V|| (one number per output).
+Timed here, one forward call under ``torch.no_grad()`` each:
+
+* LoRA: the notebook's ``LinearWithLoRA``, unmerged;
+* DoRA textbook / efficient, "recomputed": the same layers in training mode (no dropout, so the
+  same function), which recompute W' or k on every call; "kept": eval mode, the cache in use;
+* PEFT DoRA: ``get_peft_model(..., LoraConfig(use_dora=True))`` in eval mode, without and with
+  PEFT's own opt-in cache (``peft.helpers.DoraCaching``: it keeps B A and ||V|| in eval mode and
+  clears them only when the layer goes back to training, so a parameter changed in eval mode
+  is not noticed);
+* merged: every adapter folded into a plain ``nn.Linear`` (the notebook's ``merge``).
+
+Configurations: the notebook's MLP (its SIZES, RANK, ALPHA) and one 4096 x 4096 layer (rank 16),
+each at 1 token (one input row: generation, a single request) and 1,024 tokens. float32; the
+CPU, or CUDA when available. Variants run interleaved after warm-up calls; each sample times
+enough calls to last about 50 ms, and the median sample is reported. On the CPU the clock is the
+process's CPU time (``time.process_time``: every thread's, so other jobs sharing the machine do
+not count), on a GPU wall-clock time after a device sync. Ratios come from this one run. Run
+from the repository root:
+
+    .venv/bin/python benchmarks/bench_inference.py [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_dora import BOOK, LORA, PEFT, default_norm, print_readme_table, variants  # noqa: E402
+
+import helpers  # noqa: E402
+from tools.notebook_definitions import import_notebook_definitions  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7, help="timed samples per variant")
+    parser.add_argument("--rank", type=int, default=16, help="rank at 4096 x 4096 (MLP: RANK)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 1024])
+    return parser.parse_args()
+
+
+def inference_variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str, tuple]:
+    """{name: (model, context)}: each model in the mode it is timed in, called inside context."""
+    from peft.helpers import DoraCaching
+
+    models = variants(nb, base, rank, alpha)
+    first = next(m for m in base.modules() if isinstance(m, nn.Linear))
+    efficient = default_norm(nb, first.in_features, first.out_features)  # the layer's default
+    plain = contextlib.nullcontext
+    return {
+        "LoRA": (models[LORA].eval(), plain),
+        "DoRA textbook, recomputed": (copy.deepcopy(models[BOOK]).train(), plain),
+        "DoRA textbook, W' kept": (models[BOOK].eval(), plain),
+        "DoRA efficient, recomputed": (copy.deepcopy(models[efficient]).train(), plain),
+        "DoRA efficient, k kept": (models[efficient].eval(), plain),
+        "PEFT DoRA": (models[PEFT].eval(), plain),
+        "PEFT DoRA, DoraCaching": (copy.deepcopy(models[PEFT]).eval(), DoraCaching),
+        "merged": (helpers.merge_adapters(models[BOOK], nb.merge).eval(), plain),
+    }
+
+
+def seconds_per_call(model, context, x: torch.Tensor, calls: int) -> float:
+    """Seconds per call over ``calls`` calls: CPU time on the CPU, wall-clock time elsewhere."""
+    clock = time.process_time if x.device.type == "cpu" else time.perf_counter
+    with context():
+        helpers.sync(x.device)
+        start = clock()
+        for _ in range(calls):
+            model(x)
+        helpers.sync(x.device)
+        return (clock() - start) / calls
+
+
+@torch.no_grad()
+def measure(models: dict[str, tuple], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each variant, interleaved (v1, v2, ..., v1, v2, ...)."""
+    calls = {}
+    for name, (model, context) in models.items():  # warm-up (fills every cache), then calibrate
+        once = max(seconds_per_call(model, context, x, 2), 1e-7)
+        calls[name] = max(1, min(1000, round(0.05 / once)))
+    samples: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, (model, context) in models.items():
+            samples[name].append(seconds_per_call(model, context, x, calls[name]))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+@torch.no_grad()
+def check_same_function(models: dict[str, tuple], x: torch.Tensor) -> None:
+    """Every DoRA variant and the merged model compute the same function, also from kept
+    values (a broken cache must not be timed)."""
+    ref = models["DoRA textbook, recomputed"][0](x)
+    for name, (model, context) in models.items():
+        with context():
+            for _ in range(2):  # the second call uses what the first one kept
+                diff = ((model(x) - ref).abs().max() / ref.abs().max()).item()
+                assert name == "LoRA" or diff < 1e-4, f"{name} differs by {diff:.1e}"
+
+
+def report(title: str, seconds: dict[str, float]) -> list[str]:
+    lora, merged = seconds["LoRA"], seconds["merged"]
+    print(f"\n{title}")
+    print(f"  {'variant':<30}{'ms / call':>11}{'x LoRA':>9}{'x merged':>10}")
+    rows = []
+    for name, s in seconds.items():
+        print(f"  {name:<30}{1000 * s:>11.3f}{s / lora:>9.2f}{s / merged:>10.2f}")
+        rows.append(f"| {title} | {name} | {1000 * s:.3f} | {s / lora:.2f} | {s / merged:.2f} |")
+    return rows
+
+
+def main() -> None:
+    args = parse_args()
+    device = helpers.pick_device()
+    nb = import_notebook_definitions()
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"{args.repeats} samples per variant (median)"
+    )
+    configurations = [
+        (f"MLP {'-'.join(map(str, nb.SIZES))}, r={nb.RANK}", helpers.make_mlp(nb.SIZES), nb.RANK),
+        (f"4096x4096, r={args.rank}", nn.Sequential(nn.Linear(4096, 4096)), args.rank),
+    ]
+    rows, goal = [], []
+    for title, base, rank in configurations:
+        torch.manual_seed(0)
+        models = inference_variants(nb, base.to(device), rank, 2 * rank)
+        for tokens in args.tokens:
+            x = torch.randn(tokens, next(base.parameters()).shape[1], device=device)
+            check_same_function(models, x)
+            seconds = measure(models, x, args.repeats)
+            rows += report(f"{title}, {tokens} token{'s' * (tokens > 1)}", seconds)
+            if tokens == 1:
+                ratio = seconds["DoRA efficient, k kept"] / seconds["LoRA"]
+                goal.append(f"{title}: {ratio:.2f}")
+    print(
+        "\nkept-k efficient DoRA / unmerged LoRA at 1 token (goal: at most 1.1): " + "; ".join(goal)
+    )
+    print_readme_table(device, ["ms / call", "x LoRA", "x merged"], rows)
+
+
+if __name__ == "__main__":
+    main()
