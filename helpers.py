@@ -5,12 +5,12 @@ cluttered by. Each section names the notebook sections it serves:
 
     setup ............................ Setup
     measuring a layer ................ 2b, 8, 9
-    models and adapters .............. 3
+    models and adapters .............. 3, 13
     data ............................. 4, 5    (downloading MNIST: tools/mnist_files.py)
     training, many seeds at once ..... 4, 5, 6, 8
     evidence ......................... 5, 6, 7, 8, 11
     how fine-tuning moves weights .... 7
-    shipping ......................... 9, 10
+    shipping ......................... 9, 10, 13
     plots ............................ all
 
 Helpers never define adapter layers: they take the notebook's layer classes as arguments.
@@ -136,7 +136,7 @@ def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: i
     return 1000 * statistics.median(times)
 
 
-# ---- Models and adapters: the MLP, wrapping every Linear, counting (notebook: 3) -------------
+# ---- Models and adapters: the MLP, wrapping layers, counting (notebook: 3, 13) ---------------
 
 
 def make_mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
@@ -727,7 +727,7 @@ def decomposition_table(points: dict[str, list[dict]], paper: dict[str, float]) 
     return "\n".join(lines)
 
 
-# ---- Shipping: merge, save only the adapter, Hugging Face PEFT (notebook: 9, 10) -------------
+# ---- Shipping: merge, save only the adapter, Hugging Face PEFT (notebook: 9, 10, 13) ---------
 
 
 def merge_adapters(model: nn.Module, merge) -> nn.Module:
