@@ -4,12 +4,12 @@ The notebook builds the LoRA and DoRA layers; this file holds what the story sho
 cluttered by. Each section names the notebook sections it serves:
 
     setup ............................ Setup
-    models and adapters .............. 3
+    models and adapters .............. 3, 13
     data ............................. 4, 5    (downloading MNIST: tools/mnist_files.py)
     training, many seeds at once ..... 4, 5, 6, 8
     evidence ......................... 5, 6, 7, 8, 11
     how fine-tuning moves weights .... 7
-    shipping ......................... 9, 10
+    shipping ......................... 9, 10, 13
     plots ............................ all
 
 Self-contained instruments live in tools/, one module each, and what the notebook uses from them
@@ -121,7 +121,7 @@ def wrap(text: str, indent: str = "") -> str:
     return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False)
 
 
-# ---- Models and adapters: the MLP, wrapping every Linear, counting (notebook: 3) -------------
+# ---- Models and adapters: the MLP, wrapping layers, counting (notebook: 3, 13) ---------------
 
 
 def make_mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
@@ -136,20 +136,25 @@ def make_mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
 def add_adapters(model: nn.Module, wrapper, rank: int, alpha: float, **kwargs) -> nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` wrapped and only the adapters trainable.
 
-    ``wrapper`` is a layer class from the notebook, called as
-    ``wrapper(linear, rank, alpha, **kwargs)``. All parameters of the copy are frozen first, so
+    ``wrapper`` is a layer class from the notebook, called as ``wrapper(linear, rank, alpha,
+    **kwargs)``, or a dict of them by layer type: ``{nn.Linear: LinearWithDoRA, nn.Conv2d:
+    Conv2dWithDoRA}`` wraps both types. All parameters of the copy are frozen first, so
     the only trainable parameters are the ones the wrappers create (A, B and, for DoRA, m).
     A layer cannot hold more than full rank: a layer with fewer than ``rank`` inputs or outputs
-    gets rank ``min(in_features, out_features)`` (e.g. a 10-class head at rank 16 gets 10).
+    gets rank ``min(in_features, out_features)`` (e.g. a 10-class head at rank 16 gets 10; a
+    kernel counts in_channels / groups * kh * kw inputs).
     """
+    wrappers = wrapper if isinstance(wrapper, dict) else {nn.Linear: wrapper}
     model = copy.deepcopy(model)
     model.requires_grad_(False)
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    targets = [(n, mod) for n, mod in model.named_modules() if isinstance(mod, tuple(wrappers))]
     if not targets:
-        raise ValueError("the model has no nn.Linear layers to wrap")
-    for name, linear in targets:
-        r = min(rank, linear.in_features, linear.out_features)
-        model = _replace(model, name, wrapper(linear, r, alpha, **kwargs))
+        names = " or ".join(f"nn.{kind.__name__}" for kind in wrappers)
+        raise ValueError(f"the model has no {names} layers to wrap")
+    for name, layer in targets:
+        r = min(rank, *layer.weight.flatten(1).shape)  # (out, in), or (out, in/groups*kh*kw)
+        wrap = next(w for kind, w in wrappers.items() if isinstance(layer, kind))
+        model = _replace(model, name, wrap(layer, r, alpha, **kwargs))
     return model
 
 
@@ -160,17 +165,17 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The effective weight of every linear layer, keyed by module name (detached copies).
+    """The effective weight of every linear or conv layer, keyed by module name (detached copies).
 
     Adapter layers report ``merged_weight()`` (W0 + sBA for LoRA, m V/||V|| for DoRA); plain
-    ``nn.Linear`` layers their weight. The ``nn.Linear`` inside an adapter is not reported.
+    ``nn.Linear`` and ``nn.Conv2d`` layers their weight. A layer inside an adapter is not reported.
     """
     adapters = adapter_layers(model)
     weights = {}
     for name, module in model.named_modules():
         if name in adapters:
             weights[name] = module.merged_weight().detach().clone()
-        elif isinstance(module, nn.Linear) and not any(
+        elif isinstance(module, nn.Linear | nn.Conv2d) and not any(
             outer == "" or name.startswith(f"{outer}.") for outer in adapters
         ):
             weights[name] = module.weight.detach().clone()
@@ -710,18 +715,23 @@ def decomposition_table(points: dict[str, list[dict]], paper: dict[str, float]) 
     return "\n".join(lines)
 
 
-# ---- Shipping: merge, time, save the adapter, Hugging Face PEFT (notebook: 9, 10) -------------
+# ---- Shipping: merge, time, save the adapter, Hugging Face PEFT (notebook: 9, 10, 13) ---------
 
 
 def merge_adapters(model: nn.Module, merge) -> nn.Module:
     """A copy of ``model`` in which every adapter layer is replaced by ``merge(layer)``.
 
     ``merge`` is the notebook's function that turns one adapter layer into a plain
-    ``nn.Linear``; this helper only finds the layers and swaps them. ``model`` is not modified.
-    """
+    ``nn.Linear``, or a dict of them by adapter class, e.g. ``{LinearWithDoRA: merge,
+    Conv2dWithDoRA: merge_conv}``; this helper only finds the layers and swaps them. ``model``
+    is not modified."""
+    merges = merge if isinstance(merge, dict) else {nn.Module: merge}
     model = copy.deepcopy(model)
     for name, layer in adapter_layers(model).items():
-        model = _replace(model, name, merge(layer))
+        kind = next((kind for kind in merges if isinstance(layer, kind)), None)
+        if kind is None:
+            raise TypeError(f"layer {name!r} is a {type(layer).__name__}: no merge function for it")
+        model = _replace(model, name, merges[kind](layer))
     return model
 
 

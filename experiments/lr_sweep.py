@@ -28,11 +28,9 @@ RATES = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 RESULTS = Path(__file__).with_name("lr_sweep.json")
 
 
-def main() -> None:
-    nb = import_notebook_definitions()
-    p = protocol(nb)  # the notebook's settings, saved with the result
+def tasks(p: dict, device):
+    """(MNIST, the rotated task with its validation split), as the notebook builds them."""
     data = helpers.load_mnist()
-    device = helpers.pick_device()
     mnist = helpers.make_task(*data, device=device)
     rotated = helpers.make_task(
         *data,
@@ -42,47 +40,69 @@ def main() -> None:
         n_val=p["VAL_SIZE"],
         seed=0,
     )
-    pretrained = helpers.make_mlp(tuple(p["SIZES"]), seed=0)
-    helpers.train(
-        pretrained,
+    return mnist, rotated
+
+
+def pretrain(model, mnist, p: dict) -> helpers.Runs:
+    """Pretrain ``model`` on MNIST in place, as the notebook pretrains its MLP."""
+    return helpers.train(
+        model,
         mnist,
         epochs=p["PRETRAIN_EPOCHS"],
         lr=p["PRETRAIN_LR"],
         batch_size=p["BATCH_SIZE"],
         log=None,
     )
-    methods = {"full FT": None, "LoRA": nb.LinearWithLoRA, "DoRA": nb.LinearWithDoRA}
+
+
+def fine_tune(pretrained, task, wrapper, lr: float, p: dict, evaluate_on: str = "val"):
+    """The notebook's fine-tuning protocol for one method at one rate, every seed at once."""
+    return helpers.finetune(
+        pretrained,
+        task,
+        seeds=p["SEEDS"],
+        wrapper=wrapper,
+        rank=p["RANK"],
+        alpha=p["ALPHA"],
+        lr=lr,
+        epochs=p["FT_EPOCHS"],
+        batch_size=p["BATCH_SIZE"],
+        evaluate_on=evaluate_on,
+        log=None,
+    )
+
+
+def choose_rates(pretrained, task, methods: dict, p: dict, rates=RATES) -> dict:
+    """Each method ({name: wrapper}) at each rate, scored on the validation set: the best mean
+    wins. Returns {"rates", "validation": {method: {rate: [mean, std]}}, "chosen": {method:
+    rate}, "table"}; prints the table's rows as they come."""
     scores: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
     lines = [f"{'lr':>8}" + "".join(f"{name:>18}" for name in methods)]
     print(f"validation accuracy (%), mean ± std over {len(p['SEEDS'])} seeds", flush=True)
     print(lines[0], flush=True)
-    for lr in RATES:
+    for lr in rates:
         cells = []
         for name, wrapper in methods.items():
-            runs = helpers.finetune(
-                pretrained,
-                rotated,
-                seeds=p["SEEDS"],
-                wrapper=wrapper,
-                rank=p["RANK"],
-                alpha=p["ALPHA"],
-                lr=lr,
-                epochs=p["FT_EPOCHS"],
-                batch_size=p["BATCH_SIZE"],
-                evaluate_on="val",
-                log=None,
-            )
-            acc = runs.final
+            acc = fine_tune(pretrained, task, wrapper, lr, p).final
             scores[name][f"{lr:g}"] = [float(acc.mean()), float(acc.std(ddof=1))]
             cells.append(f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}")
         lines.append(f"{lr:>8g}" + "".join(f"{cell:>18}" for cell in cells))
         print(lines[-1], flush=True)
     chosen = {name: float(max(s, key=lambda lr: s[lr][0])) for name, s in scores.items()}
     table = "\n".join([f"validation accuracy (%), mean ± std over {len(p['SEEDS'])} seeds", *lines])
-    result = {"protocol": p, "rates": list(RATES), "validation": scores, "chosen": chosen}
-    result["table"] = table
+    return {"rates": list(rates), "validation": scores, "chosen": chosen, "table": table}
+
+
+def main() -> None:
+    nb = import_notebook_definitions()
+    p = protocol(nb)  # the notebook's settings, saved with the result
+    mnist, rotated = tasks(p, helpers.pick_device())
+    pretrained = helpers.make_mlp(tuple(p["SIZES"]), seed=0)
+    pretrain(pretrained, mnist, p)
+    methods = {"full FT": None, "LoRA": nb.LinearWithLoRA, "DoRA": nb.LinearWithDoRA}
+    result = {"protocol": p, **choose_rates(pretrained, rotated, methods, p)}
     write_atomic(RESULTS, [(json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode()])
-    print("chosen:", chosen)
+    print("chosen:", result["chosen"])
     print(f"saved {RESULTS.relative_to(REPO)}")
 
 

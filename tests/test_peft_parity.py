@@ -80,9 +80,17 @@ CASES = [
 @pytest.mark.parametrize("cls_key", list(CLASSES))
 def test_forward_gradients_merge_match_peft(nb, cls_key, sizes, rank, bias, dtype):
     _, ours, theirs = build(nb, cls_key, sizes, rank, bias, dtype)
-    tol = TOL[dtype]
     torch.manual_seed(2)
     x = torch.randn(8, sizes[0], dtype=dtype)
+    compared = assert_matches_peft(ours, theirs, x, TOL[dtype], nb.merge)
+    assert compared == (len(sizes) - 1) * (3 if "DoRA" in cls_key else 2)
+
+
+def assert_matches_peft(ours, theirs, x, tol, merge):
+    """Our model and PEFT's, same adapter values: the output, the gradient of every adapter
+    parameter after one backward pass, the merged weights (``helpers.merge_adapters(ours,
+    merge)`` against ``merge_and_unload``) within ``tol``. Returns how many gradients were
+    compared. PEFT may keep a tensor in another shape (a Conv2d's m is (1, out, 1, 1))."""
     y_ours, y_theirs = ours(x), theirs(x)
     assert rel(y_ours, y_theirs) <= tol
     target = torch.randn_like(y_ours)
@@ -94,17 +102,17 @@ def test_forward_gradients_merge_match_peft(nb, cls_key, sizes, rank, bias, dtyp
             continue
         layer, _, ours_name = name.partition(".")
         q = theirs.get_parameter(f"base_model.model.{layer}.{OURS_TO_PEFT[ours_name]}")
-        assert torch.equal(p.detach(), q.detach())  # copied exactly
-        assert rel(p.grad, q.grad) <= tol, name
+        assert torch.equal(p.detach(), q.detach().reshape(p.shape))  # copied exactly
+        assert rel(p.grad, q.grad.reshape(p.shape)) <= tol, name
         compared += 1
-    assert compared == (len(sizes) - 1) * (3 if "DoRA" in cls_key else 2)
     merged_theirs = copy.deepcopy(theirs).merge_and_unload()
-    merged_ours = helpers.merge_adapters(ours, nb.merge)
+    merged_ours = helpers.merge_adapters(ours, merge)
     for (n1, w1), (n2, w2) in zip(
         merged_ours.state_dict().items(), merged_theirs.state_dict().items(), strict=True
     ):
         assert n1 == n2 and rel(w1, w2) <= tol, n1
     assert rel(merged_ours(x), y_theirs) <= 10 * tol
+    return compared
 
 
 @pytest.mark.parametrize("kind", ["LinearWithLoRA", "LinearWithDoRA"])
@@ -127,12 +135,7 @@ def test_adapter_trained_in_peft_loads_into_ours(nb):
     """A PEFT DoRA adapter with other values than ours -> from_peft_state_dict -> same function."""
     base = mlp((30, 20, 6), True, torch.float64)
     config = LoraConfig(r=3, lora_alpha=5, use_dora=True, target_modules=["1", "3"])
-    theirs = get_peft_model(copy.deepcopy(base), config)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    theirs = peft_with_values_of_its_own(base, config)
     ours = helpers.add_adapters(base, nb.LinearWithDoRAEfficient, 3, 5)
     helpers.load_adapter(
         ours, helpers.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
@@ -144,6 +147,17 @@ def test_adapter_trained_in_peft_loads_into_ours(nb):
         helpers.load_adapter(
             wrong, helpers.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
         )
+
+
+def peft_with_values_of_its_own(base, config):
+    """get_peft_model on a copy of base, its adapter values moved (B != 0, m != ||W0||)."""
+    theirs = get_peft_model(copy.deepcopy(base), config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return theirs
 
 
 # ----------------------------------------------------------------------------- dropout

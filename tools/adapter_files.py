@@ -4,7 +4,9 @@
 layer math: the adapter layers are the notebook's classes, and these functions only use what
 every one of them has: ``linear`` (the frozen ``nn.Linear``), ``lora.A`` (rank, in),
 ``lora.B`` (out, rank), ``lora.scaling`` (alpha / rank), ``m`` (out,) for DoRA, and
-``merged_weight()``.
+``merged_weight()``. Convolution adapters (section 13) have ``conv`` (the frozen ``nn.Conv2d``)
+instead of ``linear``, ``lora.A`` (rank, in / groups, kh, kw) and ``lora.B`` (out,
+rank / groups, 1, 1).
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def _inside(name: str, outer_names) -> bool:
 #                       "in_features": 784, "out_features": 64, "dropout": 0.0}, ...},
 #      "tensors": {"0.lora.A": (4, 784), "0.lora.B": (64, 4), "0.m": (64,), ...}}
 # Tensor keys are the model's own ``state_dict`` keys, so the file names the layers it fits.
+# A convolution's entry has "in_channels", "out_channels", "kernel_size" and "groups" instead of
+# "in_features" and "out_features".
 ADAPTER_FORMAT = "dora-tutorial-adapter/1"
+BASE_LAYERS = ("linear", "conv")  # what an adapter layer calls the frozen layer it wraps
 
 
 def _layer_info(layer: nn.Module) -> dict:
@@ -59,16 +64,32 @@ def _layer_info(layer: nn.Module) -> dict:
         "kind": "dora" if hasattr(layer, "m") else "lora",
         "rank": int(rank),
         "alpha": float(layer.lora.scaling * rank),
-        "in_features": int(layer.linear.in_features),
-        "out_features": int(layer.linear.out_features),
+        **_sizes(layer.lora.A, layer.lora.B),
         "dropout": float(getattr(layer, "dropout", 0.0)),  # on the adapter's input, in training
     }
 
 
+def _sizes(A: torch.Tensor, B: torch.Tensor) -> dict:
+    """The wrapped layer's sizes, read from A and B: (rank, in) and (out, rank) for a linear
+    layer; (rank, in / groups, kh, kw) and (out, rank / groups, 1, 1) for a convolution."""
+    if A.dim() == 2:
+        return {"in_features": int(A.shape[1]), "out_features": int(B.shape[0])}
+    groups = A.shape[0] // B.shape[1]
+    return {
+        "in_channels": int(A.shape[1] * groups),
+        "out_channels": int(B.shape[0]),
+        "kernel_size": [int(k) for k in A.shape[2:]],
+        "groups": int(groups),
+    }
+
+
 def _adapter_params(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
-    """{model state_dict key: parameter} for a layer's adapter parameters (all but ``linear.*``)."""
+    """{model state_dict key: parameter} for a layer's adapter parameters (all but the wrapped
+    layer's, ``linear.*`` or ``conv.*``)."""
     prefix = f"{name}." if name else ""
-    return {prefix + n: p for n, p in layer.named_parameters() if not n.startswith("linear.")}
+    return {
+        prefix + n: p for n, p in layer.named_parameters() if n.partition(".")[0] not in BASE_LAYERS
+    }
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
@@ -211,6 +232,9 @@ def to_peft_state_dict(source) -> dict[str, torch.Tensor]:
         for ours, theirs in _PEFT_NAMES.items():
             if prefix + ours in adapter["tensors"]:
                 out[f"{_PEFT_PREFIX}{prefix}{theirs}"] = adapter["tensors"][prefix + ours]
+        magnitude = f"{_PEFT_PREFIX}{prefix}lora_magnitude_vector"
+        if magnitude in out and adapter["tensors"][prefix + "lora.A"].dim() == 4:  # a Conv2d's
+            out[magnitude] = out[magnitude].reshape(1, -1, 1, 1)  # PEFT's shape: (1, out, 1, 1)
     return out
 
 
@@ -289,19 +313,20 @@ def from_peft_state_dict(state_dict: dict, config, adapter_name: str = "default"
     for name, parts in layers.items():
         if "lora.A" not in parts or "lora.B" not in parts:
             raise ValueError(f"layer {name!r}: the PEFT state dict lacks lora_A or lora_B")
-        rank, n_in = parts["lora.A"].shape
-        problems += _peft_layer_problems(name, parts, int(rank), options)
+        A = parts["lora.A"]
+        problems += _peft_layer_problems(name, parts, int(A.shape[0]), options)
         info[name] = {
-            "class": "peft lora.Linear",
+            "class": "peft lora.Linear" if A.dim() == 2 else "peft lora.Conv2d",
             "kind": "dora" if "m" in parts else "lora",
-            "rank": int(rank),
+            "rank": int(A.shape[0]),
             "alpha": float(
                 _pattern_value(name, options.get("alpha_pattern"), options["lora_alpha"])
             ),
-            "in_features": int(n_in),
-            "out_features": int(parts["lora.B"].shape[0]),
+            **_sizes(A, parts["lora.B"]),
             "dropout": float(options.get("lora_dropout") or 0.0),
         }
+        if "m" in parts:
+            parts["m"] = parts["m"].flatten()  # a Conv2d's is (1, out, 1, 1) in PEFT, ours (out,)
         tensors.update({(f"{name}." if name else "") + k: v for k, v in parts.items()})
     if problems:
         raise ValueError("the PEFT adapter contradicts its config:\n  " + "\n  ".join(problems))

@@ -3,6 +3,7 @@
     python tools/check_dora.py my_module.py:MyDoRA        # called as MyDoRA(linear, rank, alpha)
     python tools/check_dora.py package.module:make_layer  # any factory(linear, rank, alpha)
     python tools/check_dora.py --peft                     # Hugging Face PEFT's DoRA
+    python tools/check_dora.py --conv2d my_module.py:MyConvDoRA   # MyConvDoRA(conv, rank, alpha)
 
 From Python (importing this file does nothing but define things):
 
@@ -44,9 +45,13 @@ reference formula (several shapes and ranks, with and without bias, the output a
 gradient) under those measured conventions, and its line names them. The verdict
 (`Report.passed`) requires every check to pass.
 
-Conv layers (a later issue) fit in through `LayerKind`: a Conv2d version builds the base layer,
-reads its effective weight from one-hot input patches and applies a weight with F.conv2d; the
-norms then run over the weight viewed as (out, everything else), DoRA's per-output-channel norm.
+Convolutions (`check_dora(factory, kind="conv2d")`, `--conv2d`): the factory is called on an
+nn.Conv2d (3x3 kernel, stride 2, padding 1, IN input channels), whose kernel the checks read as
+the matrix (out, in * 3 * 3): a row per output channel, so the row norms are DoRA's norm over all
+axes but the output channel, and m has one entry per output channel. The effective kernel is
+read from one-hot 3x3 patches, the reference applies a kernel with F.conv2d, A and B may be kept
+as convolution kernels ((rank, in, 3, 3) and (out, rank, 1, 1), PEFT's layout), and m as
+(1, out, 1, 1). Everything else, the checks and what they isolate, is the same.
 """
 
 from __future__ import annotations
@@ -146,10 +151,10 @@ class LayerKind:
     """What the checks need to know about the wrapped layer type.
 
     make_base(n_in, n_out, bias, dtype, seed): a base layer with reproducible weights;
-    effective_weight(layer, n_in): the weight and offset y(0) the layer applies, read from its
-    outputs; inputs(lead, n_in, seed, dtype): random inputs; apply(x, W, b): the base layer's
-    function with weight W (F.linear). For Conv2d: one-hot kernel-sized patches read the
-    weight, and the norms run over all axes but the output channel's.
+    effective_weight(layer, n_in): the weight (as a matrix, out x everything else) and offset
+    y(0) the layer applies, read from its outputs; inputs(lead, n_in, seed, dtype): random
+    inputs; apply(x, W, b): the base layer's function with weight W, given as that matrix.
+    Every weight is compared as that matrix (``weight.flatten(1)``), whatever its shape.
     """
 
     name: str
@@ -171,13 +176,21 @@ def make_linear(n_in, n_out, bias=True, dtype=torch.float64, seed=SEED):
     return linear
 
 
-def linear_effective_weight(layer, n_in):
-    """(W', y(0)) of the affine map a layer computes: y(e_j) - y(0) is column j of W'."""
+def read_weight(layer, n, to_inputs=lambda basis: basis, from_outputs=lambda y: y):
+    """(W', y(0)) of the affine map a layer computes: y(e_j) - y(0) is column j of W'.
+
+    The n one-hot vectors e_j and 0 (the last row) go through ``to_inputs`` into the layer;
+    ``from_outputs`` turns its outputs into (n + 1, out) rows."""
     dtype = next((p.dtype for p in layer.parameters() if p.is_floating_point()), torch.float64)
-    eye = torch.eye(n_in, dtype=dtype)
+    eye = torch.eye(n, dtype=dtype)
     with torch.no_grad():
-        y = layer(torch.cat([eye, eye.new_zeros(1, n_in)]))
+        y = from_outputs(layer(to_inputs(torch.cat([eye, eye.new_zeros(1, n)]))))
     return (y[:-1] - y[-1]).T, y[-1]
+
+
+def linear_effective_weight(layer, n_in):
+    """(W', y(0)) of a layer on n_in features."""
+    return read_weight(layer, n_in)
 
 
 def linear_inputs(lead, n_in, seed, dtype=torch.float64):
@@ -186,6 +199,45 @@ def linear_inputs(lead, n_in, seed, dtype=torch.float64):
 
 
 LINEAR = LayerKind("nn.Linear", make_linear, linear_effective_weight, linear_inputs, F.linear)
+
+CONV = {"kernel_size": 3, "stride": 2, "padding": 1}  # the nn.Conv2d the checks build
+
+
+def make_conv2d(n_in, n_out, bias=True, dtype=torch.float64, seed=SEED):
+    """An nn.Conv2d (n_in -> n_out channels, CONV) with make_linear's weights on its kernel."""
+    linear = make_linear(n_in * 9, n_out, bias=bias, dtype=dtype, seed=seed)
+    conv = nn.Conv2d(n_in, n_out, bias=bias, dtype=dtype, **CONV)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.reshape(conv.weight.shape))
+        if bias:
+            conv.bias.copy_(linear.bias)
+    return conv
+
+
+def conv2d_effective_weight(layer, n_in):
+    """(W' as an (out, n_in * 9) matrix, y(0)) of a layer on n_in channels: one-hot 3x3 patches,
+    padded to 5x5 so that output pixel (1, 1) (stride 2, padding 1) sees exactly the patch."""
+    return read_weight(
+        layer,
+        n_in * 9,
+        lambda basis: F.pad(basis.reshape(-1, n_in, 3, 3), (1, 1, 1, 1)),
+        lambda y: y[:, :, 1, 1],
+    )
+
+
+def conv2d_inputs(lead, n_in, seed, dtype=torch.float64):
+    """Random (prod(lead), n_in, 6, 5) images: a convolution takes one batch axis."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(math.prod(lead), n_in, 6, 5, generator=g, dtype=dtype)
+
+
+def conv2d_apply(x, W, b):
+    """The checks' convolution with the kernel W, given as an (out, in * 9) matrix."""
+    return F.conv2d(x, W.reshape(W.shape[0], -1, 3, 3), b, CONV["stride"], CONV["padding"])
+
+
+CONV2D = LayerKind("nn.Conv2d", make_conv2d, conv2d_effective_weight, conv2d_inputs, conv2d_apply)
+KINDS = {"linear": LINEAR, "conv2d": CONV2D}
 
 
 # --------------------------------------------------------------------------------------
@@ -197,21 +249,28 @@ class NotIdentified(Exception):
     """The layer's A, B and m could not be found; the message says why."""
 
 
+def _matrix(t):
+    """A kernel (out, in, kh, kw) as the matrix (out, in * kh * kw); vectors and matrices as
+    they are."""
+    return t.flatten(1) if t.dim() > 2 else t
+
+
 @dataclass
 class Adapter:
     """Where a layer keeps A, B and m (parameter names), and in which layout."""
 
     a: str
-    a_transposed: bool  # stored as (in, r)
+    a_transposed: bool  # stored as (in, r); else (r, in) or a kernel (r, ...)
     b: str
-    b_transposed: bool  # stored as (r, out)
+    b_transposed: bool  # stored as (r, out); else (out, r) or a kernel (out, r, 1, 1)
     m: str
     axis: int  # 1: one magnitude per output row, 0: per input column
 
     def tensors(self, layer):
         """A (r, in), B (out, r) and m (flat), whatever the layout the layer stores them in."""
         A, B, m = (layer.get_parameter(n) for n in (self.a, self.b, self.m))
-        return (A.T if self.a_transposed else A), (B.T if self.b_transposed else B), m.flatten()
+        A = A.T if self.a_transposed else _matrix(A)
+        return A, (B.T if self.b_transposed else _matrix(B)), m.flatten()
 
     def assign(self, layer, A, B, m):
         """Set the layer's A, B and m (given in the canonical layout)."""
@@ -220,7 +279,8 @@ class Adapter:
                 (self.a, A, self.a_transposed),
                 (self.b, B, self.b_transposed),
             ):
-                layer.get_parameter(name).copy_(value.T if transposed else value)
+                p = layer.get_parameter(name)
+                p.copy_((value.T if transposed else value).reshape(p.shape))
             p = layer.get_parameter(self.m)
             p.copy_(m.reshape(p.shape))
 
@@ -229,7 +289,7 @@ class Adapter:
         out = []
         for name, transposed in ((self.a, self.a_transposed), (self.b, self.b_transposed)):
             g = layer.get_parameter(name).grad
-            out.append(None if g is None else (g.T if transposed else g))
+            out.append(None if g is None else (g.T if transposed else _matrix(g)))
         g = layer.get_parameter(self.m).grad
         return [*out, None if g is None else g.flatten()]
 
@@ -247,7 +307,7 @@ def _listing(params):
 
 def _is_base(p, W0, b):
     """Whether p holds the base layer's weight (or its transpose) or bias."""
-    p = p.detach()
+    p = _matrix(p.detach())
     if p.shape == W0.shape and torch.equal(p, W0) or p.shape == W0.T.shape and torch.equal(p, W0.T):
         return True
     return b is not None and p.shape == b.shape and torch.equal(p, b)
@@ -276,7 +336,7 @@ def find_adapter(layer, W0, b, rank, W_init) -> Adapter:
     }
     found = {}
     for what, shapes in shaped.items():
-        cands = [(n, p, shapes[tuple(p.shape)]) for n, p in params if tuple(p.shape) in shapes]
+        cands = [(n, p, shapes[s]) for n, p in params if (s := tuple(_matrix(p).shape)) in shapes]
         if len(cands) > 1:  # B starts at zero, A does not
             cands = [c for c in cands if c[1].detach().any() == (what == "A")]
         wanted = " or ".join(str(s) for s in shapes)
@@ -433,7 +493,7 @@ class Run:
 
     def trained(self, layer, base, rank=RANK, b_scale=1.0, seed=1):
         """Give the layer trained-looking A, B (update comparable to W0) and m != ||V||."""
-        W0 = base.weight.detach()
+        W0 = _matrix(base.weight.detach())
         g = torch.Generator().manual_seed(seed)
         n_out, n_in = W0.shape
         A = torch.randn(rank, n_in, generator=g, dtype=W0.dtype) / math.sqrt(n_in)
@@ -448,7 +508,7 @@ class Run:
         c = self.conventions
         return reference_forward(
             x,
-            base.weight.detach(),
+            _matrix(base.weight.detach()),
             None if base.bias is None else base.bias.detach(),
             A,
             B,
@@ -627,7 +687,7 @@ def check_scaling(run: Run):
     layer = run.layer(base)
     A, B, _ = run.trained(layer, base)
     W, _ = run.kind.effective_weight(layer, IN)
-    s, spread, residual = measure_scaling(base.weight.detach(), B @ A, W, run.adapter.axis)
+    s, spread, residual = measure_scaling(_matrix(base.weight.detach()), B @ A, W, run.adapter.axis)
     if residual > 1e-6 or spread > 1e-6:
         return False, (
             "the merged weight's direction is not W0 + s B A for one s: the update B A is not "
@@ -674,7 +734,7 @@ def check_bias(run: Run):
     b = base.bias.detach()
     if rel(y0, b) <= TOL:
         return True, "the bias is added after the rescaling, not rescaled"
-    V = base.weight.detach() + run.scaling(ALPHA, RANK) * (B @ A)
+    V = _matrix(base.weight.detach()) + run.scaling(ALPHA, RANK) * (B @ A)
     if run.adapter.axis == 1 and rel(y0, m / norms(V, 1) * b) <= TOL:
         run.conventions.rescaled_bias = True
         return False, (
@@ -766,7 +826,7 @@ def zeroed_base(run, what):
     """A float32 base layer whose row 2 (what="row") or column 4 ("column") is all zero."""
     base = run.kind.make_base(IN, OUT, dtype=torch.float32)
     with torch.no_grad():
-        base.weight[(2, slice(None)) if what == "row" else (slice(None), 4)] = 0.0
+        _matrix(base.weight)[(2, slice(None)) if what == "row" else (slice(None), 4)] = 0.0
     return base
 
 
@@ -870,32 +930,37 @@ def identify(run: Run) -> tuple[Adapter, str]:
         layer = run.layer(base)
     except Exception as e:
         raise NotIdentified(
-            f"calling the factory as factory(nn.Linear({IN}, {OUT}), rank={RANK}, "
-            f"alpha={ALPHA}) {describe(e)}; it must take (linear, rank, alpha) and return "
-            "an nn.Module"
+            f"calling the factory as factory({run.kind.name}({IN}, {OUT}), rank={RANK}, "
+            f"alpha={ALPHA}) {describe(e)}; it must take ({run.kind.name[3:].lower()}, rank, "
+            "alpha) and return an nn.Module"
         ) from e
     try:
         W_init, _ = run.kind.effective_weight(layer, IN)
     except Exception as e:
-        raise NotIdentified(f"the layer {describe(e)} on a ({IN + 1}, {IN}) float64 input") from e
-    err = rel(W_init, base.weight.detach())
+        raise NotIdentified(
+            f"the layer {describe(e)} on one-hot float64 inputs ({IN} features)"
+        ) from e
+    err = rel(W_init, _matrix(base.weight.detach()))
     if TOL < err < FLOAT32_ROUNDING:
         raise NotIdentified(FLOAT32_INSIDE.format(err=err))
     bias = base.bias.detach()
-    adapter = find_adapter(layer, base.weight.detach(), bias, RANK, W_init)
+    adapter = find_adapter(layer, _matrix(base.weight.detach()), bias, RANK, W_init)
     return adapter, adapter.describe(layer)
 
 
-def check_dora(factory: Factory, *, name: str | None = None) -> Report:
+def check_dora(factory: Factory, *, name: str | None = None, kind: str = "linear") -> Report:
     """Check the DoRA layers factory(linear, rank, alpha) builds; one CheckResult per check.
 
     factory: a DoRA class or any function called as factory(linear, rank, alpha) that returns an
-    nn.Module computing (..., in_features) -> (..., out_features). The global random state is
-    left as it was. See the module docstring for what is checked and how.
+    nn.Module computing (..., in_features) -> (..., out_features); with kind="conv2d", called as
+    factory(conv, rank, alpha) on an nn.Conv2d. The global random state is left as it was. See
+    the module docstring for what is checked and how.
     """
     start = time.perf_counter()
-    report = Report(name or factory_name(factory), None, None)
-    run = Run(factory)
+    layer_kind = KINDS[kind]
+    default = factory_name(factory) + ("" if kind == "linear" else f" on {layer_kind.name}")
+    report = Report(name or default, None, None)
+    run = Run(factory, layer_kind)
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         try:
             run.adapter, report.adapter = identify(run)
@@ -934,7 +999,8 @@ def peft_unavailable_reason() -> str | None:
 
 
 class PeftDoRA(nn.Module):
-    """PEFT's DoRA on one nn.Linear: get_peft_model(nn.Sequential(linear), use_dora=True)."""
+    """PEFT's DoRA on one layer (nn.Linear or nn.Conv2d): get_peft_model(nn.Sequential(layer),
+    use_dora=True)."""
 
     def __init__(self, linear, rank, alpha):
         super().__init__()
@@ -1049,7 +1115,13 @@ def main(argv=None) -> int:
         "NAME(linear, rank, alpha)",
     )
     parser.add_argument("--peft", action="store_true", help="also check Hugging Face PEFT's DoRA")
+    parser.add_argument(
+        "--conv2d",
+        action="store_true",
+        help="the layers wrap an nn.Conv2d: NAME(conv, rank, alpha) (and PEFT's on a Conv2d)",
+    )
     args = parser.parse_args(argv)
+    kind = "conv2d" if args.conv2d else "linear"
     if args.target is None and not args.peft:
         parser.error("give FILE.py:NAME or module:NAME, or --peft")
     status = 0
@@ -1059,7 +1131,8 @@ def main(argv=None) -> int:
         except UsageError as e:
             print(f"check_dora.py: error: {e}", file=sys.stderr)
             return 2
-        status = show(check_dora(factory, name=args.target.rpartition(":")[2]))
+        name = args.target.rpartition(":")[2] + (" on nn.Conv2d" if args.conv2d else "")
+        status = show(check_dora(factory, name=name, kind=kind))
     if args.peft:
         reason = peft_unavailable_reason()
         if reason is not None:
@@ -1067,7 +1140,8 @@ def main(argv=None) -> int:
             return 2
         import peft
 
-        status = max(status, show(check_dora(peft_dora_factory, name=f"PEFT {peft.__version__}")))
+        name = f"PEFT {peft.__version__}" + (" on nn.Conv2d" if args.conv2d else "")
+        status = max(status, show(check_dora(peft_dora_factory, name=name, kind=kind)))
     return status
 
 

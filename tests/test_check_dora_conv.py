@@ -1,0 +1,80 @@
+"""tools/check_dora.py on convolutions (kind="conv2d", --conv2d): a conv DoRA broken in one way
+fails that check only, and PEFT's fails only where its linear DoRA does. (The notebook's
+Conv2dWithDoRA is checked in tests/test_conv.py.)
+
+ConvReferenceDoRA is the paper's DoRA on an nn.Conv2d (A and B as kernels, PEFT's layout), with
+one switch per convention, written here on the kernel read as a matrix (out, in * kh * kw).
+"""
+
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tools.check_dora import check_dora, main, peft_dora_factory, peft_unavailable_reason
+
+
+class ConvReferenceDoRA(nn.Module):
+    """The paper's DoRA on a convolution; each keyword breaks one convention."""
+
+    def __init__(
+        self, conv, rank, alpha, *, axis=1, scale_by_alpha=False, detach=True, rescale_bias=False
+    ):
+        super().__init__()
+        self.conv = conv.requires_grad_(False)
+        out, n_in, kh, kw = conv.weight.shape
+        self.A = nn.Parameter(torch.empty(rank, n_in, kh, kw, dtype=conv.weight.dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(out, rank, 1, 1, dtype=conv.weight.dtype))
+        self.m = nn.Parameter(conv.weight.detach().flatten(1).norm(dim=axis))
+        self.scaling = alpha if scale_by_alpha else alpha / rank
+        self.axis, self.detach, self.rescale_bias = axis, detach, rescale_bias
+
+    def forward(self, x):
+        c = self.conv
+        V = c.weight.flatten(1) + self.scaling * self.B.flatten(1) @ self.A.flatten(1)
+        norm = V.norm(dim=self.axis, keepdim=True).clamp_min(1e-12)
+        if self.detach:
+            norm = norm.detach()
+        k = self.m.reshape(norm.shape) / norm
+        if self.rescale_bias:  # rescales the whole base output, bias included
+            y = F.conv2d(x, V.reshape(c.weight.shape), c.bias, c.stride, c.padding)
+            return k.reshape(1, -1, 1, 1) * y
+        return F.conv2d(x, (k * V).reshape(c.weight.shape), c.bias, c.stride, c.padding)
+
+
+VARIANTS = {  # factory, the checks it must fail
+    "reference": (ConvReferenceDoRA, set()),
+    "norm per input column": (functools.partial(ConvReferenceDoRA, axis=0), {2}),
+    "scaling alpha": (functools.partial(ConvReferenceDoRA, scale_by_alpha=True), {4}),
+    "no detach": (functools.partial(ConvReferenceDoRA, detach=False), {6}),
+    "rescaled bias": (functools.partial(ConvReferenceDoRA, rescale_bias=True), {5}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_each_conv_variant_fails_exactly_its_own_checks(variant):
+    factory, expected = VARIANTS[variant]
+    report = check_dora(factory, kind="conv2d")
+    assert report.identified, report.problem
+    assert set(report.failed) == expected, str(report)
+
+
+def test_peft_conv_dora_passes_1_to_7_and_fails_8_on_zero_rows():
+    """As for nn.Linear: PEFT divides by the raw norm, so an all-zero kernel gives 0 / 0."""
+    reason = peft_unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    report = check_dora(peft_dora_factory, kind="conv2d")
+    assert "lora_magnitude_vector.default.weight (1, 7, 1, 1)" in report.adapter
+    assert set(report.failed) == {8}, str(report)
+
+
+def test_command_line_conv2d(capsys):
+    status = main(["--conv2d", f"{Path(__file__)}:ConvReferenceDoRA"])
+    out = capsys.readouterr().out
+    assert status == 0 and "ConvReferenceDoRA on nn.Conv2d" in out and "all 8 checks pass" in out
