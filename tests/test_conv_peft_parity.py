@@ -31,6 +31,7 @@ from test_peft_parity import (  # noqa: E402
     assert_matches_peft,
     peft_with_values_of_its_own,
     rel,
+    trained_looking,
 )
 
 # convolutions (in, out, kernel, stride, padding), each followed by tanh; then a linear head
@@ -62,15 +63,6 @@ def classes(nb, kind):
     }
 
 
-def trained_looking(model, seed=1):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora.B"):
-                p.normal_(std=0.2)
-            elif name.endswith(".m"):
-                p.mul_(1 + 0.3 * torch.rand_like(p))
-    return model
 
 
 def build(nb, kind, convs, bias, dtype, rank=2):

@@ -45,17 +45,23 @@ def mlp(sizes, bias, dtype):
     return nn.Sequential(nn.Flatten(), *layers).to(dtype)
 
 
-def build(nb, cls_key, sizes, rank, bias, dtype):
-    base = mlp(sizes, bias, dtype)
-    cls = getattr(nb, cls_key.split("-")[0])
-    ours = helpers.add_adapters(base, cls, rank, 2 * rank, **CLASSES[cls_key])
-    torch.manual_seed(1)
-    with torch.no_grad():  # trained-looking adapters: B != 0, m != ||W0||
-        for name, p in ours.named_parameters():
+def trained_looking(model, seed=1):
+    """Adapters as after training: B != 0 and m != ||W0|| (in place; returns the model)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
             if name.endswith("lora.B"):
                 p.normal_(std=0.2)
             elif name.endswith(".m"):
                 p.mul_(1 + 0.3 * torch.rand_like(p))
+    return model
+
+
+def build(nb, cls_key, sizes, rank, bias, dtype):
+    base = mlp(sizes, bias, dtype)
+    cls = getattr(nb, cls_key.split("-")[0])
+    ours = helpers.add_adapters(base, cls, rank, 2 * rank, **CLASSES[cls_key])
+    trained_looking(ours)
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**helpers.peft_config_kwargs(ours)))
     result = set_peft_model_state_dict(theirs, helpers.to_peft_state_dict(ours))
     assert not result.unexpected_keys
@@ -173,13 +179,7 @@ def test_dropout_matches_peft_in_training_and_eval(nb, cls_key, bias):
     base = mlp((40, 24, 12), bias, torch.float64)
     cls = getattr(nb, cls_key.split("-")[0])
     ours = helpers.add_adapters(base, cls, 4, 8, dropout=DROPOUT, **CLASSES[cls_key])
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in ours.named_parameters():
-            if name.endswith("lora.B"):
-                p.normal_(std=0.2)
-            elif name.endswith(".m"):
-                p.mul_(1 + 0.3 * torch.rand_like(p))
+    trained_looking(ours)
     config = LoraConfig(**helpers.peft_config_kwargs(ours))
     assert config.lora_dropout == DROPOUT
     theirs = get_peft_model(copy.deepcopy(base), config)

@@ -10,6 +10,7 @@ notebook states: nothing is copied.
 from __future__ import annotations
 
 import ast
+import sys
 import types
 from pathlib import Path
 
@@ -25,6 +26,9 @@ def import_notebook_definitions(path: str | Path = NOTEBOOK, name: str = "dora_n
     keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)
     module = types.ModuleType(name)
     module.__file__ = str(path)
+    # Findable by name, like any imported module: torch.compile (dynamo, torch 2.5 and 2.6)
+    # imports a traced function's module to guard on its globals.
+    sys.modules[name] = module
     module.constants = []  # the names of the notebook's settings, in order
     for cell in nbformat.read(str(path), as_version=4).cells:
         if cell.cell_type != "code" or "no-import" in cell.metadata.get("tags", []):
