@@ -38,15 +38,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools.adapter_files import (  # noqa: F401  (our adapter files and PEFT's names: 9, 10)
+from tools.adapter_files import (  # noqa: F401  (adapter files, ours and PEFT's: 9, 10, 13)
     adapter_layers,
-    from_peft_state_dict,
     load_adapter,
     load_peft_adapter,
-    peft_config_kwargs,
     save_adapter,
     save_peft_adapter,
-    to_peft_state_dict,
 )
 from tools.check_dora import check_dora  # noqa: F401  (any DoRA layer against the paper: 12)
 from tools.memory import saved_tensor_bytes  # noqa: F401  (kept for backward: 2b, 8)
@@ -730,7 +727,10 @@ def merge_adapters(model: nn.Module, merge) -> nn.Module:
     for name, layer in adapter_layers(model).items():
         kind = next((kind for kind in merges if isinstance(layer, kind)), None)
         if kind is None:
-            raise TypeError(f"layer {name!r} is a {type(layer).__name__}: no merge function for it")
+            raise TypeError(
+                f"layer {name!r} is a {type(layer).__name__} and no merge function was given for "
+                f"it: add {{{type(layer).__name__}: <its merge function>}} to the dict"
+            )
         model = _replace(model, name, merges[kind](layer))
     return model
 

@@ -42,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import helpers  # noqa: E402
+from tools import adapter_files  # noqa: E402
 from tools.notebook_definitions import import_notebook_definitions  # noqa: E402
 
 LORA, BOOK, FACT, DENSE, PEFT = (
@@ -85,8 +86,10 @@ def variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str, nn.Modul
     for name in (FACT, DENSE):
         models[name].load_state_dict(book.state_dict())
     models[LORA].load_state_dict(book.state_dict(), strict=False)  # A, B (LoRA has no m)
-    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(**helpers.peft_config_kwargs(book)))
-    set_peft_model_state_dict(peft_model, helpers.to_peft_state_dict(book))
+    peft_model = get_peft_model(
+        copy.deepcopy(base), LoraConfig(**adapter_files.peft_config_kwargs(book))
+    )
+    set_peft_model_state_dict(peft_model, adapter_files.to_peft_state_dict(book))
     models[PEFT] = peft_model
     return models
 

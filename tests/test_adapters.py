@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import helpers
+from tools import adapter_files  # noqa: E402
 from tools.adapter_files import adapter_state_dict
 
 CLASSES = ["LinearWithLoRA", "LinearWithDoRA", "LinearWithDoRAEfficient"]
@@ -202,17 +203,17 @@ def test_error_not_an_adapter_file(nb, tmp_path):
 
 def test_to_and_from_peft_keys(nb):
     _, model = trained(nb, rank=16)  # the 10-class head is clipped to rank 10
-    peft_sd = helpers.to_peft_state_dict(model)
+    peft_sd = adapter_files.to_peft_state_dict(model)
     assert set(peft_sd) == {
         f"base_model.model.{i}.{k}"
         for i in "024"
         for k in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
     }
     assert torch.equal(peft_sd["base_model.model.2.lora_B.weight"], model[2].lora.B)
-    config = helpers.peft_config_kwargs(model)
+    config = adapter_files.peft_config_kwargs(model)
     assert config["r"] == 16 and config["lora_alpha"] == 8.0 and config["use_dora"] is True
     assert config["rank_pattern"] == {"^4": 10} and config["alpha_pattern"] == {}
-    back = helpers.from_peft_state_dict(peft_sd, config)
+    back = adapter_files.from_peft_state_dict(peft_sd, config)
     assert back["layers"]["4"]["rank"] == 10 and back["layers"]["0"]["kind"] == "dora"
     mine = adapter_state_dict(model)
     assert set(back["tensors"]) == set(mine["tensors"])
@@ -221,12 +222,12 @@ def test_to_and_from_peft_keys(nb):
 
 def test_from_peft_rejects_unknown_keys_and_rslora(nb):
     _, model = trained(nb)
-    peft_sd = helpers.to_peft_state_dict(model)
+    peft_sd = adapter_files.to_peft_state_dict(model)
     with pytest.raises(ValueError, match="use_rslora"):
-        helpers.from_peft_state_dict(peft_sd, {"lora_alpha": 8, "use_rslora": True})
+        adapter_files.from_peft_state_dict(peft_sd, {"lora_alpha": 8, "use_rslora": True})
     peft_sd["base_model.model.0.something.weight"] = torch.zeros(1)
     with pytest.raises(ValueError, match="unrecognised key"):
-        helpers.from_peft_state_dict(peft_sd, {"lora_alpha": 8})
+        adapter_files.from_peft_state_dict(peft_sd, {"lora_alpha": 8})
 
 
 # ----------------------------------------------------------------------------- memory probe

@@ -2,7 +2,7 @@
 nn.Conv2d, and what PEFT does differently.
 
 Where PEFT supports a convolution (groups = 1, no dilation) the same model is wrapped both ways,
-parameters are copied across with ``helpers.to_peft_state_dict``, and compared: the forward
+parameters are copied across with ``adapter_files.to_peft_state_dict``, and compared: the forward
 output, the gradients of A, B and m after one backward pass, and the merged weights, in float64
 (relative 1e-10) and float32 (1e-5). Kernel sizes 1 and 3, stride 1 and 2, padding 0 and 1, bias
 on and off, convolutions next to linear layers.
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import helpers
+from tools import adapter_files  # noqa: E402
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install peft")
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
@@ -63,13 +64,13 @@ def classes(nb, kind):
     }
 
 
-
-
 def build(nb, kind, convs, bias, dtype, rank=2):
     base = cnn(convs, bias, dtype)
     ours = trained_looking(helpers.add_adapters(base, classes(nb, kind), rank, 2 * rank))
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**helpers.peft_config_kwargs(ours)))
-    result = set_peft_model_state_dict(theirs, helpers.to_peft_state_dict(ours))
+    theirs = get_peft_model(
+        copy.deepcopy(base), LoraConfig(**adapter_files.peft_config_kwargs(ours))
+    )
+    result = set_peft_model_state_dict(theirs, adapter_files.to_peft_state_dict(ours))
     assert not result.unexpected_keys
     return base, ours, theirs
 
@@ -98,7 +99,7 @@ def test_adapter_trained_in_peft_loads_into_ours(nb, kind):
     theirs = peft_with_values_of_its_own(base, config)
     ours = helpers.add_adapters(base, classes(nb, kind), 2, 3)
     state = peft.get_peft_model_state_dict(theirs)
-    helpers.load_adapter(ours, helpers.from_peft_state_dict(state, config))
+    helpers.load_adapter(ours, adapter_files.from_peft_state_dict(state, config))
     x = torch.randn(3, 4, 9, 9, dtype=torch.float64)
     assert rel(ours(x), theirs(x)) < 1e-12
 

@@ -1,4 +1,5 @@
-"""The notebook's LoRA and DoRA layers against their definitions (REFERENCE.md section 1)."""
+"""The notebook's LoRA and DoRA layers against their definitions (the official code and PEFT:
+norm over output rows, m = ||W0|| at init, s = alpha / r, bias not rescaled, norm detached)."""
 
 import math
 

@@ -200,3 +200,30 @@ def test_table_of_contents_links_every_section_heading():
     links = re.findall(r"\]\(#([^)]+)\)", NOTEBOOK.cells[0].source)
     assert set(links) == anchors
     assert "only want the layers" in NOTEBOOK.cells[0].source
+
+
+@pytest.mark.parametrize("failure", ["broken", "missing"])
+def test_the_optional_peft_section_cannot_stop_the_notebook(monkeypatch, capsys, failure):
+    """peft can be installed and still fail to import (with torch 2.5 and transformers 5 it
+    raises NameError, not ImportError): the section says why and every PEFT cell is skipped."""
+    import helpers
+
+    if failure == "broken":
+        broken = types.ModuleType("peft")
+
+        def __getattr__(name):
+            raise NameError("name 'nn' is not defined")
+
+        broken.__getattr__ = __getattr__
+        monkeypatch.setitem(sys.modules, "peft", broken)
+    else:
+        monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    importing = next(c for c in CODE if "from peft import" in c.source)
+    scope = {"helpers": helpers}
+    exec(importing.source, scope)
+    said = capsys.readouterr().out
+    assert scope["PeftModel"] is None
+    assert said.startswith("Skipping the comparison with PEFT: cannot import peft")
+    assert ("NameError" if failure == "broken" else "Error") in said
+    users = [c for c in CODE if "PeftModel" in c.source and c is not importing]
+    assert users and all("if PeftModel is not None" in c.source for c in users)

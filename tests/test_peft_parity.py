@@ -1,8 +1,8 @@
 """The notebook's layers against Hugging Face PEFT (a test dependency, see requirements.txt).
 
 The same MLP is wrapped with our layers and with ``get_peft_model(LoraConfig(...))``; parameters
-are copied across with ``helpers.to_peft_state_dict``. Compared: forward outputs, the gradients
-of A, B and m after one backward pass, and the merged weights.
+are copied across with ``adapter_files.to_peft_state_dict``. Compared: forward outputs, the
+gradients of A, B and m after one backward pass, and the merged weights.
 """
 
 import copy
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import helpers
+from tools import adapter_files  # noqa: E402
 
 # peft imports transformers, which can fail with any exception on a torch it does not support
 # (NameError with transformers 5 on torch 2.5): skip with the first line of it, not a crash.
@@ -62,8 +63,10 @@ def build(nb, cls_key, sizes, rank, bias, dtype):
     cls = getattr(nb, cls_key.split("-")[0])
     ours = helpers.add_adapters(base, cls, rank, 2 * rank, **CLASSES[cls_key])
     trained_looking(ours)
-    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**helpers.peft_config_kwargs(ours)))
-    result = set_peft_model_state_dict(theirs, helpers.to_peft_state_dict(ours))
+    theirs = get_peft_model(
+        copy.deepcopy(base), LoraConfig(**adapter_files.peft_config_kwargs(ours))
+    )
+    result = set_peft_model_state_dict(theirs, adapter_files.to_peft_state_dict(ours))
     assert not result.unexpected_keys
     return base, ours, theirs
 
@@ -127,13 +130,15 @@ def test_adapter_round_trip_through_peft(nb, kind):
     base, ours, theirs = build(nb, kind, (784, 128, 256, 10), 16, True, torch.float64)
     x = torch.randn(5, 784, dtype=torch.float64)
     peft_sd = get_peft_model_state_dict(theirs)
-    assert set(peft_sd) == set(helpers.to_peft_state_dict(ours))
-    back = helpers.from_peft_state_dict(peft_sd, theirs.peft_config["default"])
+    assert set(peft_sd) == set(adapter_files.to_peft_state_dict(ours))
+    back = adapter_files.from_peft_state_dict(peft_sd, theirs.peft_config["default"])
     fresh = helpers.add_adapters(base, getattr(nb, kind), 16, 32)
     helpers.load_adapter(fresh, back)
     assert torch.equal(fresh(x), ours(x))
     # a live PEFT state_dict (adapter name in the keys, base weights included) works too
-    back_live = helpers.from_peft_state_dict(theirs.state_dict(), theirs.peft_config["default"])
+    back_live = adapter_files.from_peft_state_dict(
+        theirs.state_dict(), theirs.peft_config["default"]
+    )
     assert set(back_live["tensors"]) == set(back["tensors"])
 
 
@@ -144,14 +149,14 @@ def test_adapter_trained_in_peft_loads_into_ours(nb):
     theirs = peft_with_values_of_its_own(base, config)
     ours = helpers.add_adapters(base, nb.LinearWithDoRAEfficient, 3, 5)
     helpers.load_adapter(
-        ours, helpers.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
+        ours, adapter_files.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
     )
     x = torch.randn(4, 30, dtype=torch.float64)
     assert rel(ours(x), theirs(x)) < 1e-12
     wrong = helpers.add_adapters(base, nb.LinearWithDoRA, 3, 8)  # other alpha
     with pytest.raises(ValueError, match="alpha"):
         helpers.load_adapter(
-            wrong, helpers.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
+            wrong, adapter_files.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
         )
 
 
@@ -180,10 +185,10 @@ def test_dropout_matches_peft_in_training_and_eval(nb, cls_key, bias):
     cls = getattr(nb, cls_key.split("-")[0])
     ours = helpers.add_adapters(base, cls, 4, 8, dropout=DROPOUT, **CLASSES[cls_key])
     trained_looking(ours)
-    config = LoraConfig(**helpers.peft_config_kwargs(ours))
+    config = LoraConfig(**adapter_files.peft_config_kwargs(ours))
     assert config.lora_dropout == DROPOUT
     theirs = get_peft_model(copy.deepcopy(base), config)
-    set_peft_model_state_dict(theirs, helpers.to_peft_state_dict(ours))
+    set_peft_model_state_dict(theirs, adapter_files.to_peft_state_dict(ours))
     ours.train()
     theirs.train()
     x = torch.randn(16, 40, dtype=torch.float64)
