@@ -16,13 +16,14 @@ Timed here, one forward call under ``torch.no_grad()`` each:
 
 Configurations: the notebook's MLP (its SIZES, RANK, ALPHA) and one 4096 x 4096 layer (rank 16),
 each at 1 token (one input row: generation, a single request) and 1,024 tokens. float32; the
-CPU, or CUDA when available. Variants run interleaved after warm-up calls; each sample times
-enough calls to last about 50 ms, and the median sample is reported. On the CPU the clock is the
-process's CPU time (``time.process_time``: every thread's, so other jobs sharing the machine do
-not count), on a GPU wall-clock time after a device sync. Ratios come from this one run. Run
-from the repository root:
+CPU, or CUDA when available. After warm-up calls, each round times every variant once, in a
+new random order (seeded), each sample lasting about 20 ms; the median of the rounds is
+reported. The clock is wall-clock time (after a device sync on a GPU), so run it on a quiet
+machine. Not CPU time: that counts the spin-waiting of PyTorch's idle worker threads, which
+depends on what ran just before, and gave 0.72x to 2.10x for one ratio on one machine (wall
+clock, shuffled: 1.11x and 1.12x). Ratios come from this one run. Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_inference.py [--repeats 7]
+    .venv/bin/python benchmarks/bench_inference.py [--repeats 15]
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import random
 import statistics
 import sys
 import time
@@ -50,7 +52,7 @@ from tools.notebook_definitions import import_notebook_definitions  # noqa: E402
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7, help="timed samples per variant")
+    parser.add_argument("--repeats", type=int, default=15, help="timed rounds")
     parser.add_argument("--rank", type=int, default=16, help="rank at 4096 x 4096 (MLP: RANK)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 1024])
     return parser.parse_args()
@@ -77,29 +79,32 @@ def inference_variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str
 
 
 def seconds_per_call(model, context, x: torch.Tensor, calls: int) -> float:
-    """Seconds per call over ``calls`` calls: CPU time on the CPU, wall-clock time elsewhere."""
-    clock = time.process_time if x.device.type == "cpu" else time.perf_counter
+    """Wall-clock seconds per call over ``calls`` calls (device synchronised)."""
     with context():
         helpers.sync(x.device)
-        start = clock()
+        start = time.perf_counter()
         for _ in range(calls):
             model(x)
         helpers.sync(x.device)
-        return (clock() - start) / calls
+        return (time.perf_counter() - start) / calls
 
 
 @torch.no_grad()
 def measure(models: dict[str, tuple], x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds per call of each variant, interleaved (v1, v2, ..., v1, v2, ...)."""
+    """Median seconds per call of each variant over ``repeats`` rounds, each round every
+    variant once in a new random order (no variant always follows the same one)."""
     calls = {}
     for name, (model, context) in models.items():  # warm-up (fills every cache), then calibrate
         once = max(seconds_per_call(model, context, x, 2), 1e-7)
-        calls[name] = max(1, min(1000, round(0.05 / once)))
+        calls[name] = max(1, min(1000, round(0.02 / once)))
     samples: dict[str, list[float]] = {name: [] for name in models}
+    order, rng = list(models), random.Random(0)
     for _ in range(repeats):
-        for name, (model, context) in models.items():
+        rng.shuffle(order)
+        for name in order:
+            model, context = models[name]
             samples[name].append(seconds_per_call(model, context, x, calls[name]))
-    return {name: statistics.median(times) for name, times in samples.items()}
+    return {name: statistics.median(samples[name]) for name in models}
 
 
 @torch.no_grad()
@@ -131,7 +136,7 @@ def main() -> None:
     nb = import_notebook_definitions()
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"{args.repeats} samples per variant (median)"
+        f"{args.repeats} shuffled rounds (median)"
     )
     configurations = [
         (f"MLP {'-'.join(map(str, nb.SIZES))}, r={nb.RANK}", helpers.make_mlp(nb.SIZES), nb.RANK),

@@ -53,6 +53,7 @@ CHANGES = {
     "m replaced": lambda layer: setattr(layer, "m", nn.Parameter(layer.m * 3)),
     "scaling": lambda layer: setattr(layer.lora, "scaling", layer.lora.scaling * 2),
     "copy_ of new data": lambda layer: layer.lora.B.copy_(torch.randn_like(layer.lora.B)),
+    ".data swapped": lambda layer: setattr(layer.lora.A, "data", layer.lora.A.data + 0.1),
 }
 
 
