@@ -40,6 +40,7 @@ from torch import nn
 
 from tools.adapter_files import (  # noqa: F401  (adapter files, ours and PEFT's: 9, 10, 13)
     adapter_layers,
+    inside,
     load_adapter,
     load_peft_adapter,
     save_adapter,
@@ -150,8 +151,8 @@ def add_adapters(model: nn.Module, wrapper, rank: int, alpha: float, **kwargs) -
         raise ValueError(f"the model has no {names} layers to wrap")
     for name, layer in targets:
         r = min(rank, *layer.weight.flatten(1).shape)  # (out, in), or (out, in/groups*kh*kw)
-        wrap = next(w for kind, w in wrappers.items() if isinstance(layer, kind))
-        model = _replace(model, name, wrap(layer, r, alpha, **kwargs))
+        make = next(w for kind, w in wrappers.items() if isinstance(layer, kind))
+        model = _replace(model, name, make(layer, r, alpha, **kwargs))
     return model
 
 
@@ -172,9 +173,7 @@ def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if name in adapters:
             weights[name] = module.merged_weight().detach().clone()
-        elif isinstance(module, nn.Linear | nn.Conv2d) and not any(
-            outer == "" or name.startswith(f"{outer}.") for outer in adapters
-        ):
+        elif isinstance(module, nn.Linear | nn.Conv2d) and not inside(name, adapters):
             weights[name] = module.weight.detach().clone()
     return weights
 
@@ -371,8 +370,9 @@ def train(
         template.eval()  # evaluated without dropout
         accuracies.append(_accuracies(logits, stacked, eval_x, eval_y))
         template.train()
+        if record_weights or epoch == epochs:
+            _write_back(stacked, models)  # the models hold the trained values from here on
         if record_weights:
-            _write_back(stacked, models)
             for k, model in enumerate(models):
                 weights[k].append(layer_weights(model))
         if log is not None:
@@ -382,7 +382,6 @@ def train(
                 f"{name}epoch {epoch}/{epochs}: train loss {losses[-1].mean():.4f}, {evaluate_on} "
                 f"accuracy {acc.mean():.2f}{spread} % ({seconds[-1]:.2f} s)"
             )
-    _write_back(stacked, models)
     trainable = sum(t[0].numel() for t in stacked.values())
     history = np.stack(losses, 1), np.stack(accuracies, 1), seconds
     return Runs(seeds, models, trainable, *history, weights if record_weights else [])
@@ -583,10 +582,9 @@ def mean_interval(values: np.ndarray) -> tuple[float, float]:
 
     if len(values) < 2:
         raise ValueError("an interval needs at least 2 values")
-    half = stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1) * values.std(ddof=1)
-    return values.mean() - half / math.sqrt(len(values)), values.mean() + half / math.sqrt(
-        len(values)
-    )
+    n, mean = len(values), values.mean()
+    half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def in_words(numbers, noun: str) -> str:

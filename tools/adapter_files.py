@@ -32,12 +32,12 @@ def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
     """
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if callable(getattr(module, "merged_weight", None)) and not _inside(name, found):
+        if callable(getattr(module, "merged_weight", None)) and not inside(name, found):
             found[name] = module
     return found
 
 
-def _inside(name: str, outer_names) -> bool:
+def inside(name: str, outer_names) -> bool:
     """Whether module ``name`` lies strictly inside one of ``outer_names`` ("" is the root)."""
     return any(
         outer == "" or name.startswith(f"{outer}.") for outer in outer_names if outer != name
@@ -229,12 +229,13 @@ def to_peft_state_dict(source) -> dict[str, torch.Tensor]:
     out = {}
     for name in adapter["layers"]:
         prefix = f"{name}." if name else ""
+        conv = adapter["tensors"][prefix + "lora.A"].dim() == 4
         for ours, theirs in _PEFT_NAMES.items():
             if prefix + ours in adapter["tensors"]:
-                out[f"{_PEFT_PREFIX}{prefix}{theirs}"] = adapter["tensors"][prefix + ours]
-        magnitude = f"{_PEFT_PREFIX}{prefix}lora_magnitude_vector"
-        if magnitude in out and adapter["tensors"][prefix + "lora.A"].dim() == 4:  # a Conv2d's
-            out[magnitude] = out[magnitude].reshape(1, -1, 1, 1)  # PEFT's shape: (1, out, 1, 1)
+                t = adapter["tensors"][prefix + ours]
+                if ours == "m" and conv:
+                    t = t.reshape(1, -1, 1, 1)  # a Conv2d's m, in PEFT's shape (1, out, 1, 1)
+                out[f"{_PEFT_PREFIX}{prefix}{theirs}"] = t
     return out
 
 
@@ -424,8 +425,9 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     replaced only if it holds nothing but an earlier adapter)."""
     from safetensors.torch import save  # safetensors comes with peft (requirements.txt)
 
-    config = {**_PEFT_PLAIN, **peft_config_kwargs(model)}
-    tensors = {k: t.contiguous() for k, t in to_peft_state_dict(model).items()}
+    adapter = adapter_state_dict(model)  # one CPU copy for both
+    config = {**_PEFT_PLAIN, **peft_config_kwargs(adapter)}
+    tensors = {k: t.contiguous() for k, t in to_peft_state_dict(adapter).items()}
     files = {
         PEFT_CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
         PEFT_WEIGHTS: save(tensors, metadata={"format": "pt"}),

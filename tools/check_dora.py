@@ -188,17 +188,12 @@ def read_weight(layer, n, to_inputs=lambda basis: basis, from_outputs=lambda y: 
     return (y[:-1] - y[-1]).T, y[-1]
 
 
-def linear_effective_weight(layer, n_in):
-    """(W', y(0)) of a layer on n_in features."""
-    return read_weight(layer, n_in)
-
-
 def linear_inputs(lead, n_in, seed, dtype=torch.float64):
     """Random inputs of shape (*lead, n_in)."""
     return torch.randn(*lead, n_in, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
 
-LINEAR = LayerKind("nn.Linear", make_linear, linear_effective_weight, linear_inputs, F.linear)
+LINEAR = LayerKind("nn.Linear", make_linear, read_weight, linear_inputs, F.linear)
 
 CONV = {"kernel_size": 3, "stride": 2, "padding": 1}  # the nn.Conv2d the checks build
 
@@ -255,6 +250,11 @@ def _matrix(t):
     return t.flatten(1) if t.dim() > 2 else t
 
 
+def _canonical(t, transposed: bool):
+    """A or B (or its gradient) in the canonical layout: A (r, in), B (out, r)."""
+    return t.T if transposed else _matrix(t)
+
+
 @dataclass
 class Adapter:
     """Where a layer keeps A, B and m (parameter names), and in which layout."""
@@ -269,8 +269,7 @@ class Adapter:
     def tensors(self, layer):
         """A (r, in), B (out, r) and m (flat), whatever the layout the layer stores them in."""
         A, B, m = (layer.get_parameter(n) for n in (self.a, self.b, self.m))
-        A = A.T if self.a_transposed else _matrix(A)
-        return A, (B.T if self.b_transposed else _matrix(B)), m.flatten()
+        return _canonical(A, self.a_transposed), _canonical(B, self.b_transposed), m.flatten()
 
     def assign(self, layer, A, B, m):
         """Set the layer's A, B and m (given in the canonical layout)."""
@@ -289,7 +288,7 @@ class Adapter:
         out = []
         for name, transposed in ((self.a, self.a_transposed), (self.b, self.b_transposed)):
             g = layer.get_parameter(name).grad
-            out.append(None if g is None else (g.T if transposed else _matrix(g)))
+            out.append(None if g is None else _canonical(g, transposed))
         g = layer.get_parameter(self.m).grad
         return [*out, None if g is None else g.flatten()]
 
@@ -940,11 +939,11 @@ def identify(run: Run) -> tuple[Adapter, str]:
         raise NotIdentified(
             f"the layer {describe(e)} on one-hot float64 inputs ({IN} features)"
         ) from e
-    err = rel(W_init, _matrix(base.weight.detach()))
+    W0 = _matrix(base.weight.detach())
+    err = rel(W_init, W0)
     if TOL < err < FLOAT32_ROUNDING:
         raise NotIdentified(FLOAT32_INSIDE.format(err=err))
-    bias = base.bias.detach()
-    adapter = find_adapter(layer, _matrix(base.weight.detach()), bias, RANK, W_init)
+    adapter = find_adapter(layer, W0, base.bias.detach(), RANK, W_init)
     return adapter, adapter.describe(layer)
 
 

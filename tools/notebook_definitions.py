@@ -37,8 +37,9 @@ def import_notebook_definitions(path: str | Path = NOTEBOOK, name: str = "dora_n
             line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!"))
         )
         tree = ast.parse(source)
-        body = [node for node in tree.body if isinstance(node, keep) or is_constant(node)]
-        module.constants += [node.targets[0].id for node in body if is_constant(node)]
+        constants = {node for node in tree.body if is_constant(node)}
+        body = [node for node in tree.body if isinstance(node, keep) or node in constants]
+        module.constants += [node.targets[0].id for node in body if node in constants]
         exec(compile(ast.Module(body=body, type_ignores=[]), f"{path}", "exec"), module.__dict__)
     return module
 
