@@ -20,14 +20,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import helpers  # noqa: E402
-from tools.notebook_definitions import import_notebook_definitions  # noqa: E402
+from experiments.lr_sweep import pretrain, tasks  # noqa: E402
+from tools.notebook_definitions import import_notebook_definitions, protocol  # noqa: E402
 
 
 def main() -> None:
@@ -35,23 +35,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 3, 10])
     args = parser.parse_args()
-    warnings.filterwarnings("ignore", message=".*batching rule.*")  # vmap's addmm_ fallback
     nb = import_notebook_definitions()
+    p = protocol(nb)
     device = helpers.pick_device()
-    data = helpers.load_mnist(verbose=False)
-    mnist = helpers.make_task(*data, device=device)
-    rotated = helpers.make_task(
-        *data, device=device, degrees=nb.ANGLE, n_train=nb.FT_TRAIN_SIZE, seed=0
-    )
+    mnist, rotated = tasks(p, device)  # as the notebook builds them
     pretrained = helpers.make_mlp(nb.SIZES, seed=0)
-    helpers.train(
-        pretrained,
-        mnist,
-        epochs=nb.PRETRAIN_EPOCHS,
-        lr=nb.PRETRAIN_LR,
-        batch_size=nb.BATCH_SIZE,
-        log=None,
-    )
+    pretrain(pretrained, mnist, p)
     methods = {
         "full FT": None,
         "LoRA": nb.LinearWithLoRA,

@@ -18,7 +18,6 @@ comparisons and their sentences. The notebook's section 13 prints them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 import helpers  # noqa: E402
 from experiments.lr_sweep import choose_rates, fine_tune, pretrain, tasks  # noqa: E402
-from tools.files import write_atomic  # noqa: E402
+from tools.files import write_json  # noqa: E402
 from tools.notebook_definitions import import_notebook_definitions, protocol  # noqa: E402
 
 CHANNELS = (8, 16)  # of the two convolutions (28 -> 14 -> 7 pixels)
@@ -121,7 +120,7 @@ def main() -> None:
         "sentences": [c.sentence() for c in comparisons],
         "seconds": seconds,
     }
-    write_atomic(RESULTS, [(json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode()])
+    write_json(RESULTS, result)
     print(result["table"])
     print(*result["sentences"], sep="\n")
     print(f"saved {RESULTS.relative_to(REPO)} ({seconds / 60:.1f} minutes)")

@@ -13,7 +13,6 @@ protocol it ran, the table, the chosen rates), which the notebook reads. Accurac
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -21,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import helpers  # noqa: E402
-from tools.files import write_atomic  # noqa: E402
+from tools.files import write_json  # noqa: E402
 from tools.notebook_definitions import import_notebook_definitions, protocol  # noqa: E402
 
 RATES = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
@@ -101,7 +100,7 @@ def main() -> None:
     pretrain(pretrained, mnist, p)
     methods = {"full FT": None, "LoRA": nb.LinearWithLoRA, "DoRA": nb.LinearWithDoRA}
     result = {"protocol": p, **choose_rates(pretrained, rotated, methods, p)}
-    write_atomic(RESULTS, [(json.dumps(result, indent=1, ensure_ascii=False) + "\n").encode()])
+    write_json(RESULTS, result)
     print("chosen:", result["chosen"])
     print(f"saved {RESULTS.relative_to(REPO)}")
 

@@ -21,7 +21,6 @@ Takes about three times the notebook's run time.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -33,7 +32,7 @@ import nbformat
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tools.files import write_atomic  # noqa: E402
+from tools.files import write_json  # noqa: E402
 from tools.notebook_definitions import protocol  # noqa: E402
 from tools.run_notebook import execute  # noqa: E402
 from tools.update_readme import (  # noqa: E402
@@ -91,7 +90,7 @@ def main() -> None:
             os.environ.update(saved_env)
         print(f"   {time.perf_counter() - start:.0f} s", flush=True)
     saved = {"protocol": protocol(), "variants": results, "sentences": said}
-    write_atomic(RESULTS, [(json.dumps(saved, indent=1, ensure_ascii=False) + "\n").encode()])
+    write_json(RESULTS, saved)
     committed = verdicts_of(nbformat.read(REPO / "DoRA.ipynb", as_version=4))
     for key, verdict in committed.items():
         others = [results[name].get(key) for name in VARIANTS]

@@ -126,7 +126,6 @@ def test_inference_mode_then_input_gradients(nb, cls):
     assert x.grad is not None
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap of addmm_
 @pytest.mark.parametrize("cls", DORA_CLASSES)
 def test_vmap_over_stacked_parameters_never_uses_the_cache(nb, cls):
     """torch.func passes stand-ins for the parameters: per-seed values, nothing kept."""

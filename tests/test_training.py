@@ -7,7 +7,6 @@ batches), up to float rounding.
 """
 
 import copy
-import warnings
 
 import numpy as np
 import pytest
@@ -47,18 +46,16 @@ def solo_run(model, task, seed, epochs, lr, batch_size):
 @pytest.mark.parametrize("wrapper", CLASSES, ids=["full", "lora", "dora", "dora-efficient"])
 def test_each_batched_seed_equals_its_solo_run(nb, wrapper):
     pretrained, task, seeds = helpers.make_mlp(SIZES, seed=0), tiny_task(), (0, 1, 2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # vmap: addmm_ has no batching rule yet
-        runs = helpers.finetune(
-            pretrained,
-            task,
-            seeds=seeds,
-            wrapper=wrapper and getattr(nb, wrapper),
-            epochs=2,
-            lr=3e-3,
-            batch_size=32,
-            log=None,
-        )
+    runs = helpers.finetune(
+        pretrained,
+        task,
+        seeds=seeds,
+        wrapper=wrapper and getattr(nb, wrapper),
+        epochs=2,
+        lr=3e-3,
+        batch_size=32,
+        log=None,
+    )
     for k, seed in enumerate(seeds):
         solo = solo_run(build(nb, wrapper, seed, pretrained), task, seed, 2, 3e-3, 32)
         for name, p in solo.named_parameters():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -27,6 +28,11 @@ def write_atomic(path: Path, chunks) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON (one trailing newline), written with ``write_atomic``."""
+    write_atomic(path, [(json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode()])
 
 
 def write_atomic_dir(path: Path, files: dict[str, bytes], replaceable=frozenset()) -> None:
