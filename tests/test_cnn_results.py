@@ -19,8 +19,8 @@ REPO = helpers.REPO
 CNN = json.loads((REPO / "experiments" / "cnn.json").read_text())
 
 
-def test_cnn_experiment_ran_with_the_notebooks_settings():
-    assert CNN["protocol"] == protocol(), (
+def test_cnn_experiment_ran_with_the_notebooks_settings(nb):
+    assert CNN["protocol"] == protocol(nb), (
         "rerun experiments/cnn.py: the notebook's settings changed"
     )
 
@@ -33,13 +33,13 @@ def test_cnn_learning_rates_are_the_best_on_the_validation_set():
         assert CNN["chosen"][method] == float(best)
 
 
-def test_cnn_sentences_come_from_the_saved_numbers():
+def test_cnn_sentences_come_from_the_saved_numbers(nb):
     comparisons = [helpers.Comparison(**c) for c in CNN["comparisons"]]
     assert [c.sentence() for c in comparisons] == CNN["sentences"]
     assert [(c.a, c.b) for c in comparisons] == [("DoRA", "LoRA"), ("full FT", "DoRA")]
-    assert all(c.n == len(protocol()["SEEDS"]) for c in comparisons)
+    assert all(c.n == len(protocol(nb)["SEEDS"]) for c in comparisons)
     for method, final in CNN["final"].items():
-        assert len(final) == len(protocol()["SEEDS"])
+        assert len(final) == len(protocol(nb)["SEEDS"])
         row = next(line for line in CNN["table"].splitlines() if line.startswith(method))
         assert f"{sum(final) / len(final):.2f} ±" in row
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_helpers import tiny_task
-from test_layers import assert_detach_changes_only_direction_gradients
+from test_layers import assert_detach_changes_only_direction_gradients, randomise
 from test_training import solo_run
 from torch import nn
 
@@ -47,17 +47,6 @@ def make_conv(geometry, dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     conv = nn.Conv2d(n_in, n_out, kernel, stride, padding, dilation, groups, bias=bias)
     return conv.to(dtype)
-
-
-def randomise(layer, seed=1):
-    """Give B (and m) values training could have given."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        B = layer.lora.B
-        B.copy_(torch.randn(B.shape, generator=g, dtype=B.dtype))
-        if hasattr(layer, "m"):
-            layer.m.mul_(1 + torch.rand(layer.m.shape, generator=g, dtype=layer.m.dtype))
-    return layer
 
 
 def reference_delta(A, B, scaling, groups):

@@ -27,13 +27,9 @@ from tools import adapter_files  # noqa: E402
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install peft")
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
-from test_peft_parity import (  # noqa: E402
-    TOL,
-    assert_matches_peft,
-    peft_with_values_of_its_own,
-    rel,
-    trained_looking,
-)
+from test_conv import wrappers  # noqa: E402
+from test_peft_files import peft_with_values_of_its_own  # noqa: E402
+from test_peft_parity import TOL, assert_matches_peft, rel, trained_looking  # noqa: E402
 
 # convolutions (in, out, kernel, stride, padding), each followed by tanh; then a linear head
 CASES = {
@@ -57,16 +53,9 @@ def cnn(convs, bias, dtype):
     return nn.Sequential(*layers).to(dtype)
 
 
-def classes(nb, kind):
-    return {
-        nn.Linear: getattr(nb, f"LinearWith{kind}"),
-        nn.Conv2d: getattr(nb, f"Conv2dWith{kind}"),
-    }
-
-
 def build(nb, kind, convs, bias, dtype, rank=2):
     base = cnn(convs, bias, dtype)
-    ours = trained_looking(helpers.add_adapters(base, classes(nb, kind), rank, 2 * rank))
+    ours = trained_looking(helpers.add_adapters(base, wrappers(nb, kind), rank, 2 * rank))
     theirs = get_peft_model(
         copy.deepcopy(base), LoraConfig(**adapter_files.peft_config_kwargs(ours))
     )
@@ -97,7 +86,7 @@ def test_adapter_trained_in_peft_loads_into_ours(nb, kind):
     base = cnn(CASES["k3-s2-p0, k1"], True, torch.float64)
     config = LoraConfig(r=2, lora_alpha=3, use_dora=kind == "DoRA", target_modules=["0", "2", "6"])
     theirs = peft_with_values_of_its_own(base, config)
-    ours = helpers.add_adapters(base, classes(nb, kind), 2, 3)
+    ours = helpers.add_adapters(base, wrappers(nb, kind), 2, 3)
     state = peft.get_peft_model_state_dict(theirs)
     helpers.load_adapter(ours, adapter_files.from_peft_state_dict(state, config))
     x = torch.randn(3, 4, 9, 9, dtype=torch.float64)

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 from test_adapters import load_error as adapter_load_error
+from test_efficient import rel
 from torch import nn
 
 import helpers
@@ -38,8 +39,17 @@ def trained(nb, cls, base, rank=4, alpha=8, seed=1, **kwargs):
     return model
 
 
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+def peft_with_values_of_its_own(base, config):
+    """get_peft_model on a copy of base, its adapter values moved (B != 0, m != ||W0||)."""
+    from peft import get_peft_model
+
+    theirs = get_peft_model(copy.deepcopy(base), config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return theirs
 
 
 def x_for(dtype=torch.float64):
@@ -221,12 +231,7 @@ def test_peft_save_pretrained_to_ours(nb, peft, use_dora, bias, tmp_path):
     config = peft.LoraConfig(
         r=3, lora_alpha=5, use_dora=use_dora, lora_dropout=0.1, target_modules=["0", "2"]
     )
-    theirs = peft.get_peft_model(copy.deepcopy(base), config)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    theirs = peft_with_values_of_its_own(base, config)
     theirs.save_pretrained(tmp_path / "theirs")
     cls = nb.LinearWithDoRAEfficient if use_dora else nb.LinearWithLoRA
     ours = helpers.add_adapters(base, cls, 3, 5)

@@ -27,6 +27,8 @@ except Exception as error:
     reason = f"peft cannot be imported: {type(error).__name__}: {error}"
     pytest.skip(reason.splitlines()[0], allow_module_level=True)
 
+from test_peft_files import peft_with_values_of_its_own  # noqa: E402
+
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 CLASSES = {
     "LinearWithLoRA": {},
@@ -158,17 +160,6 @@ def test_adapter_trained_in_peft_loads_into_ours(nb):
         helpers.load_adapter(
             wrong, adapter_files.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
         )
-
-
-def peft_with_values_of_its_own(base, config):
-    """get_peft_model on a copy of base, its adapter values moved (B != 0, m != ||W0||)."""
-    theirs = get_peft_model(copy.deepcopy(base), config)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return theirs
 
 
 # ----------------------------------------------------------------------------- dropout

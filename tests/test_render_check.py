@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-sys.path.insert(0, str(TOOLS))
+from tools.render_check import CHROMEDRIVER, CHROMIUM
 
-from render_check import CHROMEDRIVER, CHROMIUM  # noqa: E402
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),

@@ -14,7 +14,7 @@ import pytest
 
 import helpers
 from tools import update_readme
-from tools.notebook_definitions import import_notebook_definitions, protocol
+from tools.notebook_definitions import protocol
 
 REPO = helpers.REPO
 NOTEBOOK = nbformat.read(REPO / "DoRA.ipynb", as_version=4)
@@ -23,12 +23,11 @@ STABILITY = json.loads((REPO / "experiments" / "stability.json").read_text())
 
 
 @pytest.mark.parametrize("saved", [SWEEP, STABILITY], ids=["lr_sweep", "stability"])
-def test_scripts_ran_with_the_notebooks_settings(saved):
-    assert saved["protocol"] == protocol(), "rerun the script: the notebook's settings changed"
+def test_scripts_ran_with_the_notebooks_settings(nb, saved):
+    assert saved["protocol"] == protocol(nb), "rerun the script: the notebook's settings changed"
 
 
-def test_the_settings_are_defined_once_in_the_notebook():
-    nb = import_notebook_definitions()
+def test_the_settings_are_defined_once_in_the_notebook(nb):
     needed = {"SIZES", "RANK", "ALPHA", "BATCH_SIZE", "FT_EPOCHS", "SEEDS", "FT_TRAIN_SIZE"}
     assert needed <= set(nb.constants)
     assert len(nb.constants) == len(set(nb.constants)), "a setting is defined twice"
