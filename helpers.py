@@ -107,6 +107,15 @@ def sync(device: torch.device | str) -> None:
         torch.mps.synchronize()
 
 
+def timed(fn, device: torch.device | str) -> tuple[float, object]:
+    """(seconds, result) of ``fn()``, with ``device`` synchronised before both clock reads."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (CPU and every GPU)."""
     random.seed(seed)
@@ -738,13 +747,7 @@ def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: i
     """Median milliseconds of ``model(x)`` in eval and inference mode (device synchronised)."""
     was_training = model.training
     model.eval()
-    times = []
-    for i in range(warmup + repeats):
-        start = time.perf_counter()
-        model(x)
-        sync(x.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    times = [timed(lambda: model(x), x.device)[0] for _ in range(warmup + repeats)][warmup:]
     model.train(was_training)
     return 1000 * statistics.median(times)
 

@@ -32,7 +32,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -110,12 +109,9 @@ def measure(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup:
     for i in range(warmup + repeats):
         for name, model in models.items():
             clear_grads(model, x)
-            helpers.sync(device)
-            start = time.perf_counter()
-            step(model, x)
-            helpers.sync(device)
+            seconds, _ = helpers.timed(lambda m=model: step(m, x), device)
             if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
     results = {}
     for name, model in models.items():
         clear_grads(model, x)
@@ -191,13 +187,7 @@ def norm_times(nb, device: torch.device, repeats: int = 10) -> list[str]:
         ms = {}
         with torch.no_grad():
             for name, fn in norm_ways(nb, W0, lora_A, lora_B, 2.0).items():
-                times = []
-                for _ in range(repeats + 2):
-                    helpers.sync(device)
-                    start = time.perf_counter()
-                    fn()
-                    helpers.sync(device)
-                    times.append(time.perf_counter() - start)
+                times = [helpers.timed(fn, device)[0] for _ in range(repeats + 2)]
                 ms[name] = 1000 * statistics.median(times[2:])
         lines.append(
             f"  {n_out}x{n_in}, r={rank}: "

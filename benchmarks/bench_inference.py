@@ -34,7 +34,6 @@ import copy
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -80,13 +79,13 @@ def inference_variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str
 
 def seconds_per_call(model, context, x: torch.Tensor, calls: int) -> float:
     """Wall-clock seconds per call over ``calls`` calls (device synchronised)."""
-    with context():
-        helpers.sync(x.device)
-        start = time.perf_counter()
+
+    def run():
         for _ in range(calls):
             model(x)
-        helpers.sync(x.device)
-        return (time.perf_counter() - start) / calls
+
+    with context():
+        return helpers.timed(run, x.device)[0] / calls
 
 
 @torch.no_grad()

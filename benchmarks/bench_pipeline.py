@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -66,15 +65,6 @@ def parse_args() -> argparse.Namespace:
         help="torch.set_num_threads for both (default: torch's)",
     )
     return parser.parse_args()
-
-
-def timed(fn, device: torch.device) -> tuple[float, object]:
-    """(seconds, result) of fn(), with the device synchronised before both clock reads."""
-    helpers.sync(device)
-    start = time.perf_counter()
-    result = fn()
-    helpers.sync(device)
-    return time.perf_counter() - start, result
 
 
 # --------------------------------------------------------------------------------------
@@ -125,7 +115,7 @@ def tutorial_epoch(loaders: tuple[DataLoader, DataLoader], device: torch.device)
             tutorial_train(model, train_loader, device)
             return tutorial_accuracy(model, eval_loader, device)
 
-        return timed(epoch, device)
+        return helpers.timed(epoch, device)
 
     return run
 
@@ -149,7 +139,7 @@ def project_epoch(task: helpers.Task, batch_size: int, device: torch.device):
             helpers.train(model, task, epochs=1, lr=LR, batch_size=batch_size, log=None)
             return helpers.accuracy(model, task.train_x, task.train_y)
 
-        return timed(epoch, device)
+        return helpers.timed(epoch, device)
 
     return run
 
@@ -188,8 +178,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = helpers.pick_device()
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
-    setup_a, loaders = timed(tutorial_data, device)
-    setup_b, task = timed(lambda: project_task(device), device)
+    setup_a, loaders = helpers.timed(tutorial_data, device)
+    setup_b, task = helpers.timed(lambda: project_task(device), device)
     print(f"one-time setup (not timed below): tutorial {setup_a:.2f} s, project {setup_b:.2f} s")
     cases = {(TUTORIAL, TUTORIAL_BATCH): tutorial_epoch(loaders, device)}
     for batch in PROJECT_BATCHES:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,8 +48,10 @@ def main() -> None:
     }
 
     def seconds(wrapper, seeds) -> float:
-        start = time.perf_counter()
-        helpers.finetune(
+        return helpers.timed(lambda: finetune(wrapper, seeds), device)[0]
+
+    def finetune(wrapper, seeds):
+        return helpers.finetune(
             pretrained,
             rotated,
             seeds=seeds,
@@ -62,8 +63,6 @@ def main() -> None:
             batch_size=nb.BATCH_SIZE,
             log=None,
         )
-        helpers.sync(device)
-        return time.perf_counter() - start
 
     print(f"device {device}, {args.epochs} epoch(s) of {nb.FT_TRAIN_SIZE:,} examples")
     print(f"{'method':<16}{'S':>4}{'solo s':>10}{'batched s':>11}{'batched / solo':>16}")
