@@ -5,17 +5,17 @@ cluttered by. Each section names the notebook sections it serves:
 
     setup ............................ Setup
     models and adapters .............. 3, 13
-    data ............................. 4, 5    (downloading MNIST: tools/mnist_files.py)
+    data ............................. 4, 5    (downloading MNIST: dora_tutorial/mnist_files.py)
     training, many seeds at once ..... 4, 5, 6, 8
     evidence ......................... 5, 6, 7, 8, 11
     how fine-tuning moves weights .... 7
     shipping ......................... 9, 10, 13
     plots ............................ all
 
-Self-contained instruments live in tools/, one module each, and what the notebook uses from them
-is imported below: downloading MNIST (tools/mnist_files.py), adapter files and PEFT's names
-(tools/adapter_files.py), bytes kept for backward (tools/memory.py, sections 2b and 8), the
-conformance check (tools/check_dora.py, section 12).
+Self-contained instruments live in the package dora_tutorial/, one module each, and what the
+notebook uses from them is imported below: downloading MNIST (mnist_files), adapter files and
+PEFT's names (adapter_files), bytes kept for backward (memory, sections 2b and 8), the
+conformance check (check_dora, section 12). Maintainers' scripts (tools/) are never imported here.
 
 Helpers never define adapter layers: they take the notebook's layer classes as arguments.
 """
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools.adapter_files import (  # noqa: F401  (adapter files, ours and PEFT's: 9, 10, 13)
+from dora_tutorial.adapter_files import (  # noqa: F401  (adapter files, ours and PEFT's: 9, 10, 13)
     adapter_layers,
     inside,
     load_adapter,
@@ -46,8 +46,8 @@ from tools.adapter_files import (  # noqa: F401  (adapter files, ours and PEFT's
     save_adapter,
     save_peft_adapter,
 )
-from tools.check_dora import check_dora  # noqa: F401  (any DoRA layer against the paper: 12)
-from tools.memory import saved_tensor_bytes  # noqa: F401  (kept for backward: 2b, 8)
+from dora_tutorial.check_dora import check_dora  # noqa: F401  (any DoRA layer against the paper: 12)
+from dora_tutorial.memory import saved_tensor_bytes  # noqa: F401  (kept for backward: 2b, 8)
 
 __version__ = "0.2.0"  # the release this file belongs to; DoRA.ipynb asks for the same one
 
@@ -206,9 +206,11 @@ def load_mnist(root: str | Path = REPO / "data", *, allow_download: bool = True,
 
     Images are uint8 (N, 28, 28), labels int64 (N,). Verified files in ROOT/MNIST/raw are used
     as they are; otherwise they are fetched and checked against the official SHA-256
-    (``tools/mnist_files.py`` says how). ``allow_download=False`` never touches the network.
+    (``dora_tutorial/mnist_files.py`` says how). ``allow_download=False`` never touches the network.
     """
-    from tools.mnist_files import load_mnist as fetch  # the download machinery, out of the way
+    from dora_tutorial.mnist_files import (
+        load_mnist as fetch,  # the download machinery, out of the way
+    )
 
     return fetch(root, allow_download=allow_download, verbose=verbose)
 

@@ -31,18 +31,17 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import helpers
+from dora_tutorial import adapter_files
+from tools.notebook_definitions import import_notebook_definitions
 
-import helpers  # noqa: E402
-from tools import adapter_files  # noqa: E402
-from tools.notebook_definitions import import_notebook_definitions  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 LORA, BOOK, FACT, DENSE, PEFT = (
     "LoRA",

@@ -33,20 +33,16 @@ import contextlib
 import copy
 import random
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+import helpers
+from benchmarks.bench_dora import BOOK, LORA, PEFT, default_norm, print_readme_table, variants
+from tools.notebook_definitions import import_notebook_definitions
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from bench_dora import BOOK, LORA, PEFT, default_norm, print_readme_table, variants  # noqa: E402
-
-import helpers  # noqa: E402
-from tools.notebook_definitions import import_notebook_definitions  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

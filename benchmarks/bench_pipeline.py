@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
@@ -40,11 +39,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import helpers
+from tools.notebook_definitions import import_notebook_definitions
 
-import helpers  # noqa: E402
-from tools.notebook_definitions import import_notebook_definitions  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 SIZES = import_notebook_definitions().SIZES
 LR = 1e-3

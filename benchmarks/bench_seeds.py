@@ -18,15 +18,13 @@ test set. One run, ratios from that run: the machine may be shared and noisy.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import helpers
+from experiments.lr_sweep import pretrain, tasks
+from tools.notebook_definitions import import_notebook_definitions, protocol
 
-import helpers  # noqa: E402
-from experiments.lr_sweep import pretrain, tasks  # noqa: E402
-from tools.notebook_definitions import import_notebook_definitions, protocol  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

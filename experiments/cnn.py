@@ -18,20 +18,19 @@ comparisons and their sentences. The notebook's section 13 prints them.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import helpers
+from dora_tutorial.files import write_json
+from experiments.lr_sweep import choose_rates, fine_tune, pretrain, tasks
+from tools.notebook_definitions import import_notebook_definitions, protocol
 
-import helpers  # noqa: E402
-from experiments.lr_sweep import choose_rates, fine_tune, pretrain, tasks  # noqa: E402
-from tools.files import write_json  # noqa: E402
-from tools.notebook_definitions import import_notebook_definitions, protocol  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 CHANNELS = (8, 16)  # of the two convolutions (28 -> 14 -> 7 pixels)
 HIDDEN = 64  # units of the hidden linear layer

@@ -13,15 +13,14 @@ protocol it ran, the table, the chosen rates), which the notebook reads. Accurac
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import helpers
+from dora_tutorial.files import write_json
+from tools.notebook_definitions import import_notebook_definitions, protocol
 
-import helpers  # noqa: E402
-from tools.files import write_json  # noqa: E402
-from tools.notebook_definitions import import_notebook_definitions, protocol  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 RATES = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
 RESULTS = Path(__file__).with_name("lr_sweep.json")

@@ -23,24 +23,23 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
 import nbformat
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tools.files import write_json  # noqa: E402
-from tools.notebook_definitions import protocol  # noqa: E402
-from tools.run_notebook import execute  # noqa: E402
-from tools.update_readme import (  # noqa: E402
+from dora_tutorial.files import write_json
+from tools.notebook_definitions import protocol
+from tools.run_notebook import execute
+from tools.update_readme import (
     parse_verdict_table,
     sentences,
     summary_text,
     verdicts_of,
 )
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 RESULTS = Path(__file__).with_name("stability.json")
 AVX2 = {

@@ -5,16 +5,14 @@ The whole test command runs on the CPU, even on a GPU machine: the stored output
 (read by helpers.pick_device)."""
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from tools.notebook_definitions import import_notebook_definitions
+
 os.environ["DORA_DEVICE"] = "cpu"
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from tools.notebook_definitions import import_notebook_definitions  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import helpers
-from tools import adapter_files  # noqa: E402
-from tools.adapter_files import adapter_state_dict
+from dora_tutorial import adapter_files
+from dora_tutorial.adapter_files import adapter_state_dict
+from support import load_error
 
 CLASSES = ["LinearWithLoRA", "LinearWithDoRA", "LinearWithDoRAEfficient"]
 SIZES = (784, 128, 256, 10)
@@ -127,16 +128,6 @@ def test_save_is_atomic(nb, tmp_path, monkeypatch):
         helpers.save_adapter(model, path)
     assert path.read_bytes() == good  # the old file survives a failed save
     assert [p.name for p in tmp_path.iterdir()] == ["adapter.pt"]
-
-
-def load_error(model, adapter, load=helpers.load_adapter) -> str:
-    """The ValueError's message of ``load(model, adapter)``; the model must be untouched."""
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError) as info:
-        load(model, adapter)
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before), "model changed on error"
-    return str(info.value)
 
 
 def test_error_other_rank(nb):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools.check_dora import (
+from dora_tutorial.check_dora import (
     CHECKS,
     check_dora,
     main,
@@ -371,7 +371,7 @@ def test_cli_without_a_target_is_a_usage_error(capsys):
 
 
 def test_import_has_no_side_effects():
-    code = "import sys; import tools.check_dora; print(sorted({'peft'} & set(sys.modules)))"
+    code = "import sys; import dora_tutorial.check_dora; print(sorted({'peft'} & set(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools.check_dora import check_dora, main, peft_dora_factory, peft_unavailable_reason
+from dora_tutorial.check_dora import check_dora, main, peft_dora_factory, peft_unavailable_reason
 
 
 class ConvReferenceDoRA(nn.Module):

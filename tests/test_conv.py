@@ -1,6 +1,6 @@
 """The notebook's convolution adapters (section 13) against their definitions, the helpers that
 wrap, merge, save and load models mixing linear and convolutional adapters, and
-tools/check_dora.py's verdict on the layers.
+dora_tutorial/check_dora.py's verdict on the layers.
 
 The reference here is written independently of the layers: the update's kernel is built entry by
 entry from its definition (output channel o of group j sees the rank channels of group j), and
@@ -15,15 +15,19 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from test_helpers import tiny_task
-from test_layers import assert_detach_changes_only_direction_gradients, randomise
-from test_training import solo_run
 from torch import nn
 
 import helpers
-from tools import adapter_files  # noqa: E402
-from tools.adapter_files import adapter_state_dict
-from tools.check_dora import check_dora
+from dora_tutorial import adapter_files
+from dora_tutorial.adapter_files import adapter_state_dict
+from dora_tutorial.check_dora import check_dora
+from support import (
+    assert_detach_changes_only_direction_gradients,
+    looks_trained,
+    solo_run,
+    tiny_task,
+    wrappers,
+)
 
 CLASSES = ["Conv2dWithLoRA", "Conv2dWithDoRA"]
 
@@ -99,7 +103,7 @@ def test_init_conventions(nb, cls):
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_lora_matches_formula(nb, geometry):
     conv, rank = make_conv(geometry), geometry[-1]
-    layer = randomise(nb.Conv2dWithLoRA(conv, rank, 7))
+    layer = looks_trained(nb.Conv2dWithLoRA(conv, rank, 7))
     A, B, s = layer.lora.A.detach(), layer.lora.B.detach(), layer.lora.scaling
     W = conv.weight.detach() + reference_delta(A, B, s, conv.groups)
     torch.testing.assert_close(layer.merged_weight(), W, rtol=1e-12, atol=1e-12)
@@ -111,7 +115,7 @@ def test_lora_matches_formula(nb, geometry):
 def test_dora_matches_formula(nb, geometry):
     """y = conv(x; m * V / ||V||) + b, norm per output channel over (in/groups, kh, kw)."""
     conv, rank = make_conv(geometry), geometry[-1]
-    layer = randomise(nb.Conv2dWithDoRA(conv, rank, 7))
+    layer = looks_trained(nb.Conv2dWithDoRA(conv, rank, 7))
     A, B, m = (t.detach() for t in (layer.lora.A, layer.lora.B, layer.m))
     V = conv.weight.detach() + reference_delta(A, B, layer.lora.scaling, conv.groups)
     norm = V.square().sum(dim=(1, 2, 3), keepdim=True).sqrt()
@@ -125,7 +129,7 @@ def test_dora_matches_formula(nb, geometry):
 
 def test_detach_changes_only_direction_gradients(nb):
     conv = make_conv(GEOMETRIES[2]).requires_grad_(False)
-    detached = randomise(nb.Conv2dWithDoRA(conv, 4, 8))
+    detached = looks_trained(nb.Conv2dWithDoRA(conv, 4, 8))
     exact = nb.Conv2dWithDoRA(conv, 4, 8, detach_norm=False)
     assert_detach_changes_only_direction_gradients(detached, exact, inputs(conv))
 
@@ -143,7 +147,7 @@ def test_zero_kernel_gives_no_nan(nb):
 
 def test_low_precision_and_dtype(nb):
     conv = nn.Conv2d(3, 4, 3).to(torch.bfloat16)
-    layer = randomise(nb.Conv2dWithDoRA(conv, 2, 4))
+    layer = looks_trained(nb.Conv2dWithDoRA(conv, 2, 4))
     x = torch.randn(2, 3, 6, 6)
     y = layer(x)  # float32 input, bfloat16 layer: computes in bfloat16, answers in float32
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
@@ -210,7 +214,7 @@ def test_conv_lora_and_a_linear_layer_are_not_taken_for_conv_dora(nb):
 @pytest.mark.parametrize("geometry", GEOMETRIES, ids=IDS)
 def test_merge_conv(nb, cls, geometry):
     conv, rank = make_conv(geometry), geometry[-1]
-    layer = randomise(getattr(nb, cls)(conv, rank, 2 * rank))
+    layer = looks_trained(getattr(nb, cls)(conv, rank, 2 * rank))
     merged = nb.merge_conv(layer)
     assert type(merged) is nn.Conv2d and merged.weight.requires_grad
     for attr in ("stride", "padding", "dilation", "groups", "kernel_size", "padding_mode"):
@@ -240,18 +244,11 @@ def small_cnn(seed=0, dtype=torch.float32):
     ).to(dtype)
 
 
-def wrappers(nb, kind):
-    return {
-        nn.Linear: getattr(nb, f"LinearWith{kind}"),
-        nn.Conv2d: getattr(nb, f"Conv2dWith{kind}"),
-    }
-
-
 def trained_cnn(nb, kind="DoRA", rank=4, alpha=8, dtype=torch.float64):
     pretrained = small_cnn(dtype=dtype)
     model = helpers.add_adapters(pretrained, wrappers(nb, kind), rank, alpha)
     for layer in helpers.adapter_layers(model).values():
-        randomise(layer)
+        looks_trained(layer)
     return pretrained, model
 
 

@@ -23,13 +23,19 @@ import torch
 from torch import nn
 
 import helpers
-from tools import adapter_files  # noqa: E402
+from dora_tutorial import adapter_files
+from support import (
+    PEFT_TOL,
+    assert_matches_peft,
+    looks_trained,
+    peft_with_values_of_its_own,
+    rel,
+    wrappers,
+)
 
 peft = pytest.importorskip("peft", reason="peft is a test dependency: pip install peft")
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict  # noqa: E402
-from test_conv import wrappers  # noqa: E402
-from test_peft_files import peft_with_values_of_its_own  # noqa: E402
-from test_peft_parity import TOL, assert_matches_peft, rel, trained_looking  # noqa: E402
+LoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
+set_peft_model_state_dict = peft.set_peft_model_state_dict
 
 # convolutions (in, out, kernel, stride, padding), each followed by tanh; then a linear head
 CASES = {
@@ -55,7 +61,9 @@ def cnn(convs, bias, dtype):
 
 def build(nb, kind, convs, bias, dtype, rank=2):
     base = cnn(convs, bias, dtype)
-    ours = trained_looking(helpers.add_adapters(base, wrappers(nb, kind), rank, 2 * rank))
+    ours = looks_trained(
+        helpers.add_adapters(base, wrappers(nb, kind), rank, 2 * rank), b_std=0.2, m_spread=0.3
+    )
     theirs = get_peft_model(
         copy.deepcopy(base), LoraConfig(**adapter_files.peft_config_kwargs(ours))
     )
@@ -76,7 +84,7 @@ def test_forward_gradients_merge_match_peft(nb, kind, case, bias, dtype):
         getattr(nb, f"LinearWith{kind}"): nb.merge,
         getattr(nb, f"Conv2dWith{kind}"): nb.merge_conv,
     }
-    compared = assert_matches_peft(ours, theirs, x, TOL[dtype], merges)
+    compared = assert_matches_peft(ours, theirs, x, PEFT_TOL[dtype], merges)
     assert compared == (len(CASES[case]) + 1) * (3 if kind == "DoRA" else 2)
 
 
@@ -102,7 +110,9 @@ def grouped(nb, kind, dtype=torch.float64):
     then both compute the same LoRA update, and only the block structure differs."""
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).to(dtype)
-    ours = trained_looking(getattr(nb, f"Conv2dWith{kind}")(copy.deepcopy(conv), 4, 8))
+    ours = looks_trained(
+        getattr(nb, f"Conv2dWith{kind}")(copy.deepcopy(conv), 4, 8), b_std=0.2, m_spread=0.3
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "groups > 1 ... Merging is not supported"
         config = LoraConfig(r=4, lora_alpha=8, use_dora=kind == "DoRA", target_modules=["0"])

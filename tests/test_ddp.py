@@ -52,7 +52,6 @@ def worker(rank: int, rendezvous: str, class_name: str) -> None:
 
 
 def check_replica(rank: int, class_name: str) -> None:
-    sys.path.insert(0, str(REPO))
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import helpers

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import helpers
+from support import rel
 
 PARAMS = ("lora.A", "lora.B", "m")
 
@@ -24,10 +25,6 @@ def pair(nb, n_in, n_out, rank, *, bias=True, detach=True, factored=True, dtype=
     )
     fast.load_state_dict(book.state_dict())
     return book, fast
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("factored", [True, False])

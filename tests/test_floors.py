@@ -1,14 +1,13 @@
 """requirements.txt states a floor for every package, and tools/floors.py pins exactly those."""
 
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tools"))
+from tools.floors import floor_pins
 
-from floors import floor_pins  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
 
 REQUIREMENTS = (REPO / "requirements.txt").read_text().splitlines()
 

@@ -9,16 +9,7 @@ import torch
 from torch import nn
 
 import helpers
-
-
-def tiny_task(n=256, seed=0):
-    """A linearly separable 10-class problem in 784 dimensions, as a helpers.Task."""
-    g = torch.Generator().manual_seed(seed)
-    centers = torch.randn(10, 784, generator=g) * 3
-    y = torch.randint(0, 10, (n,), generator=g)
-    x = centers[y] + torch.randn(n, 784, generator=g)
-    return helpers.Task(train_x=x, train_y=y, test_x=x[:64], test_y=y[:64])
-
+from support import tiny_task
 
 # ---- data transforms -------------------------------------------------------------------
 

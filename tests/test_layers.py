@@ -8,19 +8,10 @@ import torch
 from torch import nn
 
 import helpers
+from support import assert_detach_changes_only_direction_gradients, looks_trained
 
 DORA_CLASSES = ["LinearWithDoRA", "LinearWithDoRAEfficient"]
 ALL_CLASSES = ["LinearWithLoRA", *DORA_CLASSES]
-
-
-def randomise(layer, seed=1):
-    """Give B (and m, if any) non-zero values, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        layer.lora.B.copy_(torch.randn(layer.lora.B.shape, generator=g, dtype=layer.lora.B.dtype))
-        if hasattr(layer, "m"):
-            layer.m.mul_(1 + torch.rand(layer.m.shape, generator=g, dtype=layer.m.dtype))
-    return layer
 
 
 def test_lora_is_identity_at_init(nb):
@@ -81,7 +72,7 @@ def test_dora_matches_formula(nb, cls, kwargs, bias):
     """y = x (m * V / ||V||_row)^T + b with V = W0 + (alpha/r) B A, computed here independently."""
     torch.manual_seed(0)
     base = nn.Linear(40, 24, bias=bias).double()
-    layer = randomise(getattr(nb, cls)(base, rank=5, alpha=7, **kwargs))
+    layer = looks_trained(getattr(nb, cls)(base, rank=5, alpha=7, **kwargs))
     x = torch.randn(9, 40, dtype=torch.float64)
     W0, A, B, m = (t.detach() for t in (base.weight, layer.lora.A, layer.lora.B, layer.m))
     V = W0 + (7 / 5) * B @ A
@@ -97,7 +88,7 @@ def test_dora_matches_formula(nb, cls, kwargs, bias):
 def test_lora_matches_formula(nb):
     torch.manual_seed(0)
     base = nn.Linear(40, 24).double()
-    layer = randomise(nb.LinearWithLoRA(base, rank=5, alpha=7))
+    layer = looks_trained(nb.LinearWithLoRA(base, rank=5, alpha=7))
     x = torch.randn(9, 40, dtype=torch.float64)
     W = base.weight + (7 / 5) * layer.lora.B @ layer.lora.A
     torch.testing.assert_close(layer(x), x @ W.T + base.bias, rtol=1e-12, atol=1e-12)
@@ -134,24 +125,10 @@ def test_rejects_non_linear(nb, cls):
 def test_detach_changes_only_direction_gradients(nb, cls):
     torch.manual_seed(0)
     base = nn.Linear(30, 20).double().requires_grad_(False)
-    detached = randomise(getattr(nb, cls)(base, rank=4, alpha=8))
+    detached = looks_trained(getattr(nb, cls)(base, rank=4, alpha=8))
     exact = getattr(nb, cls)(base, rank=4, alpha=8, detach_norm=False)
     x = torch.randn(11, 30, dtype=torch.float64)
     assert_detach_changes_only_direction_gradients(detached, exact, x)
-
-
-def assert_detach_changes_only_direction_gradients(detached, exact, x):
-    """Given exact's parameters set to detached's: the same output and gradient of m, other
-    gradients of A and B (the norm's derivative is what the detach drops)."""
-    exact.load_state_dict(detached.state_dict())
-    y_d, y_e = detached(x), exact(x)
-    assert torch.equal(y_d, y_e)
-    y_d.square().sum().backward()
-    y_e.square().sum().backward()
-    for name in ("lora.A", "lora.B"):
-        g_d, g_e = detached.get_parameter(name).grad, exact.get_parameter(name).grad
-        assert (g_d - g_e).norm() > 1e-3 * g_e.norm(), name
-    torch.testing.assert_close(detached.m.grad, exact.m.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_extra_repr_shows_rank_and_scaling(nb):

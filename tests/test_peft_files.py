@@ -8,12 +8,12 @@ import json
 
 import pytest
 import torch
-from test_adapters import load_error as adapter_load_error
-from test_efficient import rel
 from torch import nn
 
 import helpers
-from tools import files
+from dora_tutorial import files
+from support import load_error as adapter_load_error
+from support import looks_trained, peft_with_values_of_its_own, rel
 
 SIZES = (30, 20, 12)
 
@@ -29,27 +29,7 @@ def mlp(bias=True, dtype=torch.float64):
 
 def trained(nb, cls, base, rank=4, alpha=8, seed=1, **kwargs):
     model = helpers.add_adapters(base, getattr(nb, cls), rank, alpha, **kwargs)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora.B"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-            elif name.endswith(".m"):
-                p.mul_(1 + 0.3 * torch.rand(p.shape, generator=g, dtype=p.dtype))
-    return model
-
-
-def peft_with_values_of_its_own(base, config):
-    """get_peft_model on a copy of base, its adapter values moved (B != 0, m != ||W0||)."""
-    from peft import get_peft_model
-
-    theirs = get_peft_model(copy.deepcopy(base), config)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "lora_" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return theirs
+    return looks_trained(model, seed, b_std=0.2, m_spread=0.3)
 
 
 def x_for(dtype=torch.float64):

@@ -12,7 +12,15 @@ import torch
 from torch import nn
 
 import helpers
-from tools import adapter_files  # noqa: E402
+from dora_tutorial import adapter_files
+from support import (
+    OURS_TO_PEFT,
+    PEFT_TOL,
+    assert_matches_peft,
+    looks_trained,
+    peft_with_values_of_its_own,
+    rel,
+)
 
 # peft imports transformers, which can fail with any exception on a torch it does not support
 # (NameError with transformers 5 on torch 2.5): skip with the first line of it, not a crash.
@@ -27,17 +35,13 @@ except Exception as error:
     reason = f"peft cannot be imported: {type(error).__name__}: {error}"
     pytest.skip(reason.splitlines()[0], allow_module_level=True)
 
-from test_peft_files import peft_with_values_of_its_own  # noqa: E402
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 CLASSES = {
     "LinearWithLoRA": {},
     "LinearWithDoRA": {},
     "LinearWithDoRAEfficient-factored": {"factored_norm": True},
     "LinearWithDoRAEfficient-dense": {"factored_norm": False},
 }
-OURS_TO_PEFT = {"lora.A": "lora_A.default.weight", "lora.B": "lora_B.default.weight"}
-OURS_TO_PEFT["m"] = "lora_magnitude_vector.default.weight"
 
 
 def mlp(sizes, bias, dtype):
@@ -48,33 +52,17 @@ def mlp(sizes, bias, dtype):
     return nn.Sequential(nn.Flatten(), *layers).to(dtype)
 
 
-def trained_looking(model, seed=1):
-    """Adapters as after training: B != 0 and m != ||W0|| (in place; returns the model)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora.B"):
-                p.normal_(std=0.2)
-            elif name.endswith(".m"):
-                p.mul_(1 + 0.3 * torch.rand_like(p))
-    return model
-
-
 def build(nb, cls_key, sizes, rank, bias, dtype):
     base = mlp(sizes, bias, dtype)
     cls = getattr(nb, cls_key.split("-")[0])
     ours = helpers.add_adapters(base, cls, rank, 2 * rank, **CLASSES[cls_key])
-    trained_looking(ours)
+    looks_trained(ours, b_std=0.2, m_spread=0.3)
     theirs = get_peft_model(
         copy.deepcopy(base), LoraConfig(**adapter_files.peft_config_kwargs(ours))
     )
     result = set_peft_model_state_dict(theirs, adapter_files.to_peft_state_dict(ours))
     assert not result.unexpected_keys
     return base, ours, theirs
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 CASES = [
@@ -93,37 +81,8 @@ def test_forward_gradients_merge_match_peft(nb, cls_key, sizes, rank, bias, dtyp
     _, ours, theirs = build(nb, cls_key, sizes, rank, bias, dtype)
     torch.manual_seed(2)
     x = torch.randn(8, sizes[0], dtype=dtype)
-    compared = assert_matches_peft(ours, theirs, x, TOL[dtype], nb.merge)
+    compared = assert_matches_peft(ours, theirs, x, PEFT_TOL[dtype], nb.merge)
     assert compared == (len(sizes) - 1) * (3 if "DoRA" in cls_key else 2)
-
-
-def assert_matches_peft(ours, theirs, x, tol, merge):
-    """Our model and PEFT's, same adapter values: the output, the gradient of every adapter
-    parameter after one backward pass, the merged weights (``helpers.merge_adapters(ours,
-    merge)`` against ``merge_and_unload``) within ``tol``. Returns how many gradients were
-    compared. PEFT may keep a tensor in another shape (a Conv2d's m is (1, out, 1, 1))."""
-    y_ours, y_theirs = ours(x), theirs(x)
-    assert rel(y_ours, y_theirs) <= tol
-    target = torch.randn_like(y_ours)
-    (y_ours * target).sum().backward()
-    (y_theirs * target).sum().backward()
-    compared = 0
-    for name, p in ours.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer, _, ours_name = name.partition(".")
-        q = theirs.get_parameter(f"base_model.model.{layer}.{OURS_TO_PEFT[ours_name]}")
-        assert torch.equal(p.detach(), q.detach().reshape(p.shape))  # copied exactly
-        assert rel(p.grad, q.grad.reshape(p.shape)) <= tol, name
-        compared += 1
-    merged_theirs = copy.deepcopy(theirs).merge_and_unload()
-    merged_ours = helpers.merge_adapters(ours, merge)
-    for (n1, w1), (n2, w2) in zip(
-        merged_ours.state_dict().items(), merged_theirs.state_dict().items(), strict=True
-    ):
-        assert n1 == n2 and rel(w1, w2) <= tol, n1
-    assert rel(merged_ours(x), y_theirs) <= 10 * tol
-    return compared
 
 
 @pytest.mark.parametrize("kind", ["LinearWithLoRA", "LinearWithDoRA"])
@@ -175,7 +134,7 @@ def test_dropout_matches_peft_in_training_and_eval(nb, cls_key, bias):
     base = mlp((40, 24, 12), bias, torch.float64)
     cls = getattr(nb, cls_key.split("-")[0])
     ours = helpers.add_adapters(base, cls, 4, 8, dropout=DROPOUT, **CLASSES[cls_key])
-    trained_looking(ours)
+    looks_trained(ours, b_std=0.2, m_spread=0.3)
     config = LoraConfig(**adapter_files.peft_config_kwargs(ours))
     assert config.lora_dropout == DROPOUT
     theirs = get_peft_model(copy.deepcopy(base), config)

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import helpers
-from tools.adapter_files import adapter_state_dict
+from dora_tutorial.adapter_files import adapter_state_dict
 
 REPO = helpers.REPO
 

@@ -4,12 +4,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless; set before pyplot is imported anywhere
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
 
-import helpers  # noqa: E402
+import helpers
 
 
 @pytest.fixture(autouse=True)

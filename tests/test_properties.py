@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import helpers
+from support import rel
 
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -38,10 +39,6 @@ def build(nb, cls_name, s, dtype=torch.float64, trained=False, **kwargs):
                 layer.m.mul_(torch.rand_like(layer.m) + 0.5)
     x = torch.randn(s["tokens"], s["n_in"], dtype=dtype)
     return base, layer, x
-
-
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
 CLASSES = st.sampled_from(["LinearWithLoRA", "LinearWithDoRA", "LinearWithDoRAEfficient"])

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import helpers
+from support import looks_trained
 
 DORA = [("LinearWithDoRA", {}), ("LinearWithDoRAEfficient", {"factored_norm": True})]
 DORA += [("LinearWithDoRAEfficient", {"factored_norm": False})]
@@ -17,15 +18,6 @@ IDS = ["lora", "dora", "dora-eff-factored", "dora-eff-dense"]
 
 def make(nb, key, kwargs, base, rank=4, alpha=8, **extra):
     return getattr(nb, key)(base, rank, alpha, **kwargs, **extra)
-
-
-def randomise(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora.B"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
 
 
 @pytest.mark.parametrize("detach", [True, False])
@@ -62,7 +54,7 @@ def test_zero_rows_in_the_notebook_norms(nb, key, kwargs):
 @pytest.mark.parametrize("key, kwargs", ALL, ids=IDS)
 def test_low_precision_inputs_to_float32_layers(nb, key, kwargs, dtype):
     torch.manual_seed(0)
-    layer = randomise(make(nb, key, kwargs, nn.Linear(64, 32)))
+    layer = looks_trained(make(nb, key, kwargs, nn.Linear(64, 32)), 0, b_std=0.1, m_spread=0.0)
     x = torch.randn(2, 7, 64)
     y = layer(x.to(dtype))
     assert y.dtype == dtype and y.shape == (2, 7, 32)
@@ -73,7 +65,7 @@ def test_low_precision_inputs_to_float32_layers(nb, key, kwargs, dtype):
 @pytest.mark.parametrize("key, kwargs", ALL, ids=IDS)
 def test_layers_converted_to_low_precision(nb, key, kwargs, dtype):
     torch.manual_seed(0)
-    layer = randomise(make(nb, key, kwargs, nn.Linear(64, 32)))
+    layer = looks_trained(make(nb, key, kwargs, nn.Linear(64, 32)), 0, b_std=0.1, m_spread=0.0)
     x = torch.randn(5, 64)
     reference = layer(x)
     low = copy.deepcopy(layer).to(dtype)
@@ -91,7 +83,7 @@ def test_layers_converted_to_low_precision(nb, key, kwargs, dtype):
 @pytest.mark.parametrize("key, kwargs", ALL, ids=IDS)
 def test_to_dtype_and_meta_device(nb, key, kwargs):
     torch.manual_seed(0)
-    layer = randomise(make(nb, key, kwargs, nn.Linear(10, 6)))
+    layer = looks_trained(make(nb, key, kwargs, nn.Linear(10, 6)), 0, b_std=0.1, m_spread=0.0)
     x = torch.randn(3, 10)
     y64 = copy.deepcopy(layer).to(torch.float64)(x.double())
     assert y64.dtype == torch.float64
@@ -105,7 +97,7 @@ def test_to_dtype_and_meta_device(nb, key, kwargs):
 def test_to_cuda(nb):
     for key, kwargs in ALL:
         torch.manual_seed(0)
-        layer = randomise(make(nb, key, kwargs, nn.Linear(10, 6)))
+        layer = looks_trained(make(nb, key, kwargs, nn.Linear(10, 6)), 0, b_std=0.1, m_spread=0.0)
         x = torch.randn(3, 10)
         expected = layer(x)
         torch.testing.assert_close(layer.to("cuda")(x.cuda()).cpu(), expected)
@@ -114,7 +106,7 @@ def test_to_cuda(nb):
 @pytest.mark.parametrize("key, kwargs", ALL, ids=IDS)
 def test_deepcopy_and_state_dict_round_trip(nb, key, kwargs):
     torch.manual_seed(0)
-    layer = randomise(make(nb, key, kwargs, nn.Linear(10, 6)))
+    layer = looks_trained(make(nb, key, kwargs, nn.Linear(10, 6)), 0, b_std=0.1, m_spread=0.0)
     x = torch.randn(3, 10)
     twin = copy.deepcopy(layer)
     assert torch.equal(twin(x), layer(x))
@@ -131,7 +123,7 @@ def test_deepcopy_and_state_dict_round_trip(nb, key, kwargs):
 
 def test_state_dict_moves_between_textbook_and_efficient(nb):
     pretrained = helpers.make_mlp((20, 16, 4), seed=0)
-    book = randomise(helpers.add_adapters(pretrained, nb.LinearWithDoRA, 3, 6))
+    book = looks_trained(helpers.add_adapters(pretrained, nb.LinearWithDoRA, 3, 6))
     fast = helpers.add_adapters(pretrained, nb.LinearWithDoRAEfficient, 3, 6)
     fast.load_state_dict(book.state_dict())
     x = torch.randn(5, 20)
@@ -149,7 +141,7 @@ def test_torch_compile_matches_eager(nb, monkeypatch):
     monkeypatch.setitem(sys.modules, nb.__name__, nb)
     torch._dynamo.reset()
     pretrained = helpers.make_mlp((32, 24, 16, 10), seed=0)
-    eager = randomise(
+    eager = looks_trained(
         helpers.add_adapters(pretrained, nb.LinearWithDoRAEfficient, 4, 8, factored_norm=True)
     )
     compiled_model = copy.deepcopy(eager)

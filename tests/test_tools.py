@@ -2,15 +2,12 @@
 
 import base64
 import re
-import sys
 from pathlib import Path
 
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-
-from check_determinism import cell_texts, sanitizers  # noqa: E402
-from run_notebook import coalesce_streams, save_figures  # noqa: E402
+from tools.check_determinism import cell_texts, sanitizers
+from tools.run_notebook import coalesce_streams, save_figures
 
 PNG = base64.b64encode(b"\x89PNG fake").decode()
 

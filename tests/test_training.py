@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_helpers import tiny_task
 
 import helpers
+from support import solo_run, tiny_task
 
 SIZES = (784, 32, 16, 10)
 CLASSES = [None, "LinearWithLoRA", "LinearWithDoRA", "LinearWithDoRAEfficient"]
@@ -26,21 +26,6 @@ def build(nb, wrapper, seed, pretrained):
     if wrapper is None:
         return copy.deepcopy(pretrained).requires_grad_(True)
     return helpers.add_adapters(pretrained, getattr(nb, wrapper), 4, 8)
-
-
-def solo_run(model, task, seed, epochs, lr, batch_size):
-    """One model, one seed: the batch order from the seed's own generator, plain Adam."""
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(task.train_x), generator=generator)
-        for i in range(0, len(order), batch_size):
-            idx = order[i : i + batch_size]
-            loss = F.cross_entropy(model(task.train_x[idx]), task.train_y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return model
 
 
 @pytest.mark.parametrize("wrapper", CLASSES, ids=["full", "lora", "dora", "dora-efficient"])

@@ -1,5 +1,3 @@
-"""Scripts and modules that serve the notebook: running it, checking it, fetching MNIST.
-
-A regular package, so that ``import tools.x`` finds this folder even where another
-distribution installs a top-level ``tools`` namespace.
-"""
+"""Maintainers' scripts: run the notebook, write the README's results, check determinism, what
+JupyterLab shows and the version floors. No reader's kernel imports this folder; run each from
+the repository root as ``python -m tools.NAME`` (its docstring says how)."""

@@ -21,10 +21,9 @@ from pathlib import Path
 
 import nbformat
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tools.run_notebook import execute
 
-from run_notebook import execute  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def sanitizers(path: Path = REPO / "tests" / "nbval_sanitize.cfg") -> list[tuple[str, str]]:

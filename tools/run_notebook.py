@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import sys
 import time
 from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import helpers
+from dora_tutorial.files import write_atomic
 
-import helpers  # noqa: E402
-from tools.files import write_atomic  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:

@@ -153,8 +153,7 @@ def main() -> int:
         print("README.md's results match DoRA.ipynb and experiments/stability.json")
         return 0
     if new != readme:
-        sys.path.insert(0, str(REPO))
-        from tools.files import write_atomic
+        from dora_tutorial.files import write_atomic
 
         write_atomic(readme_path, [new.encode()])
     print("README.md's results are up to date")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tools.files import write_atomic, write_atomic_dir
+from dora_tutorial.files import write_atomic, write_atomic_dir
 
 
 def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tools.files import write_atomic
+from dora_tutorial.files import write_atomic
 
 # SHA-256 of the official uncompressed IDX files (torchvision's raw layout: ROOT/MNIST/raw/).
 MNIST_SHA256 = {
