@@ -38,16 +38,70 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dora_tutorial.adapter_files import (  # noqa: F401  (adapter files, ours and PEFT's: 9, 10, 13)
+from dora_tutorial.adapter_files import (  # adapter files, ours and PEFT's: 9, 10, 13
     adapter_layers,
-    inside,
     load_adapter,
     load_peft_adapter,
     save_adapter,
     save_peft_adapter,
 )
-from dora_tutorial.check_dora import check_dora  # noqa: F401  (any DoRA layer against the paper: 12)
-from dora_tutorial.memory import saved_tensor_bytes  # noqa: F401  (kept for backward: 2b, 8)
+from dora_tutorial.adapter_files import inside as _inside
+from dora_tutorial.check_dora import check_dora  # any DoRA layer against the paper: 12
+from dora_tutorial.files import write_json as _write_json
+from dora_tutorial.memory import saved_tensor_bytes  # kept for backward: 2b, 8
+
+# The notebook's interface, by the notebook's sections: every name here is called there, and
+# nothing else is (tests/test_layout.py checks both ways). Other public names are the building
+# blocks these use, tested on their own and used by scripts (Runs, Task, Comparison, timed, ...);
+# underscore names are internal.
+__all__ = [
+    # Setup
+    "require_version",
+    "pick_device",
+    "wrap",
+    # models and adapters (3, 13)
+    "make_mlp",
+    "add_adapters",
+    "parameter_counts",
+    "layer_weights",
+    "adapter_layers",
+    "saved_tensor_bytes",
+    # data (4, 5)
+    "load_mnist",
+    "rotate",
+    "make_task",
+    # training (4, 5, 6, 8)
+    "train",
+    "finetune",
+    "accuracy",
+    # evidence (5, 6, 7, 8, 11)
+    "compare",
+    "holm",
+    "in_words",
+    "results_table",
+    "run_summary",
+    "summary_text",
+    "write_results",
+    # how fine-tuning moves the weights (7)
+    "decomposition_points",
+    "correlations",
+    "sign_verdict",
+    "decomposition_table",
+    # shipping (9, 10, 12, 13)
+    "merge_adapters",
+    "inference_ms",
+    "save_adapter",
+    "load_adapter",
+    "save_peft_adapter",
+    "load_peft_adapter",
+    "check_dora",
+    # plots
+    "plot_digits",
+    "plot_history",
+    "plot_methods",
+    "plot_rank_sweep",
+    "plot_decomposition",
+]
 
 __version__ = "0.2.0"  # the release this file belongs to; DoRA.ipynb asks for the same one
 
@@ -182,7 +236,7 @@ def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in model.named_modules():
         if name in adapters:
             weights[name] = module.merged_weight().detach().clone()
-        elif isinstance(module, nn.Linear | nn.Conv2d) and not inside(name, adapters):
+        elif isinstance(module, nn.Linear | nn.Conv2d) and not _inside(name, adapters):
             weights[name] = module.weight.detach().clone()
     return weights
 
@@ -587,7 +641,7 @@ def holm(comparisons: list[Comparison]) -> list[Comparison]:
     return [replace(c, p_holm=adjusted[i], family=m) for i, c in enumerate(comparisons)]
 
 
-def mean_interval(values: np.ndarray) -> tuple[float, float]:
+def _mean_interval(values: np.ndarray) -> tuple[float, float]:
     """The 95 % confidence interval of the mean of ``values`` (t quantile, n - 1 degrees)."""
     from scipy import stats
 
@@ -609,9 +663,8 @@ def in_words(numbers, noun: str) -> str:
     return f"{noun}s {', '.join(numbers[:-1])} and {numbers[-1]}"
 
 
-def verdict_table(verdicts: dict[str, str]) -> str:
-    """Conclusion | verdict, one row each (long verdicts wrap under their column). The README
-    and ``experiments/stability.py`` read this table from the notebook's last cell."""
+def _verdict_table(verdicts: dict[str, str]) -> str:
+    """Conclusion | verdict, one row each (long verdicts wrap under their column)."""
     width = max(map(len, verdicts)) + 2
     rows = [f"{'conclusion':<{width}}verdict"]
     for key, verdict in verdicts.items():
@@ -620,19 +673,83 @@ def verdict_table(verdicts: dict[str, str]) -> str:
     return "\n".join(rows)
 
 
-def results_table(results: dict[str, Runs]) -> str:
-    """Method | trainable | final test accuracy: mean ± std, 95 % CI of the mean | s / epoch."""
-    head = f"{'method':<18}{'trainable':>10}  {'test accuracy (%)':<17}{'95 % CI':>15}"
-    lines = [head + f"{'s / epoch':>11}"]
+def _accuracy_rows(results: dict[str, Runs]) -> list[dict]:
+    """Per method: trainable parameters, final test accuracy's mean, std and 95 % interval."""
+    rows = []
     for name, runs in results.items():
         acc = runs.final
-        interval = "{:.2f}-{:.2f}".format(*mean_interval(acc))
-        lines.append(
-            f"{name:<18}{runs.trainable:>10,}  {acc.mean():>6.2f} ± {acc.std(ddof=1):<6.2f}"
-            f"{interval:>17}{np.mean(runs.seconds):>9.2f} s"
+        low, high = _mean_interval(acc)
+        rows.append(
+            {
+                "method": name,
+                "trainable": runs.trainable,
+                "mean": float(acc.mean()),
+                "std": float(acc.std(ddof=1)),
+                "ci": [float(low), float(high)],
+            }
         )
-    seeds = next(iter(results.values())).seeds
-    return "\n".join(lines) + f"\n({len(seeds)} seeds each; s / epoch: all seeds together)"
+    return rows
+
+
+def results_table(results: dict[str, Runs]) -> str:
+    """Method | trainable | final test accuracy: mean ± std, 95 % CI of the mean | s / epoch."""
+    seconds = [float(np.mean(runs.seconds)) for runs in results.values()]
+    seeds = len(next(iter(results.values())).seeds)
+    return _accuracy_table(_accuracy_rows(results), seeds, seconds)
+
+
+def _accuracy_table(rows: list[dict], seeds: int, seconds: list[float] | None = None) -> str:
+    head = f"{'method':<18}{'trainable':>10}  {'test accuracy (%)':<17}{'95 % CI':>15}"
+    lines = [head + (f"{'s / epoch':>11}" if seconds else "")]
+    for i, row in enumerate(rows):
+        interval = "{:.2f}-{:.2f}".format(*row["ci"])
+        lines.append(
+            f"{row['method']:<18}{row['trainable']:>10,}  {row['mean']:>6.2f} ± "
+            f"{row['std']:<6.2f}{interval:>17}" + (f"{seconds[i]:>9.2f} s" if seconds else "")
+        )
+    note = "; s / epoch: all seeds together" if seconds else ""
+    return "\n".join(lines) + f"\n({seeds} seeds each{note})"
+
+
+def run_summary(results: dict[str, Runs], pretrained_accuracy: float, conclusions) -> dict:
+    """The run's results as data: the accuracy table, the pretrained model's accuracy (%) and
+    {conclusion: {"verdict", "sentence"}}. ``summary_text`` prints it, ``write_results`` saves
+    it; the README and experiments/stability.py read the saved file, never printed text."""
+    return {
+        "seeds": len(next(iter(results.values())).seeds),
+        "pretrained_accuracy": 100 * float(pretrained_accuracy),
+        "methods": _accuracy_rows(results),
+        "conclusions": {
+            key: {"verdict": verdict, "sentence": sentence}
+            for key, (verdict, sentence) in conclusions.items()
+        },
+    }
+
+
+def summary_text(summary: dict) -> str:
+    """What the notebook's summary cell prints, from ``run_summary``'s data alone."""
+    conclusions = summary["conclusions"]
+    return "\n".join(
+        [
+            _accuracy_table(summary["methods"], summary["seeds"]),
+            f"pretrained model on rotated digits: {summary['pretrained_accuracy']:.2f}%",
+            "",
+            _verdict_table({key: c["verdict"] for key, c in conclusions.items()}),
+            "",
+            *(wrap(f"- {key}: {c['sentence']}", indent="  ") for key, c in conclusions.items()),
+        ]
+    )
+
+
+RESULTS_FILE = REPO / "figures" / "results.json"
+
+
+def write_results(summary: dict) -> Path:
+    """Save ``summary`` as JSON: to $DORA_RESULTS if set (tests, checks and the stability runs
+    write elsewhere), else to figures/results.json, beside the figures of the same run."""
+    path = Path(os.environ.get("DORA_RESULTS") or RESULTS_FILE)
+    _write_json(path, summary)
+    return path
 
 
 # ---- How fine-tuning moves the weights: the DoRA paper's Figure 2 (notebook: 7) --------------
@@ -697,7 +814,7 @@ def _r(points: list[dict]) -> float:
 def sign_verdict(values: np.ndarray, paper: float) -> tuple[str, float, float]:
     """('reproduces' | 'opposite sign' | 'cannot tell', low, high): the 95 % interval over
     seeds of a correlation, against the sign the paper reports."""
-    low, high = mean_interval(values)
+    low, high = _mean_interval(values)
     if low <= 0 <= high:
         return "cannot tell", low, high
     return ("reproduces" if (low > 0) == (paper > 0) else "opposite sign"), low, high

@@ -21,7 +21,7 @@ v1, v2, ...) after warm-up steps; the median of the repeats is reported. "saved"
 The layer classes are the notebook's (``tools/notebook_definitions.py``), never copies.
 Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_dora.py [--repeats 5] [--rank 16]
+    .venv/bin/python -m benchmarks.bench_dora [--repeats 5] [--rank 16]
 
 ``DORA_DEVICE=cpu`` forces the CPU (see ``helpers.pick_device``).
 """

@@ -23,7 +23,7 @@ machine. Not CPU time: that counts the spin-waiting of PyTorch's idle worker thr
 depends on what ran just before, and gave 0.72x to 2.10x for one ratio on one machine (wall
 clock, shuffled: 1.11x and 1.12x). Ratios come from this one run. Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_inference.py [--repeats 15]
+    .venv/bin/python -m benchmarks.bench_inference [--repeats 15]
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ with one thread setting; the median seconds per epoch of each and the ratios a /
 ending with a markdown table for the README. On CUDA the device is synchronised before every
 clock read. Run from the repository root:
 
-    .venv/bin/python benchmarks/bench_pipeline.py [--repeats 3] [--threads N]
+    .venv/bin/python -m benchmarks.bench_pipeline [--repeats 3] [--threads N]
 
 On a CPU shared with other busy processes, torch's default of one thread per core can make every
 small matrix product wait for a descheduled thread (epochs 10x slower and erratic): compare the

@@ -1,6 +1,6 @@
 """What does training the seeds of one configuration together save?
 
-    .venv/bin/python benchmarks/bench_seeds.py [--epochs 1] [--seeds 1 3 10]
+    .venv/bin/python -m benchmarks.bench_seeds [--epochs 1] [--seeds 1 3 10]
 
 The notebook's network, pretrained as the notebook does, fine-tuned on its rotated-digits task
 (settings read from DoRA.ipynb) for one epoch, per method (full fine-tuning, LoRA, DoRA

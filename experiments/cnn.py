@@ -1,6 +1,6 @@
 """DoRA beyond nn.Linear: a small CNN fine-tuned three ways on the notebook's rotated digits.
 
-    .venv/bin/python experiments/cnn.py
+    .venv/bin/python -m experiments.cnn
 
 Section 5's protocol, read from DoRA.ipynb (``tools/notebook_definitions.py``: rotated task and
 validation split, seeds, epochs, batch size, rank, alpha, pretraining), on a small CNN instead of

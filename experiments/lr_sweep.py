@@ -1,6 +1,6 @@
 """Where the notebook's learning rates come from: each method's rate, chosen on held-out data.
 
-    .venv/bin/python experiments/lr_sweep.py
+    .venv/bin/python -m experiments.lr_sweep
 
 Reads the protocol from DoRA.ipynb (network, pretraining, rotated task, seeds, epochs, batch
 size, rank, alpha: ``tools/notebook_definitions.py``), pretrains as the notebook does, then

@@ -1,9 +1,9 @@
 """Do the notebook's conclusions survive other seeds and other float rounding?
 
-    .venv/bin/python experiments/stability.py
+    .venv/bin/python -m experiments.stability
 
 Runs DoRA.ipynb headless (on the CPU) in variants of the committed run, changing one thing at a
-time, and reads each run's verdict table (its last cell, "What this run shows"):
+time, and reads the verdicts each run's summary cell writes (``helpers.write_results``):
 
 * ten other seeds (``SEEDS = range(10, 20)``): another draw of initialisations and batch orders;
 * one thread instead of the machine's default (``torch.set_num_threads(1)``);
@@ -21,6 +21,7 @@ Takes about three times the notebook's run time.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -31,12 +32,6 @@ import nbformat
 from dora_tutorial.files import write_json
 from tools.notebook_definitions import protocol
 from tools.run_notebook import execute
-from tools.update_readme import (
-    parse_verdict_table,
-    sentences,
-    summary_text,
-    verdicts_of,
-)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,19 +74,22 @@ def main() -> None:
         nbformat.write(variant(name), path)  # beside DoRA.ipynb: it runs in the repository
         saved_env = dict(os.environ)
         os.environ.update(VARIANTS[name][2])  # the kernel inherits this process's environment
+        written = path.with_suffix(".json")  # what the variant's summary cell writes
         try:
-            summary = summary_text(execute(path))
-            results[name] = parse_verdict_table(summary)
-            said[name] = sentences(summary)
+            execute(path, written)
+            conclusions = json.loads(written.read_text())["conclusions"]
+            results[name] = {key: c["verdict"] for key, c in conclusions.items()}
+            said[name] = {key: c["sentence"] for key, c in conclusions.items()}
         finally:
             path.unlink(missing_ok=True)
+            written.unlink(missing_ok=True)
             os.environ.clear()
             os.environ.update(saved_env)
         print(f"   {time.perf_counter() - start:.0f} s", flush=True)
     saved = {"protocol": protocol(), "variants": results, "sentences": said}
     write_json(RESULTS, saved)
-    committed = verdicts_of(nbformat.read(REPO / "DoRA.ipynb", as_version=4))
-    for key, verdict in committed.items():
+    conclusions = json.loads((REPO / "figures" / "results.json").read_text())["conclusions"]
+    for key, verdict in ((key, c["verdict"]) for key, c in conclusions.items()):
         others = [results[name].get(key) for name in VARIANTS]
         mark = "agree" if all(v == verdict for v in others) else "DIFFER"
         print(f"{mark:<7}{key}: committed {verdict!r}; " + "; ".join(map(repr, others)))

@@ -2,9 +2,17 @@
 
 The whole test command runs on the CPU, even on a GPU machine: the stored outputs that
 `pytest --nbval` compares come from the CPU, and the kernel nbval starts inherits this setting
-(read by helpers.pick_device)."""
+(read by helpers.pick_device). Likewise every notebook run inside the tests writes its results
+to a temporary file (DORA_RESULTS, read by helpers.write_results), never figures/results.json.
 
+Markers (pyproject.toml): slow, browser, multiprocess, network. The README's test command runs
+them all; ``-m "not slow"`` is a quick pass. Helpers that several test files share live in
+tests/support.py: test modules never import each other."""
+
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +20,9 @@ import pytest
 from tools.notebook_definitions import import_notebook_definitions
 
 os.environ["DORA_DEVICE"] = "cpu"
+_RESULTS_DIR = tempfile.mkdtemp(prefix="dora-test-results-")
+atexit.register(shutil.rmtree, _RESULTS_DIR, ignore_errors=True)
+os.environ["DORA_RESULTS"] = str(Path(_RESULTS_DIR) / "results.json")
 REPO = Path(__file__).resolve().parents[1]
 
 

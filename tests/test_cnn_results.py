@@ -57,4 +57,4 @@ def test_the_notebook_prints_the_saved_cnn_results():
     for sentence in CNN["sentences"]:
         assert " ".join(sentence.split()) in flat
     markdown = "\n".join(c.source for c in notebook.cells if c.cell_type == "markdown")
-    assert ".venv/bin/python experiments/cnn.py" in markdown  # how to regenerate it
+    assert ".venv/bin/python -m experiments.cnn" in markdown  # how to regenerate it

@@ -96,6 +96,8 @@ def check_replica(rank: int, class_name: str) -> None:
             assert torch.equal(p, frozen0[n]), f"frozen {n} changed"
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.skipif(LOOPBACK is None, reason="no loopback network interface")
 @pytest.mark.parametrize("class_name", ["LinearWithDoRAEfficient"])
 def test_ddp_syncs_only_adapters_and_replicas_agree(nb, class_name, tmp_path):

@@ -33,6 +33,15 @@ def test_overrides_replace_the_package_they_name_or_add_one():
     assert pins == ["torch==2.8.0", "huggingface-hub==0.30.0", "six==1.16.0"]
 
 
+def test_the_dev_requirements_have_floors_and_one_exact_pin_the_linter():
+    lines = (REPO / "requirements-dev.txt").read_text().splitlines()
+    pins = floor_pins(lines)
+    assert "ruff==" + pins[[p.split("==")[0] for p in pins].index("ruff")].split("==")[1] in pins
+    exact = [line for line in lines if "==" in line.split("#")[0]]
+    assert [line.split("==")[0] for line in exact] == ["ruff"]
+    assert floor_pins(["-r requirements.txt", "ruff==0.17.6"]) == ["ruff==0.17.6"]
+
+
 @pytest.mark.parametrize(
     "line", ["torch", "torch<3", "torch>=2.6,>=2.7", "torch[cuda]>=2.6", "torch>=2.6; os_name"]
 )

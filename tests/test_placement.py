@@ -231,6 +231,7 @@ class ForTheStandIn(ast.NodeTransformer):
         return node
 
 
+@pytest.mark.slow
 def test_the_notebook_runs_with_everything_on_the_device(monkeypatch, accelerator):
     """Every code cell, in order, with DORA_DEVICE=meta, fake MNIST and a short protocol."""
     import matplotlib

@@ -3,13 +3,15 @@
 * ``experiments/lr_sweep.json`` and ``experiments/stability.json`` record the notebook settings
   they ran with: if a setting changes, these tests fail until the scripts are rerun.
 * The learning rates are the sweep's best on the validation set, and the notebook uses them.
-* The README's results are what ``tools/update_readme.py`` writes from the stored outputs and the
-  stability runs: no hand copies.
+* The README's results are what ``tools/update_readme.py`` writes from figures/results.json (the
+  notebook's summary cell writes it) and the stability runs: no hand copies, no printed text
+  parsed back. The summary cell's printed output is that file's data, formatted.
 """
 
 import json
 
 import nbformat
+import numpy as np
 import pytest
 
 import helpers
@@ -20,6 +22,7 @@ REPO = helpers.REPO
 NOTEBOOK = nbformat.read(REPO / "DoRA.ipynb", as_version=4)
 SWEEP = json.loads((REPO / "experiments" / "lr_sweep.json").read_text())
 STABILITY = json.loads((REPO / "experiments" / "stability.json").read_text())
+RESULTS = json.loads((REPO / "figures" / "results.json").read_text())
 
 
 @pytest.mark.parametrize("saved", [SWEEP, STABILITY], ids=["lr_sweep", "stability"])
@@ -45,27 +48,52 @@ def test_learning_rates_are_the_best_on_the_validation_set_and_the_notebook_uses
 
 
 def test_every_variant_reports_every_conclusion():
-    committed = update_readme.verdicts_of(NOTEBOOK)
+    committed = RESULTS["conclusions"]
     assert len(committed) >= 7
     for name, verdicts in STABILITY["variants"].items():
         assert set(verdicts) == set(committed), name
+        assert set(STABILITY["sentences"][name]) == set(committed), name
 
 
-def test_readme_results_are_written_from_the_stored_outputs():
+def test_readme_results_are_written_from_the_results_file():
     readme = (REPO / "README.md").read_text()
-    section = update_readme.render(NOTEBOOK, STABILITY)
+    section = update_readme.render(RESULTS, STABILITY)
     assert update_readme.updated_readme(readme, section) == readme, (
-        "README.md is out of date: run tools/update_readme.py"
+        "README.md is out of date: run python -m tools.update_readme"
     )
 
 
-def test_verdict_table_round_trip():
-    verdicts = {
-        "short": "ahead",
-        "a longer conclusion": "ahead at rank 1; behind at no rank; " + "no difference " * 8,
-    }
-    text = "before\n" + helpers.verdict_table(verdicts) + "\n\n- short: a sentence"
-    assert update_readme.parse_verdict_table(text) == {
-        k: " ".join(v.split()) for k, v in verdicts.items()
-    }
-    assert update_readme.sentences(text) == {"short": "a sentence"}
+def test_the_printed_summary_is_the_results_file():
+    """The summary cell's stored output is exactly figures/results.json, formatted: a run that
+    printed one thing and saved another, or a stale file, fails here."""
+    cell = next(c for c in NOTEBOOK.cells if "summary" in c.metadata.get("tags", []))
+    printed = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+    assert printed.rstrip("\n") == helpers.summary_text(RESULTS)
+    assert RESULTS["seeds"] == len(STABILITY["protocol"]["SEEDS"])
+    assert [row["method"] for row in RESULTS["methods"]] == ["full FT", "LoRA", "DoRA"]
+
+
+def test_write_results_goes_where_the_environment_says(tmp_path, monkeypatch):
+    summary = {"seeds": 1, "pretrained_accuracy": 50.0, "methods": [], "conclusions": {}}
+    monkeypatch.setenv("DORA_RESULTS", str(tmp_path / "r.json"))
+    assert helpers.write_results(summary) == tmp_path / "r.json"
+    assert json.loads((tmp_path / "r.json").read_text()) == summary
+    monkeypatch.delenv("DORA_RESULTS")
+    monkeypatch.setattr(helpers, "RESULTS_FILE", tmp_path / "default.json")
+    assert helpers.write_results(summary) == tmp_path / "default.json"
+
+
+def test_summary_round_trips_through_json(nb):
+    """run_summary's data survives JSON unchanged, so the file prints what the run printed."""
+    acc = np.array([[0.5, 0.900], [0.5, 0.915], [0.5, 0.920]])  # (seeds, epochs)
+    runs = helpers.Runs(
+        seeds=(0, 1, 2), models=[], trainable=1234, train_loss=acc, test_acc=acc, seconds=[0.5]
+    )
+    conclusions = {"a vs b": ("ahead", "a is ahead of b by 1.00 points (...).")}
+    summary = helpers.run_summary({"LoRA": runs}, 0.4276, conclusions)
+    again = json.loads(json.dumps(summary))
+    assert again == summary and helpers.summary_text(again) == helpers.summary_text(summary)
+    text = helpers.summary_text(summary)
+    assert "LoRA" in text and "1,234" in text and "91.17 ± 1.04" in text and "42.76%" in text
+    assert "a vs b                        ahead" not in text  # the verdict column is sized
+    assert "a vs b  ahead" in text and "- a vs b: a is ahead of b" in text

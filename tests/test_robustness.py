@@ -130,6 +130,7 @@ def test_state_dict_moves_between_textbook_and_efficient(nb):
     torch.testing.assert_close(fast(x), book(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager(nb, monkeypatch):
     """torch.compile (inductor, CPU) on the wrapped MLP: same outputs and adapter gradients.
 

@@ -28,6 +28,7 @@ def build(nb, wrapper, seed, pretrained):
     return helpers.add_adapters(pretrained, getattr(nb, wrapper), 4, 8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", CLASSES, ids=["full", "lora", "dora", "dora-efficient"])
 def test_each_batched_seed_equals_its_solo_run(nb, wrapper):
     pretrained, task, seeds = helpers.make_mlp(SIZES, seed=0), tiny_task(), (0, 1, 2)

@@ -1,6 +1,6 @@
 """Check that re-running DoRA.ipynb on this machine reproduces every stored text output.
 
-    .venv/bin/python tools/check_determinism.py
+    .venv/bin/python -m tools.check_determinism
 
 Executes the notebook in a fresh kernel (on the CPU, like tools/run_notebook.py, which made the
 stored outputs) and compares the text of every code cell's outputs with the stored ones,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Floor run: install the oldest versions requirements.txt admits (tools/floors.py turns every
-# "name>=X" into "name==X"), then run the unit tests and execute the notebook headless with them.
+# "name>=X" of requirements.txt and requirements-dev.txt into "name==X"), then run the unit
+# tests and execute the notebook headless with them.
 # Other versions give slightly other numbers, so nothing is compared with the stored outputs:
 # every test must pass and every cell must run.
 #
@@ -23,7 +24,7 @@ trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WHEELS"
 start=$SECONDS
 
-"$PYTHON" tools/floors.py requirements.txt "$@" >"$WORK/pins.txt"
+"$PYTHON" -m tools.floors requirements.txt requirements-dev.txt "$@" >"$WORK/pins.txt"
 echo "== floor run with $("$PYTHON" --version) and:"
 sed 's/^/   /' "$WORK/pins.txt"
 
@@ -40,7 +41,7 @@ if ! "${offline[@]}" 2>"$WORK/offline.log"; then
 fi
 echo "== installed in $((SECONDS - start)) s"
 
-echo "== lint at the floors (ruff's floor must agree with the newest ruff CI lints with)"
+echo "== lint at the floors (the pinned ruff of requirements-dev.txt)"
 "$PY" -m ruff check --no-cache .
 "$PY" -m ruff format --no-cache --check .
 
@@ -48,6 +49,6 @@ echo "== unit tests at the floors"
 "$PY" -m pytest tests -q -p no:cacheprovider
 
 echo "== notebook at the floors (every cell must run; outputs are not compared)"
-"$PY" tools/run_notebook.py --output "$WORK/DoRA.ipynb" --figures "$WORK/figures"
+"$PY" -m tools.run_notebook --output "$WORK/DoRA.ipynb" --figures "$WORK/figures"
 
 echo "== floor run passed in $((SECONDS - start)) s"

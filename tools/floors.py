@@ -1,11 +1,13 @@
 """The oldest versions requirements.txt admits, as exact pins, for the floor run.
 
-    python tools/floors.py requirements.txt                   # one "name==floor" per line
-    python tools/floors.py requirements.txt torch==2.8.0 ...  # another version of a package
+    python -m tools.floors requirements.txt requirements-dev.txt   # one "name==floor" per line
+    python -m tools.floors requirements.txt torch==2.8.0 ...       # another version of a package
 
 Every requirement must state its floor as ``name>=X``; the floor run installs ``name==X``, so
-the floors that requirements.txt promises are exactly the versions ``tools/check_floors.sh``
-tests. An upper bound on the same line (``name>=X,<Y``) is dropped: X lies below it. A
+the floors that the requirements files promise are exactly the versions
+``tools/check_floors.sh`` tests. An exact pin ``name==X`` (only the linter, in
+requirements-dev.txt) is its own floor; ``-r other.txt`` lines are skipped (name that file
+too). An upper bound on the same line (``name>=X,<Y``) is dropped: X lies below it. A
 requirement without a floor is an error, since nothing would then test its oldest version.
 Arguments replace the pin of the package they name (or add one), to check other combinations.
 """
@@ -27,7 +29,7 @@ def canonical(name: str) -> str:
 def parse(line: str) -> tuple[str, str] | None:
     """(name, specifier) of one requirements line, None for a blank or comment line."""
     text = line.split("#", 1)[0].strip()
-    if not text:
+    if not text or text.startswith("-r "):
         return None
     match = REQUIREMENT.fullmatch(text)
     if match is None:  # extras, markers, URLs, options: not needed here, so not supported
@@ -43,7 +45,7 @@ def floor_pins(lines: list[str], overrides: list[str] = ()) -> list[str]:
         if parsed is None:
             continue
         name, spec = parsed
-        floors = re.findall(r">=([^,]+)", spec)
+        floors = re.findall(r">=([^,]+)", spec) or re.findall(r"^==([^,]+)$", spec)
         if len(floors) != 1:
             raise ValueError(f"{name}: needs exactly one '>=' floor, got {line.strip()!r}")
         pins[canonical(name)] = f"{name}=={floors[0]}"
@@ -58,8 +60,9 @@ def floor_pins(lines: list[str], overrides: list[str] = ()) -> list[str]:
 def main(argv: list[str]) -> None:
     if not argv:
         sys.exit(__doc__)
-    lines = Path(argv[0]).read_text().splitlines()
-    print("\n".join(floor_pins(lines, argv[1:])))
+    files = [a for a in argv if a.endswith(".txt")]
+    lines = [line for f in files for line in Path(f).read_text().splitlines()]
+    print("\n".join(floor_pins(lines, [a for a in argv if not a.endswith(".txt")])))
 
 
 if __name__ == "__main__":

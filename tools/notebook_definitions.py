@@ -10,6 +10,7 @@ notebook states: nothing is copied.
 from __future__ import annotations
 
 import ast
+import linecache
 import sys
 import types
 from pathlib import Path
@@ -30,17 +31,23 @@ def import_notebook_definitions(path: str | Path = NOTEBOOK, name: str = "dora_n
     # imports a traced function's module to guard on its globals.
     sys.modules[name] = module
     module.constants = []  # the names of the notebook's settings, in order
-    for cell in nbformat.read(str(path), as_version=4).cells:
+    for number, cell in enumerate(nbformat.read(str(path), as_version=4).cells, start=1):
         if cell.cell_type != "code" or "no-import" in cell.metadata.get("tags", []):
             continue
+        # magics and shell lines become blank lines, so line numbers stay those of the cell
         source = "\n".join(
-            line for line in cell.source.splitlines() if not line.lstrip().startswith(("%", "!"))
+            "" if line.lstrip().startswith(("%", "!")) else line
+            for line in cell.source.splitlines()
         )
         tree = ast.parse(source)
         constants = {node for node in tree.body if is_constant(node)}
         body = [node for node in tree.body if isinstance(node, keep) or node in constants]
         module.constants += [node.targets[0].id for node in body if node in constants]
-        exec(compile(ast.Module(body=body, type_ignores=[]), f"{path}", "exec"), module.__dict__)
+        # A traceback names the cell ("DoRA.ipynb[cell 14]", counting every cell from 1, as
+        # the file lists them) and shows its line, instead of "line 12" of sixty cells.
+        filename = f"{Path(path).name}[cell {number}]"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        exec(compile(ast.Module(body=body, type_ignores=[]), filename, "exec"), module.__dict__)
     return module
 
 

@@ -1,8 +1,8 @@
 """What a reader sees in JupyterLab: open the notebook in headless Chromium and check the page.
 
-    .venv/bin/python tools/render_check.py                        # open, check, Run All, check
-    .venv/bin/python tools/render_check.py --no-run               # the stored outputs only
-    .venv/bin/python tools/render_check.py --screenshots /tmp/shots --notebook other.ipynb
+    .venv/bin/python -m tools.render_check                        # open, check, Run All, check
+    .venv/bin/python -m tools.render_check --no-run               # the stored outputs only
+    .venv/bin/python -m tools.render_check --screenshots /tmp/shots --notebook other.ipynb
 
 1. starts JupyterLab on 127.0.0.1 (random port, random token, throw-away config, data and home
    directories, autosave off, news and update checks off, every cell rendered at once) with
@@ -330,6 +330,7 @@ def write_settings(home: Path) -> dict[str, str]:
         IPYTHONDIR=str(dirs["home"] / ".ipython"),
         MPLCONFIGDIR=str(dirs["home"] / ".matplotlib"),
         DORA_DEVICE="cpu",
+        DORA_RESULTS=str(dirs["home"] / "results.json"),  # Run All must not touch figures/
         JUPYTER_PLATFORM_DIRS="1",
         PYDEVD_DISABLE_FILE_VALIDATION="1",
     )

@@ -1,13 +1,14 @@
 """Execute DoRA.ipynb top to bottom, headless, and store its outputs and figures.
 
-    .venv/bin/python tools/run_notebook.py            # CPU (the committed outputs come from this)
-    .venv/bin/python tools/run_notebook.py --device cuda --output /tmp/DoRA-cuda.ipynb
+    .venv/bin/python -m tools.run_notebook            # CPU (the committed outputs come from this)
+    .venv/bin/python -m tools.run_notebook --device cuda --output /tmp/DoRA-cuda.ipynb
 
 1. makes MNIST available (helpers.load_mnist: verified local files, else a download);
 2. runs every cell in a fresh kernel, printing each cell's text output as it finishes, so a
    long run shows its progress;
 3. writes the executed notebook (in place by default) and saves every figure of a cell tagged
-   ``fig-NAME`` as ``figures/NAME.png`` (the README shows them).
+   ``fig-NAME`` as ``figures/NAME.png`` (the README shows them), and the summary cell's results
+   as ``figures/results.json`` (the README's results are written from it).
 
 Outputs stay comparable with `pytest --nbval`: the device is the CPU unless ``--device`` says
 otherwise, and nothing else about this machine changes what the compared cells print. A run on
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -53,10 +55,11 @@ def main() -> None:
     helpers.load_mnist()
     os.environ["DORA_DEVICE"] = str(device)  # read by helpers.pick_device() in the kernel
     start = time.perf_counter()
-    notebook = execute(args.notebook)
+    results = figures / "results.json"  # figures/results.json for the committed run
+    notebook = execute(args.notebook, results)
     print(f"executed {args.notebook.name} on {device} in {time.perf_counter() - start:.1f} s")
     write_atomic(output, [nbformat.writes(notebook).encode()])
-    for path in save_figures(notebook, figures):
+    for path in [*save_figures(notebook, figures), results]:
         print(f"saved {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
 
@@ -77,8 +80,26 @@ def destinations(notebook: Path, output, figures, device) -> tuple[Path | None, 
     return output, figures
 
 
-def execute(path: Path) -> nbformat.NotebookNode:
-    """Run all cells in a fresh python3 kernel whose working directory is the notebook's."""
+def execute(path: Path, results: Path | None = None) -> nbformat.NotebookNode:
+    """Run all cells in a fresh python3 kernel whose working directory is the notebook's.
+
+    The summary cell writes the run's results (``helpers.write_results``) to ``results``; by
+    default to a temporary file, so that only a run asked to (``main``) replaces the committed
+    figures/results.json."""
+    with tempfile.TemporaryDirectory() as tmp:
+        target = results or Path(tmp) / "results.json"
+        saved = os.environ.get("DORA_RESULTS")
+        os.environ["DORA_RESULTS"] = str(target)  # the kernel inherits this process's environment
+        try:
+            return _execute(path)
+        finally:
+            if saved is None:
+                os.environ.pop("DORA_RESULTS", None)
+            else:
+                os.environ["DORA_RESULTS"] = saved
+
+
+def _execute(path: Path) -> nbformat.NotebookNode:
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)  # timestamps of an earlier run
