@@ -197,8 +197,8 @@ def _read_adapter(source) -> dict:
                 f"{os.fspath(source)!r} is a directory: for a PEFT adapter directory (what "
                 "save_pretrained writes) use load_peft_adapter"
             )
-        adapter = torch.load(source, map_location="cpu", weights_only=True)
         where = f"{os.fspath(source)!r}"
+        adapter = _torch_load(source, where)
     else:
         adapter, where = source, "the adapter dict"
     if not isinstance(adapter, dict) or adapter.get("format") != ADAPTER_FORMAT:
@@ -207,7 +207,40 @@ def _read_adapter(source) -> dict:
             f"{where} is not an adapter saved by save_adapter (format {found!r}, expected "
             f"{ADAPTER_FORMAT!r}); for a PEFT state dict use from_peft_state_dict first"
         )
+    _check_finite(adapter.get("tensors", {}), where)
     return adapter
+
+
+NOT_AN_ADAPTER = (
+    "{where} is not an adapter file ({why}): an adapter file is what "
+    "helpers.save_adapter(model, path) writes, a dict with the adapter's format, layers and "
+    "tensors; make one with save_adapter(model, path) from a model wrapped with add_adapters"
+)
+
+
+def _torch_load(path, where: str):
+    """torch.load with weights_only=True (no pickled code runs), or this project's error.
+
+    torch's own message for a file it refuses suggests weights_only=False, which would run
+    whatever code the file holds: it is never passed on."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (not a zip / pickle), EOFError, ...
+        why = f"torch.load cannot read it safely: {type(err).__name__}"
+        raise ValueError(NOT_AN_ADAPTER.format(where=where, why=why)) from None
+
+
+def _check_finite(tensors: dict, where: str) -> None:
+    """Refuse an adapter whose tensors hold NaN or inf, naming the first such tensor."""
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{where}: {key!r} is a {type(t).__name__}, not a tensor")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            bad = int((~torch.isfinite(t)).sum())
+            raise ValueError(
+                f"{where}: tensor {key!r} holds {bad} NaN or inf value(s) of {t.numel()}: the "
+                "adapter is damaged (or was saved after training diverged); nothing was loaded"
+            )
 
 
 # Hugging Face PEFT names the same tensors differently (keys as get_peft_model_state_dict
@@ -456,9 +489,15 @@ def read_peft_adapter(directory: str | os.PathLike) -> tuple[dict, dict[str, tor
             return config, load(weights.read_bytes())
         if (directory / "adapter_model.bin").is_file():  # save_pretrained(safe_serialization=False)
             bin_path = directory / "adapter_model.bin"
-            return config, torch.load(bin_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # safetensors and torch.load raise their own types
-        raise ValueError(f"cannot read the adapter tensors in {str(directory)!r}: {err}") from err
+            return config, _torch_load(bin_path, repr(str(bin_path)))
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors raises its own types
+        raise ValueError(
+            f"cannot read the adapter tensors in {str(directory)!r} ({type(err).__name__}: "
+            f"{err}): {PEFT_WEIGHTS} should be what PEFT's save_pretrained or "
+            "helpers.save_peft_adapter writes"
+        ) from err
     raise ValueError(f"{str(directory)!r} has no {PEFT_WEIGHTS}: the adapter's tensors are missing")
 
 
@@ -471,4 +510,5 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     directory that does not fit raises ``ValueError`` saying what differs, and ``model`` is
     left untouched. Dropout acts only in training: the model keeps its own."""
     config, tensors = read_peft_adapter(directory)
+    _check_finite(tensors, repr(str(directory)))  # named as PEFT names them
     return load_adapter(model, from_peft_state_dict(tensors, config))

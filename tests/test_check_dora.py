@@ -1,4 +1,4 @@
-"""tools/check_dora.py: each broken DoRA variant fails exactly its own checks; good ones pass.
+"""dora_tutorial/check_dora.py: each broken DoRA variant fails exactly its own checks.
 
 The variants are written here, small and on purpose: ReferenceDoRA is the paper's layer with
 one switch per convention, RasbtStyleDoRA the widely copied from-scratch layer (norm over dim=0,
@@ -7,11 +7,14 @@ magnitude the check cannot identify.
 """
 
 import functools
+import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -19,8 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dora_tutorial.check_dora as check_dora_module
 from dora_tutorial.check_dora import (
     CHECKS,
+    CONVENTION,
+    PAPER,
+    ROBUSTNESS,
     check_dora,
     main,
     peft_dora_factory,
@@ -29,6 +36,13 @@ from dora_tutorial.check_dora import (
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = {c.number for c in CHECKS}
+KIND = {c.number: c.kind for c in CHECKS}
+
+
+def expected_status(failing):
+    """The exit status the failing checks' kinds give: 1 paper, 3 convention, 4 robustness."""
+    kinds = {KIND[n] for n in failing}
+    return next((s for k, s in ((PAPER, 1), (CONVENTION, 3), (ROBUSTNESS, 4)) if k in kinds), 0)
 
 
 class ReferenceDoRA(nn.Module):
@@ -150,14 +164,16 @@ def failed(report):
     return set(report.failed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_each_variant_fails_exactly_its_own_checks(variant):
+def test_each_variant_fails_exactly_its_own_checks(variant, dtype):
+    """In float64 and, with tolerances from float32's rounding, in float32."""
     factory, expected = VARIANTS[variant]
-    report = check_dora(factory)
+    report = check_dora(factory, dtype=dtype)
     assert report.identified, report.problem
     assert failed(report) == expected, str(report)
     assert report.passed == (not expected)
-    assert report.exit_status == (1 if expected else 0)
+    assert report.exit_status == expected_status(expected)
 
 
 def test_report_lines_say_what_a_failure_means():
@@ -165,7 +181,7 @@ def test_report_lines_say_what_a_failure_means():
     lines = str(report).splitlines()
     assert lines[0] == "DoRA conformance: RasbtStyleDoRA"
     assert lines[1] == "  found A = lora.A (11, 3), B = lora.B (3, 7), m = m (1, 11)"
-    checks = [line for line in lines[2:-1] if not line.startswith(" " * 10)]  # wrapped: indented
+    checks = [line for line in lines[2:-2] if not line.startswith(" " * 4)]  # wrapped: indented
     assert len(checks) == len(CHECKS)  # one entry per check, then the verdict
     assert all(len(line) <= 96 for line in lines)  # fits a notebook's output area
     by_number = {r.number: r for r in report.results}
@@ -175,8 +191,22 @@ def test_report_lines_say_what_a_failure_means():
     assert "all-zero weight column" in by_number[8].detail
     # check 7 passes only under the conventions the other checks measured, and says so
     assert "magnitude per input column, scaling alpha, norm not detached" in by_number[7].detail
-    assert lines[-1] == "  4 of 8 checks fail (2, 4, 6, 8)"
-    assert all(line.startswith(("  pass ", "  FAIL ")) for line in checks)
+    # the wrong variant is named for what it does, and where it is found
+    for n in (2, 4):
+        assert "catid/dora and rasbt/dora-from-scratch's merged layer" in by_number[n].detail
+    assert "per-input-column norm" in by_number[2].detail
+    assert (
+        " ".join(lines[-2:]).split()
+        == (
+            "4 of 10 checks fail: not DoRA as the paper defines it (2); differs from the official "
+            "code and PEFT (4, 6); robustness (8), 2 not applicable (9, 10)"
+        ).split()
+    )
+    assert checks[0].startswith("  pass 1. base function at init [convention]: ")
+    assert checks[1].startswith("  FAIL 2. magnitude axis [paper]: ")
+    assert checks[7].startswith("  FAIL 8. zero rows, low precision [robustness]: ")
+    assert all(line.startswith(("  pass ", "  FAIL ", "  skip ")) for line in checks)
+    assert report.exit_status == 1  # the most serious kind decides
 
 
 def test_messages_name_the_variant():
@@ -194,9 +224,8 @@ def test_messages_name_the_variant():
         (LogMagnitudeDoRA, "neither the row norms of W0 nor its column norms", "pass"),
         ("LinearWithLoRA", "this looks like LoRA, not DoRA", "pass"),
         (lambda linear: linear, "must take (linear, rank, alpha)", "fail"),
-        (Float32Norm, "float32 rounding: it computes in float32", "fail"),
     ],
-    ids=["log-magnitude", "lora", "wrong-signature", "float32-norm"],
+    ids=["log-magnitude", "lora", "wrong-signature"],
 )
 def test_unidentifiable_layers_run_check_1_only_and_say_why(nb, factory, says, check_1):
     if isinstance(factory, str):
@@ -212,49 +241,156 @@ def test_unidentifiable_layers_run_check_1_only_and_say_why(nb, factory, says, c
 
 NOTEBOOK_LAYERS = {
     "LinearWithDoRA": {},
-    "LinearWithDoRAEfficient-factored": {"factored_norm": True},
-    "LinearWithDoRAEfficient-dense": {"factored_norm": False},
+    "DoRALinear-factored": {"factored_norm": True},
+    "DoRALinear-dense": {"factored_norm": False},
 }
+LOW_PRECISION = [torch.float64, torch.float32, torch.bfloat16]
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 @pytest.mark.parametrize("key", list(NOTEBOOK_LAYERS))
-def test_notebook_layers_pass_every_check(nb, key):
+def test_notebook_layers_pass_every_check(nb, key, dtype):
+    """Dropout (9) and merged_weight() (10) included; below float64 within rounding, said so.
+    Part I's LinearWithDoRA is the definition alone: no floor on the norm (robustness, 8) and
+    no dropout argument (9 does not apply); everything the paper and PEFT define passes."""
     factory = functools.partial(getattr(nb, key.split("-")[0]), **NOTEBOOK_LAYERS[key])
-    report = check_dora(factory)
+    report = check_dora(factory, dtype=dtype)
+    if key == "LinearWithDoRA":
+        assert failed(report) == {8} and report.exit_status == 4, str(report)
+        assert [r.number for r in report.results if r.status == "skip"] == [9]
+        return
     assert report.passed, str(report)
+    assert all(r.status == "pass" for r in report.results), str(report)
     assert report.adapter == "A = lora.A (3, 11), B = lora.B (7, 3), m = m (7,)"
+    rounding = [r for r in report.results if r.within_rounding]
+    assert bool(rounding) == (dtype != torch.float64)
+    name = str(dtype).removeprefix("torch.")
+    assert all(f"(within {name} rounding: " in " ".join(str(r).split()) for r in rounding)
 
 
 def test_notebook_layer_without_detach_fails_check_6_only(nb):
-    report = check_dora(functools.partial(nb.LinearWithDoRA, detach_norm=False))
+    report = check_dora(functools.partial(nb.DoRALinear, detach_norm=False))
     assert failed(report) == {6}, str(report)
+    assert report.exit_status == 3
 
 
-def test_peft_dora_passes_1_to_7_and_fails_8_on_zero_rows():
+def test_a_layer_computing_in_float32_is_checked_with_float32_tolerances():
+    """Built in float64, it takes the norm in float32: checked, not refused, and it says so."""
+    report = check_dora(Float32Norm)
+    assert report.identified and report.precision == "float32"
+    assert failed(report) == {8}, str(report)  # and it has no floor on the norm
+    assert "computes in float32 with float64 parameters" in " ".join(str(report).split())
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_peft_dora_passes_all_but_8_on_zero_rows(dtype):
     """PEFT 0.21.2 divides by the raw row norm: an all-zero row of W0 gives 0 / 0 = NaN at init.
 
-    The issue asked that PEFT pass all checks; it does not, truthfully (PEFT issue #2049). If a
-    later PEFT floors the norm, this test fails and should then expect all checks to pass.
+    A robustness finding only (exit status 4). If a later PEFT floors the norm, this test fails
+    and should then expect all checks to pass. PEFT's dropout (9) and merge_and_unload / merge /
+    unmerge (10) pass, in float64 exactly and in float32 and bfloat16 within rounding.
     """
     reason = peft_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    report = check_dora(peft_dora_factory)
+    report = check_dora(peft_dora_factory, dtype=dtype)
     assert report.adapter == (
         "A = model.base_model.model.0.lora_A.default.weight (3, 11), "
         "B = model.base_model.model.0.lora_B.default.weight (7, 3), "
         "m = model.base_model.model.0.lora_magnitude_vector.default.weight (7,)"
     )
     assert failed(report) == {8}, str(report)
-    detail = report.results[-1].detail
-    assert "all-zero weight row gives NaN or inf in the output at initialisation" in detail
+    assert report.exit_status == 4
+    detail = {r.number: r.detail for r in report.results}
+    assert "all-zero weight row gives NaN or inf in the output at initialisation" in detail[8]
+    assert "merge_and_unload(), merge() in place, unmerge()" in detail[10]
+    assert report.summary().startswith("1 of 10 checks fail: robustness (8)")
+
+
+# ---- dropout (9) and merging (10): variants that fail exactly that check ---------------------
+
+
+class DropoutDoRA(ReferenceDoRA):
+    """The reference layer with dropout=p: PEFT's placement, or one of two common mistakes."""
+
+    def __init__(self, linear, rank, alpha, dropout=0.0, placement="peft"):
+        super().__init__(linear, rank, alpha)
+        self.p, self.placement = dropout, placement
+
+    def forward(self, x):
+        if not self.training or self.placement == "ignored":
+            return super().forward(x)
+        x_d = F.dropout(x, self.p)
+        if self.placement == "base too":  # y = DoRA(dropout(x))
+            return super().forward(x_d)
+        V = self.linear.weight + self.scaling * self.B @ self.A
+        W = self.m[:, None] * V / V.norm(dim=1, keepdim=True).clamp_min(1e-12).detach()
+        return self.linear(x) + F.linear(x_d, W - self.linear.weight)  # PEFT's semantics
+
+
+class MergingDoRA(ReferenceDoRA):
+    """The reference layer with merged_weight() and an in-place merge() / unmerge()."""
+
+    def __init__(self, linear, rank, alpha, bug=None):
+        super().__init__(linear, rank, alpha)
+        self.bug, self.merged_delta = bug, None
+
+    def merged_weight(self):
+        V = self.linear.weight + self.scaling * self.B @ self.A
+        if self.bug == "merged_weight is V":
+            return V
+        return self.m[:, None] * V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    def merge(self):
+        with torch.no_grad():
+            self.merged_delta = self.merged_weight() - self.linear.weight
+            self.linear.weight += self.merged_delta
+
+    def unmerge(self):
+        with torch.no_grad():
+            if self.bug != "unmerge keeps W'":
+                self.linear.weight -= self.merged_delta
+            self.merged_delta = None
+
+    def forward(self, x):
+        return self.linear(x) if self.merged_delta is not None else super().forward(x)
+
+
+ADAPTER_VARIANTS = {  # factory, the checks it must fail
+    "dropout as in PEFT": (DropoutDoRA, set()),
+    "dropout on the base path too": (functools.partial(DropoutDoRA, placement="base too"), {9}),
+    "dropout ignored": (functools.partial(DropoutDoRA, placement="ignored"), {9}),
+    "merge and unmerge": (MergingDoRA, set()),
+    "merged_weight() returns V": (functools.partial(MergingDoRA, bug="merged_weight is V"), {10}),
+    "unmerge keeps W'": (functools.partial(MergingDoRA, bug="unmerge keeps W'"), {10}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("variant", list(ADAPTER_VARIANTS))
+def test_dropout_and_merge_variants_fail_exactly_their_check(variant, dtype):
+    factory, expected = ADAPTER_VARIANTS[variant]
+    report = check_dora(factory, dtype=dtype)
+    assert failed(report) == expected, str(report)
+    status = {r.number: r.status for r in report.results}
+    applicable = 9 if "dropout" in variant else 10
+    assert status[applicable] == ("fail" if expected else "pass")
+    assert status[19 - applicable] == "skip"  # the other one does not apply
+    detail = {r.number: r.detail for r in report.results}[applicable]
+    says = {
+        "dropout on the base path too": "the base path sees the dropped input too",
+        "dropout ignored": "the layer ignores p (the divergence reported as fsdp_qlora #68",
+        "merged_weight() returns V": "merged_weight() is off by",
+        "unmerge keeps W'": "after unmerge() the base weight is off by",
+    }
+    assert variant not in says or says[variant] in " ".join(detail.split())
 
 
 def test_fast_and_leaves_the_global_random_state_alone(nb):
     torch.manual_seed(123)
     state = torch.get_rng_state()
     start = time.perf_counter()
-    report = check_dora(nb.LinearWithDoRAEfficient)
+    report = check_dora(nb.DoRALinear)
     seconds = time.perf_counter() - start
     assert report.passed
     assert seconds < 15, seconds  # about 0.3 s on a 2-core CPU
@@ -295,6 +431,24 @@ USER_MODULE = textwrap.dedent(
         return MyDoRA(linear, rank, alpha, scaling=alpha)
 
 
+    class PerColumn(MyDoRA):
+        def __init__(self, linear, rank, alpha):
+            super().__init__(linear, rank, alpha)
+            self.m = nn.Parameter(linear.weight.detach().norm(dim=0))
+
+        def forward(self, x):
+            V = self.linear.weight + self.scaling * self.B @ self.A
+            norm = V.norm(dim=0, keepdim=True).clamp_min(1e-12).detach()
+            return F.linear(x, self.m * V / norm, self.linear.bias)
+
+
+    class Unfloored(MyDoRA):
+        def forward(self, x):
+            V = self.linear.weight + self.scaling * self.B @ self.A
+            return F.linear(x, self.m[:, None] * V / V.norm(dim=1, keepdim=True).detach(),
+                            self.linear.bias)
+
+
     class MyLoRA(nn.Module):
         def __init__(self, linear, rank, alpha):
             super().__init__()
@@ -309,9 +463,12 @@ USER_MODULE = textwrap.dedent(
 
 
 def run_cli(*args, cwd):
+    """``python -m dora_tutorial.check_dora ARGS`` from ``cwd``, this repository importable."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "check_dora.py"), *args],
+        [sys.executable, "-m", "dora_tutorial.check_dora", *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -328,8 +485,10 @@ def user_dir(tmp_path_factory):
 @pytest.mark.parametrize(
     "target, status, says",
     [
-        ("my_layers.py:MyDoRA", 0, "all 8 checks pass"),
-        ("my_layers:alpha_scaled", 1, "FAIL 4. scaling"),  # module.path:factory_function
+        ("my_layers.py:MyDoRA", 0, "8 of 10 checks pass, 2 not applicable (9, 10)"),
+        ("my_layers:alpha_scaled", 3, "FAIL 4. scaling"),  # module.path:factory_function
+        ("my_layers.py:PerColumn", 1, "FAIL 2. magnitude axis [paper]"),
+        ("my_layers.py:Unfloored", 4, "FAIL 8. zero rows, low precision [robustness]"),
         ("my_layers.py:MyLoRA", 2, "this looks like LoRA, not DoRA"),
     ],
 )
@@ -339,6 +498,45 @@ def test_cli_exit_status(user_dir, target, status, says):
     assert says in result.stdout and not result.stderr
 
 
+def test_cli_help_documents_the_exit_status_per_kind(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for says in (
+        "0 every check passes",
+        "1 a check of kind 'paper' fails",
+        "3 a check of kind",
+        "4 only checks of kind 'robustness' fail",
+        "2 usage error",
+    ):
+        assert says in out
+
+
+def test_cli_json_gives_every_check_kind_result_and_numbers(user_dir, monkeypatch, capsys):
+    monkeypatch.chdir(user_dir)
+    try:
+        status = main(["--json", "--dtype", "float32", "my_layers.py:alpha_scaled"])
+    finally:
+        sys.modules.pop("my_layers", None)
+    out = capsys.readouterr().out
+    data = json.loads(out)  # nothing but the JSON on stdout
+    assert status == data["exit_status"] == 3
+    (report,) = data["reports"]
+    assert report["dtype"] == "float32" and report["failed"] == {
+        "paper": [],
+        "convention": [4],
+        "robustness": [],
+    }
+    checks = {c["number"]: c for c in report["checks"]}
+    assert set(checks) == ALL
+    assert checks[4]["kind"] == "convention" and checks[4]["result"] == "fail"
+    assert checks[4]["kind_meaning"] == "differs from the official code and PEFT"
+    assert math.isclose(checks[4]["numbers"]["scaling"], 5, rel_tol=1e-5)
+    assert checks[3]["result"] == "pass" and checks[3]["within_rounding"]
+    assert 0 < checks[3]["numbers"]["error"] <= checks[3]["numbers"]["tolerance"]
+    assert checks[9]["result"] == "skip"
+
+
 @pytest.mark.parametrize(
     "target, says",
     [
@@ -346,7 +544,7 @@ def test_cli_exit_status(user_dir, target, status, says):
         (
             "my_layers.py:MyDora",
             "my_layers.py has no 'MyDora'; did you mean 'MyDoRA'? "
-            "It defines: MyDoRA, MyLoRA, alpha_scaled",
+            "It defines: MyDoRA, MyLoRA, PerColumn, Unfloored, alpha_scaled",
         ),
         ("my_layers.py", "expected FILE.py:NAME or module:NAME, got 'my_layers.py'"),
         ("no_such_module:MyDoRA", "no module named 'no_such_module'"),
@@ -354,7 +552,6 @@ def test_cli_exit_status(user_dir, target, status, says):
 )
 def test_cli_usage_errors_say_what_is_wrong(user_dir, monkeypatch, capsys, target, says):
     monkeypatch.chdir(user_dir)
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the tool adds the file's folder
     try:
         assert main([target]) == 2
     finally:
@@ -376,3 +573,110 @@ def test_import_has_no_side_effects():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and result.stdout == "[]\n" and not result.stderr
+
+
+# ---- PEFT that imports but fails in use ----------------------------------------------------
+
+STAND_IN_PEFT = """
+__version__ = "0.0-stand-in"
+
+
+class LoraConfig:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+def get_peft_model(model, config):
+    raise ImportError("Found an incompatible version of torchao (stand-in)")
+"""
+
+
+@pytest.fixture
+def broken_peft(monkeypatch):
+    """A stand-in peft that imports fine and raises ImportError when used (an old torchao)."""
+    module = types.ModuleType("peft")
+    exec(STAND_IN_PEFT, module.__dict__)
+    monkeypatch.setitem(sys.modules, "peft", module)
+    check_dora_module.peft_unavailable_reason.cache_clear()
+    yield module
+    check_dora_module.peft_unavailable_reason.cache_clear()
+
+
+def test_peft_that_fails_in_use_is_reported_not_crashed(broken_peft, capsys):
+    reason = peft_unavailable_reason()
+    assert reason.startswith("peft imports but fails in use (ImportError: Found an incompatible")
+    assert main(["--peft"]) == 2  # nothing was checked
+    out = capsys.readouterr()
+    assert out.err == f"PEFT's DoRA: skipped: {reason}\n" and not out.out
+
+
+def test_peft_that_fails_in_use_does_not_stop_the_other_check(broken_peft, capsys):
+    status = main(["--json", "--peft", f"{Path(__file__)}:ReferenceDoRA"])
+    out = capsys.readouterr()
+    data = json.loads(out.out)
+    assert status == 0 == data["exit_status"]  # the layer that was checked decides
+    assert [r["name"] for r in data["reports"]] == ["ReferenceDoRA"]
+    assert data["skipped"] == [out.err.strip()] and "fails in use" in out.err
+
+
+STAND_IN_PEFT_MODEL = """
+class PeftModel:
+    @classmethod
+    def from_pretrained(cls, model, directory):
+        raise ImportError("Found an incompatible version of torchao (stand-in)")
+"""
+
+
+def notebook_cell(holding):
+    """The source of the notebook's one code cell that contains ``holding``."""
+    import nbformat
+
+    cells = nbformat.read(REPO / "DoRA.ipynb", as_version=4).cells
+    (source,) = [c.source for c in cells if c.cell_type == "code" and holding in c.source]
+    return source
+
+
+def test_notebook_peft_section_goes_on_when_peft_fails_in_use(nb, tmp_path, capsys):
+    """Section 16's cell with a PEFT that imports and raises ImportError when used: one line."""
+    import helpers
+
+    peft = types.ModuleType("peft")  # its code runs as the package "peft"
+    exec(STAND_IN_PEFT_MODEL, peft.__dict__)
+    pretrained = helpers.make_mlp((6, 5, 3), seed=0)
+    dora_model = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 2, 4)
+    namespace = {
+        "helpers": helpers,
+        "torch": torch,
+        "Path": Path,
+        "PeftModel": peft.PeftModel,
+        "tmp": types.SimpleNamespace(name=str(tmp_path)),
+        "dora_model": dora_model,
+        "pretrained": pretrained,
+        "rotated": types.SimpleNamespace(test_x=torch.randn(4, 6)),
+        "LinearWithDoRA": nb.LinearWithDoRA,
+        "RANK": 2,
+        "ALPHA": 4,
+    }
+    cell = notebook_cell('optional_part("the comparison with PEFT")')
+    exec(cell, namespace)  # raises if the guard is missing
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "ours -> PEFT directory: adapter_config.json, adapter_model.safetensors"
+    assert " ".join(lines[1:]).startswith(
+        "Skipping the comparison with PEFT: PEFT fails in use (ImportError: Found an incompatible"
+    )
+    assert notebook_cell('optional_part("the PEFT round trip")')  # section 18's round trip
+
+
+def test_optional_part_swallows_only_errors_raised_inside_peft(capsys):
+    import helpers
+
+    peft = types.ModuleType("peft")
+    exec(STAND_IN_PEFT, peft.__dict__)
+    with helpers.optional_part("the stand-in") as part:
+        peft.get_peft_model(nn.Linear(2, 2), peft.LoraConfig())
+        raise AssertionError("not reached")
+    assert isinstance(part.skipped, ImportError)
+    assert capsys.readouterr().out.startswith("Skipping the stand-in: PEFT fails in use")
+    with pytest.raises(ValueError, match="our own bug"):
+        with helpers.optional_part("the stand-in"):
+            raise ValueError("our own bug")  # this project's errors are not hidden
