@@ -4,7 +4,7 @@ One training step (forward + backward of ``out.sum()``) is timed for each varian
 
 * LoRA: the notebook's ``LinearWithLoRA``;
 * DoRA textbook: ``LinearWithDoRA`` (builds V and W' = m V / ||V||, backward through W');
-* DoRA efficient: ``LinearWithDoRAEfficient`` (reuses x W0^T, norm detached), once with the
+* DoRA efficient: ``DoRALinear`` (reuses x W0^T, norm detached), once with the
   factored row norm and once with the norm of V built by one addmm (``factored_norm=True/False``;
   the layer's default picks the factored one from 2**20 weights up, marked "default");
 * PEFT DoRA: ``peft.get_peft_model(..., LoraConfig(use_dora=True))`` with the same parameters.
@@ -74,12 +74,8 @@ def variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str, nn.Modul
     models = {
         LORA: helpers.add_adapters(base, nb.LinearWithLoRA, rank, alpha),
         BOOK: book,
-        FACT: helpers.add_adapters(
-            base, nb.LinearWithDoRAEfficient, rank, alpha, factored_norm=True
-        ),
-        DENSE: helpers.add_adapters(
-            base, nb.LinearWithDoRAEfficient, rank, alpha, factored_norm=False
-        ),
+        FACT: helpers.add_adapters(base, nb.DoRALinear, rank, alpha, factored_norm=True),
+        DENSE: helpers.add_adapters(base, nb.DoRALinear, rank, alpha, factored_norm=False),
     }
     for name in (FACT, DENSE):
         models[name].load_state_dict(book.state_dict())
@@ -156,8 +152,8 @@ def report(title: str, results: dict, default: str) -> list[str]:
 
 
 def default_norm(nb, n_in: int, n_out: int) -> str:
-    """Which efficient variant ``LinearWithDoRAEfficient`` picks by default for this layer size."""
-    layer = nb.LinearWithDoRAEfficient(nn.Linear(n_in, n_out, device="meta"), 1, 1)
+    """Which efficient variant ``DoRALinear`` picks by default for this layer size."""
+    layer = nb.DoRALinear(nn.Linear(n_in, n_out, device="meta"), 1, 1)
     return FACT if layer.factored_norm else DENSE
 
 

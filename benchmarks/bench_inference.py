@@ -1,13 +1,14 @@
 """Unmerged inference: does DoRA cost what LoRA costs once its per-call work is kept?
 
-In eval mode with autograd off, the notebook's DoRA layers keep what depends on the parameters
-only (``InferenceCache``): the textbook ``LinearWithDoRA`` keeps W' = m V / ||V|| (a full
-weight), the efficient ``LinearWithDoRAEfficient`` keeps k = m / ||V|| (one number per output).
+In eval mode with autograd off, the notebook's practical DoRA layer (Part III's ``DoRALinear``)
+keeps what depends on the parameters only (``InferenceCache``): k = m / ||V||, one number per
+output. Part I's textbook ``LinearWithDoRA`` keeps nothing: it rebuilds W' on every call.
 Timed here, one forward call under ``torch.no_grad()`` each:
 
 * LoRA: the notebook's ``LinearWithLoRA``, unmerged;
-* DoRA textbook / efficient, "recomputed": the same layers in training mode (no dropout, so the
-  same function), which recompute W' or k on every call; "kept": eval mode, the cache in use;
+* DoRA textbook: Part I's layer, which builds W' on every call; DoRA efficient, "recomputed":
+  ``DoRALinear`` in training mode (no dropout, so the same function), which recomputes k on
+  every call; "k kept": eval mode, the cache in use;
 * PEFT DoRA: ``get_peft_model(..., LoraConfig(use_dora=True))`` in eval mode, without and with
   PEFT's own opt-in cache (``peft.helpers.DoraCaching``: it keeps B A and ||V|| in eval mode and
   clears them only when the layer goes back to training, so a parameter changed in eval mode
@@ -64,7 +65,6 @@ def inference_variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str
     return {
         "LoRA": (models[LORA].eval(), plain),
         "DoRA textbook, recomputed": (copy.deepcopy(models[BOOK]).train(), plain),
-        "DoRA textbook, W' kept": (models[BOOK].eval(), plain),
         "DoRA efficient, recomputed": (copy.deepcopy(models[efficient]).train(), plain),
         "DoRA efficient, k kept": (models[efficient].eval(), plain),
         "PEFT DoRA": (models[PEFT].eval(), plain),

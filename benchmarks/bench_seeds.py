@@ -21,7 +21,7 @@ import argparse
 from pathlib import Path
 
 import helpers
-from experiments.lr_sweep import pretrain, tasks
+from experiments.lr_sweep import tasks
 from tools.notebook_definitions import import_notebook_definitions, protocol
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,12 +37,12 @@ def main() -> None:
     device = helpers.pick_device()
     mnist, rotated = tasks(p, device)  # as the notebook builds them
     pretrained = helpers.make_mlp(nb.SIZES, seed=0)
-    pretrain(pretrained, mnist, p)
+    nb.train_one_model(pretrained, mnist, p["PRETRAIN_EPOCHS"], p["PRETRAIN_LR"], p["BATCH_SIZE"])
     methods = {
         "full FT": None,
         "LoRA": nb.LinearWithLoRA,
         "DoRA textbook": nb.LinearWithDoRA,
-        "DoRA efficient": nb.LinearWithDoRAEfficient,
+        "DoRA efficient": nb.DoRALinear,
     }
 
     def seconds(wrapper, seeds) -> float:
