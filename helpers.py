@@ -4,18 +4,20 @@ The notebook builds the LoRA and DoRA layers; this file holds what the story sho
 cluttered by. Each section names the notebook sections it serves:
 
     setup ............................ Setup
-    models and adapters .............. 3, 13
-    data ............................. 4, 5    (downloading MNIST: dora_tutorial/mnist_files.py)
-    training, many seeds at once ..... 4, 5, 6, 8
-    evidence ......................... 5, 6, 7, 8, 11
-    how fine-tuning moves weights .... 7
-    shipping ......................... 9, 10, 13
-    plots ............................ all
+    models and adapters .............. 4, 18
+    data ............................. 5, 6    (downloading MNIST: dora_tutorial/mnist_files.py)
+    training, many seeds at once ..... 6, 9, 11
+    evidence ......................... 6, 7, 9, 11, 12
+    how fine-tuning moves weights .... 10
+    shipping ......................... 14, 15, 16, 17, 18
+    plots ............................ all (1: the idea)
+
+Part I is sections 1-7, Part II 8-12, Part III 13-18.
 
 Self-contained instruments live in the package dora_tutorial/, one module each, and what the
 notebook uses from them is imported below: downloading MNIST (mnist_files), adapter files and
-PEFT's names (adapter_files), bytes kept for backward (memory, sections 2b and 8), the
-conformance check (check_dora, section 12). Maintainers' scripts (tools/) are never imported here.
+PEFT's names (adapter_files), bytes kept for backward (memory, sections 11 and 13), the
+conformance check (check_dora, section 17). Maintainers' scripts (tools/) are never imported here.
 
 Helpers never define adapter layers: they take the notebook's layer classes as arguments.
 """
@@ -76,17 +78,19 @@ __all__ = [
     "accuracy",
     # evidence (5, 6, 7, 8, 11)
     "compare",
+    "lora_at_budget",
+    "Comparison",
+    "what_we_learned",
     "holm",
     "in_words",
     "results_table",
     "run_summary",
     "summary_text",
     "write_results",
-    # how fine-tuning moves the weights (7)
-    "decomposition_points",
-    "correlations",
-    "sign_verdict",
-    "decomposition_table",
+    # how fine-tuning moves the weights (10)
+    "figure2_points",
+    "figure2_analysis",
+    "figure2_table",
     # shipping (9, 10, 12, 13)
     "merge_adapters",
     "inference_ms",
@@ -95,12 +99,14 @@ __all__ = [
     "save_peft_adapter",
     "load_peft_adapter",
     "check_dora",
+    "optional_part",
     # plots
+    "plot_idea",
     "plot_digits",
-    "plot_history",
     "plot_methods",
+    "plot_paired",
     "plot_rank_sweep",
-    "plot_decomposition",
+    "plot_figure2",
 ]
 
 __version__ = "0.2.0"  # the release this file belongs to; DoRA.ipynb asks for the same one
@@ -182,7 +188,7 @@ def wrap(text: str, indent: str = "") -> str:
     return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False)
 
 
-# ---- Models and adapters: the MLP, wrapping layers, counting (notebook: 3, 13) ---------------
+# ---- Models and adapters: the MLP, wrapping layers, counting (notebook: 4, 18) ---------------
 
 
 def make_mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
@@ -250,7 +256,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return model
 
 
-# ---- Data: MNIST as tensors, the rotated-digits task (notebook: 4, 5) ------------------------
+# ---- Data: MNIST as tensors, the rotated-digits task (notebook: 5, 6) ------------------------
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of pixel / 255 over the training set
 
@@ -342,7 +348,7 @@ def make_task(
     )
 
 
-# ---- Training: one loop for one model or many seeds at once (notebook: 4, 5, 6, 8) -----------
+# ---- Training: one loop for one model or many seeds at once (notebook: 6, 9, 11) -----------
 
 
 @dataclass
@@ -424,7 +430,8 @@ def train(
         order = next(orders).to(device)
         for i in range(0, n, batch_size):
             idx = order[:, i : i + batch_size]  # (S, batch): each seed its own batch
-            batch_losses = batched_loss(stacked, task.train_x[idx], task.train_y[idx])
+            batch_x, batch_y = _gather(task.train_x, idx), _gather(task.train_y, idx)
+            batch_losses = batched_loss(stacked, batch_x, batch_y)
             optimizer.zero_grad(set_to_none=True)
             batch_losses.sum().backward()  # seeds share no parameter: each gets its own grad
             optimizer.step()
@@ -450,6 +457,12 @@ def train(
     trainable = sum(t[0].numel() for t in stacked.values())
     history = np.stack(losses, 1), np.stack(accuracies, 1), seconds
     return Runs(seeds, models, trainable, *history, weights if record_weights else [])
+
+
+def _gather(data: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``data[idx]`` for an (S, batch) index: the same rows, copied by ``index_select`` (whole
+    rows at a time; ``data[idx]`` costs about 4x as much for the notebook's batches on a CPU)."""
+    return data.index_select(0, idx.reshape(-1)).view(*idx.shape, *data.shape[1:])
 
 
 def _stack_parameters(models):
@@ -487,13 +500,26 @@ def _write_back(stacked: dict, models: list) -> None:
 def _accuracies(logits, stacked, x, y, chunk: int = 2048) -> np.ndarray:
     """Accuracy of every model on (x, y), evaluated in chunks, as a (S,) numpy array.
 
-    Every model gets the same inputs as a view (``expand``), batched like its parameters: a
-    layer may update its activations in place, which vmap allows only for batched tensors."""
-    batched, count = torch.func.vmap(logits), len(next(iter(stacked.values())))
-    correct = 0
+    Every model gets the same inputs: unbatched (``in_dims=None``), so that what does not
+    depend on the trained parameters (the first layer's frozen ``x W0^T``) is computed once for
+    all models. A layer that updates such an activation in place with a batched one is refused
+    by vmap; then every model gets the inputs as a batched view (``expand``) instead."""
+    count = len(next(iter(stacked.values())))
+    shared = torch.func.vmap(logits, in_dims=(0, None))
+    each = torch.func.vmap(logits)
+    correct, unbatched = 0, True
     for i in range(0, len(x), chunk):
-        predicted = batched(stacked, x[i : i + chunk].expand(count, -1, -1)).argmax(-1)
-        correct = correct + (predicted == y[i : i + chunk]).sum(1)
+        inputs = x[i : i + chunk]
+        if unbatched:
+            try:
+                out = shared(stacked, inputs)
+            except RuntimeError:
+                if i:  # the first chunk ran unbatched: a real error
+                    raise
+                unbatched = False  # a real error is raised again by the batched call
+        if not unbatched:
+            out = each(stacked, inputs.expand(count, *inputs.shape))
+        correct = correct + (out.argmax(-1) == y[i : i + chunk]).sum(1)
     return (correct / max(len(x), 1)).cpu().numpy()
 
 
@@ -551,7 +577,7 @@ def finetune(pretrained, task, *, seeds, wrapper=None, rank=4, alpha=8, layer_kw
     return train(models, task, seeds=seeds, **kw)
 
 
-# ---- Evidence: paired tests, intervals, sentences (notebook: 5, 6, 7, 8, 11) -----------------
+# ---- Evidence: paired tests, intervals, sentences (notebook: 6, 7, 9, 11, 12) -----------------
 
 LEVEL = 0.95  # confidence level of every interval; tests are two-sided at 1 - LEVEL
 POWER = 0.80  # for "the smallest difference these seeds could detect"
@@ -575,6 +601,20 @@ class Comparison:
     detectable: float
     p_holm: float | None = None
     family: int = 1
+    se: float = 0.0  # standard error of ``diff``
+    df: float = 1.0  # degrees of freedom of the t-test
+    values: tuple = ((), ())  # the per-seed values of A and of B
+
+    @property
+    def family_interval(self) -> tuple[float, float]:
+        """The interval at the family's level: 1 - 5 % / family (Bonferroni; = the 95 % CI for
+        a single comparison). Inside a family this is what "ruled out" rests on."""
+        from scipy import stats
+
+        if self.family == 1:
+            return self.low, self.high
+        q = stats.t.ppf(1 - (1 - LEVEL) / self.family / 2, self.df)
+        return self.diff - q * self.se, self.diff + q * self.se
 
     @property
     def verdict(self) -> str:
@@ -584,19 +624,30 @@ class Comparison:
             return "no difference detected"
         return "ahead" if self.diff > 0 else "behind"
 
+    def _level(self, low: float, high: float) -> str:
+        return "95 %" if (low, high) == (self.low, self.high) else (
+            f"{100 * (1 - (1 - LEVEL) / self.family):.0f} %"
+        )
+
     def sentence(self) -> str:
-        """One sentence from the numbers: the difference, its interval, the test, the verdict."""
+        """One sentence from the numbers: the difference, its interval, the test, the verdict;
+        when no difference is detected, what the interval rules out (at the family's level)."""
         numbers = (
             f"95 % CI {self.low:+.2f} to {self.high:+.2f}; {self.test}, {self.n} seeds, "
             f"p {_p(self.p)}"
         )
+        low, high = self.family_interval
         if self.p_holm is not None:
-            numbers += f", Holm-adjusted over {self.family} ranks p {_p(self.p_holm)}"
+            numbers += (
+                f", Holm-adjusted over {self.family} ranks p {_p(self.p_holm)}; "
+                f"{100 * (1 - (1 - LEVEL) / self.family):.0f} % CI over the {self.family} ranks "
+                f"{low:+.2f} to {high:+.2f}"
+            )
         if self.verdict == "no difference detected":
             return (
                 f"{self.a} - {self.b} = {self.diff:+.2f} points ({numbers}): no difference "
-                f"detected; these seeds could detect about {self.detectable:.2f} points "
-                f"({100 * POWER:.0f} % power)."
+                f"detected; {self.a} ahead by more than {max(high, 0):.2f} or behind by more "
+                f"than {max(-low, 0):.2f} points is ruled out at {self._level(low, high)}."
             )
         side = "ahead of" if self.verdict == "ahead" else "behind"
         return f"{self.a} is {side} {self.b} by {abs(self.diff):.2f} points ({numbers})."
@@ -607,13 +658,23 @@ def _p(p: float) -> str:
 
 
 def compare(name_a: str, runs_a: Runs, name_b: str, runs_b: Runs) -> Comparison:
-    """Compare the final test accuracies of two configurations (see ``Comparison``)."""
+    """Compare the final test accuracies of two configurations (see ``Comparison``): paired
+    when both ran with the same seeds, seed k against seed k."""
+    paired = tuple(runs_a.seeds) == tuple(runs_b.seeds)
+    return compare_values(name_a, runs_a.final, name_b, runs_b.final, paired=paired)
+
+
+def compare_values(name_a: str, a, name_b: str, b, paired: bool = True) -> Comparison:
+    """``compare`` on per-seed values (a paired t-test on a - b, or Welch's). The comparison
+    keeps the values, so that runs on other seed sets can be pooled with it."""
     from scipy import stats  # on Colab; imported here so that importing helpers stays quick
 
-    a, b = runs_a.final, runs_b.final
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if min(len(a), len(b)) < 2:
         raise ValueError("a comparison needs at least 2 seeds per configuration")
-    if tuple(runs_a.seeds) == tuple(runs_b.seeds):  # paired: seed k vs seed k
+    if paired:
+        if len(a) != len(b):
+            raise ValueError(f"a paired comparison needs as many a as b: {len(a)}, {len(b)}")
         d = a - b
         n, test, se, df = len(d), "paired t-test", d.std(ddof=1) / math.sqrt(len(d)), len(d) - 1
     else:
@@ -627,7 +688,20 @@ def compare(name_a: str, runs_a: Runs, name_b: str, runs_b: Runs) -> Comparison:
     else:  # every seed gave the same difference: no spread to test against
         p = 0.0 if diff else 1.0
     detectable = float((q + stats.t.ppf(POWER, df)) * se)
-    return Comparison(name_a, name_b, diff, diff - q * se, diff + q * se, p, n, test, detectable)
+    return Comparison(
+        name_a,
+        name_b,
+        diff,
+        diff - q * se,
+        diff + q * se,
+        p,
+        n,
+        test,
+        detectable,
+        se=se,
+        df=df,
+        values=(tuple(map(float, a)), tuple(map(float, b))),
+    )
 
 
 def holm(comparisons: list[Comparison]) -> list[Comparison]:
@@ -641,6 +715,49 @@ def holm(comparisons: list[Comparison]) -> list[Comparison]:
     return [replace(c, p_holm=adjusted[i], family=m) for i, c in enumerate(comparisons)]
 
 
+def lora_at_budget(lora: dict[int, Runs], dora: Runs) -> Runs:
+    """LoRA's final accuracy at DoRA's trainable-parameter count, seed by seed, as a Runs that
+    ``compare`` pairs with ``dora``: "DoRA against LoRA at equal budget", beside equal rank.
+
+    ``lora`` is {rank: Runs} (at least two ranks). For each seed, LoRA's final accuracy is
+    interpolated linearly in log(trainable parameters) between the two ranks whose counts
+    bracket DoRA's (DoRA's magnitudes add one parameter per output row, so its count lies
+    between two LoRA ranks); an exact count takes that rank's accuracy. Every LoRA run must
+    have DoRA's seeds, in the same order, so seed k stays paired with seed k. Only ``final``
+    (and ``seeds``, ``trainable``) of the result mean anything: it has no models or history.
+    """
+    if len(lora) < 2:
+        raise ValueError(f"interpolating needs LoRA at two ranks or more, got {list(lora)}")
+    for rank, runs in lora.items():
+        if tuple(runs.seeds) != tuple(dora.seeds):
+            raise ValueError(
+                f"LoRA at rank {rank} ran seeds {tuple(runs.seeds)}, DoRA {tuple(dora.seeds)}: "
+                "a paired comparison needs the same seeds in the same order"
+            )
+    ranks = sorted(lora, key=lambda r: lora[r].trainable)
+    counts = np.array([lora[r].trainable for r in ranks], dtype=float)
+    if (np.diff(counts) <= 0).any():
+        raise ValueError(f"two LoRA ranks have the same trainable count: {counts.tolist()}")
+    target = dora.trainable
+    if not counts[0] <= target <= counts[-1]:
+        raise ValueError(
+            f"DoRA's {target:,} trainable parameters lie outside LoRA's range "
+            f"({counts[0]:,.0f} to {counts[-1]:,.0f} at ranks {ranks[0]} to {ranks[-1]}): "
+            "add a LoRA rank on the other side, interpolation cannot extrapolate"
+        )
+    hi = int(np.searchsorted(counts, target))  # the first count >= target
+    if counts[hi] == target:
+        final = lora[ranks[hi]].final
+    else:
+        lo = hi - 1
+        w = (math.log(target) - math.log(counts[lo])) / (
+            math.log(counts[hi]) - math.log(counts[lo])
+        )
+        final = (1 - w) * lora[ranks[lo]].final + w * lora[ranks[hi]].final
+    nothing = np.full((len(final), 1), np.nan)
+    return Runs(tuple(dora.seeds), [], target, nothing, final[:, None] / 100, [])
+
+
 def _mean_interval(values: np.ndarray) -> tuple[float, float]:
     """The 95 % confidence interval of the mean of ``values`` (t quantile, n - 1 degrees)."""
     from scipy import stats
@@ -650,6 +767,60 @@ def _mean_interval(values: np.ndarray) -> tuple[float, float]:
     n, mean = len(values), values.mean()
     half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
     return mean - half, mean + half
+
+
+def what_we_learned(runs: dict[str, Runs], pretrained_accuracy: float, rank: int) -> list[str]:
+    """Part I's conclusions in plain words, each computed from the run: where the methods land,
+    DoRA against LoRA and full FT against DoRA (paired tests), what DoRA costs, and what these
+    seeds could not see."""
+    ft, lora, dora = (runs[name] for name in ("full FT", "LoRA", "DoRA"))
+    n = len(dora.seeds)
+    vs_lora, vs_ft = compare("DoRA", dora, "LoRA", lora), compare("full FT", ft, "DoRA", dora)
+    said = [
+        f"On the rotated digits, where the pretrained network gets {100 * pretrained_accuracy:.1f}"
+        f" %, full fine-tuning reaches {ft.final.mean():.1f} %, LoRA {lora.final.mean():.1f} % "
+        f"and DoRA {dora.final.mean():.1f} % (means of {n} seeds)."
+    ]
+    if vs_lora.verdict == "no difference detected":
+        said.append(
+            f"At rank {rank} DoRA and LoRA cannot be told apart here: DoRA - LoRA = "
+            f"{vs_lora.diff:+.2f} points, and the paired seeds rule out (at 95 %) DoRA ahead by "
+            f"more than {max(vs_lora.high, 0):.2f} or behind by more than "
+            f"{max(-vs_lora.low, 0):.2f} points."
+        )
+    else:
+        said.append(
+            f"At rank {rank} DoRA is {vs_lora.verdict} of LoRA by {abs(vs_lora.diff):.2f} points "
+            f"(95 % CI {vs_lora.low:+.2f} to {vs_lora.high:+.2f}, paired over {n} seeds)."
+        )
+    early = compare_values("DoRA", 100 * dora.test_acc[:, 0], "LoRA", 100 * lora.test_acc[:, 0])
+    said.append(
+        f"After one epoch DoRA - LoRA = {early.diff:+.2f} points (95 % CI {early.low:+.2f} to "
+        f"{early.high:+.2f}, paired): {_who(early)} at that point; the right panel of the "
+        "fine-tuning figure shows every epoch."
+    )
+    gap = "ahead of" if vs_ft.verdict == "ahead" else "not ahead of"
+    said.append(
+        f"Full fine-tuning, which trains {ft.trainable / dora.trainable:.0f} times as many "
+        f"numbers, is {gap} DoRA: {vs_ft.diff:+.2f} points (95 % CI {vs_ft.low:+.2f} to "
+        f"{vs_ft.high:+.2f})."
+    )
+    extra = dora.trainable - lora.trainable
+    said.append(
+        f"DoRA's magnitudes cost {extra:,} more trainable numbers than LoRA's {lora.trainable:,} "
+        f"({extra / lora.trainable:.0%}), one per output row of each layer."
+    )
+    said.append(
+        f"What {n} seeds of one task at one rank cannot show: a DoRA - LoRA difference inside "
+        f"that interval, or one that appears only at lower rank or on other tasks; Part II "
+        "looks at ranks, equal budgets and how each method moves the weights."
+    )
+    return said
+
+
+def _who(c: Comparison) -> str:
+    """'DoRA ahead', 'DoRA behind' or 'no difference detected'."""
+    return c.verdict if c.verdict == "no difference detected" else f"{c.a} {c.verdict}"
 
 
 def in_words(numbers, noun: str) -> str:
@@ -691,9 +862,10 @@ def _accuracy_rows(results: dict[str, Runs]) -> list[dict]:
     return rows
 
 
-def results_table(results: dict[str, Runs]) -> str:
-    """Method | trainable | final test accuracy: mean ± std, 95 % CI of the mean | s / epoch."""
-    seconds = [float(np.mean(runs.seconds)) for runs in results.values()]
+def results_table(results: dict[str, Runs], timing: bool = True) -> str:
+    """Method | trainable | final test accuracy: mean ± std, 95 % CI of the mean | s / epoch
+    (``timing=False``: without the time per epoch)."""
+    seconds = [float(np.mean(runs.seconds)) for runs in results.values()] if timing else None
     seeds = len(next(iter(results.values())).seeds)
     return _accuracy_table(_accuracy_rows(results), seeds, seconds)
 
@@ -713,17 +885,41 @@ def _accuracy_table(rows: list[dict], seeds: int, seconds: list[float] | None = 
 
 def run_summary(results: dict[str, Runs], pretrained_accuracy: float, conclusions) -> dict:
     """The run's results as data: the accuracy table, the pretrained model's accuracy (%) and
-    {conclusion: {"verdict", "sentence"}}. ``summary_text`` prints it, ``write_results`` saves
-    it; the README and experiments/stability.py read the saved file, never printed text."""
+    {conclusion: {"verdict", "sentence", "comparisons"}}, where ``conclusions`` gives each
+    (verdict, sentence, the Comparisons it rests on[, a label for each]). ``summary_text``
+    prints it, ``write_results`` saves it; the README and experiments/stability.py read the
+    saved file (the per-seed values let the stability run pool seed sets), never printed text."""
     return {
         "seeds": len(next(iter(results.values())).seeds),
         "pretrained_accuracy": 100 * float(pretrained_accuracy),
         "methods": _accuracy_rows(results),
         "conclusions": {
-            key: {"verdict": verdict, "sentence": sentence}
-            for key, (verdict, sentence) in conclusions.items()
+            key: {
+                "verdict": verdict,
+                "sentence": sentence,
+                "comparisons": [_comparison_data(c) for c in comparisons],
+                "labels": [str(x) for x in labels[0]] if labels else [],
+            }
+            for key, (verdict, sentence, comparisons, *labels) in conclusions.items()
         },
     }
+
+
+def _comparison_data(c: Comparison) -> dict:
+    keep = ("a", "b", "diff", "low", "high", "p", "p_holm", "family", "test", "n")
+    return {**{k: getattr(c, k) for k in keep}, "values": [list(v) for v in c.values]}
+
+
+def pooled(runs_of_one_conclusion: list[list[dict]]) -> list[Comparison]:
+    """One conclusion's comparisons from several seed sets (each a list of ``_comparison_data``
+    dicts), pooled: the per-seed values joined, the test rerun, Holm again within a family."""
+    joined = []
+    for parts in zip(*runs_of_one_conclusion, strict=True):
+        first = parts[0]
+        a = [x for part in parts for x in part["values"][0]]
+        b = [x for part in parts for x in part["values"][1]]
+        joined.append(compare_values(first["a"], a, first["b"], b, "paired" in first["test"]))
+    return holm(joined) if len(joined) > 1 else joined
 
 
 def summary_text(summary: dict) -> str:
@@ -752,93 +948,400 @@ def write_results(summary: dict) -> Path:
     return path
 
 
-# ---- How fine-tuning moves the weights: the DoRA paper's Figure 2 (notebook: 7) --------------
+# ---- How fine-tuning moves the weights: the DoRA paper's Figure 2 (notebook: 10) --------------
 
 
-def decomposition_change(weight: torch.Tensor, weight0: torch.Tensor) -> tuple[float, float]:
-    """(dM, dD) of a fine-tuned weight against the pretrained one, over output rows n:
+def relative_change(weight: torch.Tensor, weight0: torch.Tensor) -> dict[str, float]:
+    """Figure 2's measures of one fine-tuned weight against the pretrained one, over rows n:
 
-    dM = mean_n | ||W[n]|| - ||W0[n]|| |          (magnitude change)
-    dD = mean_n ( 1 - cos(W[n], W0[n]) )          (direction change)
-    """
-    # In float64 for exact sums; on the CPU first, as MPS has no float64.
-    weight, weight0 = (w.detach().to("cpu", torch.float64) for w in (weight, weight0))
-    d_m = (weight.norm(dim=1) - weight0.norm(dim=1)).abs().mean()
-    d_d = (1 - F.cosine_similarity(weight, weight0, dim=1)).mean()
-    return d_m.item(), d_d.item()
+    dD       = mean_n ( 1 - cos(W[n], W0[n]) )                  (the paper's direction change)
+    dM       = mean_n | ||W[n]|| - ||W0[n]|| | / ||W0[n]||       (magnitude change, relative)
+    rotation = mean_n ( dD_n / (1 - dD_n) )                      (the dM a pure rotation gives)
+
+    ``rotation`` is the relative magnitude change the same per-row direction changes would give
+    if every row's update were orthogonal to the row: a point with dM == rotation lies on the
+    rotation curve, and only an update with a component along W0[n] moves it off."""
+    weight, weight0 = (w.detach().to("cpu", torch.float64).flatten(1) for w in (weight, weight0))
+    if weight.shape != weight0.shape:
+        raise ValueError(f"weights of shapes {tuple(weight.shape)} and {tuple(weight0.shape)}")
+    m, m0 = weight.norm(dim=1), weight0.norm(dim=1)
+    if not (m0 > 0).all():
+        raise ValueError("a pretrained row is all zero: its relative magnitude change is undefined")
+    cos = F.cosine_similarity(weight, weight0, dim=1)
+    if not (cos > 0).all():
+        raise ValueError("a row turned by 90 degrees or more: no pure rotation reaches it")
+    return {
+        "dD": (1 - cos).mean().item(),
+        "dM": ((m - m0).abs() / m0).mean().item(),
+        "rotation": (1 / cos - 1).mean().item(),  # dD_n / (1 - dD_n) = 1 / cos_n - 1
+    }
 
 
-def decomposition_points(runs: Runs, pretrained: nn.Module, layers) -> list[dict]:
-    """One point per (seed, checkpoint, layer in ``layers``): dD, dM, seed, epoch, layer."""
+def figure2_points(runs: Runs, pretrained: nn.Module, layers) -> list[dict]:
+    """One point per (seed, checkpoint, layer): ``relative_change``'s dD, dM and rotation, with
+    ``seed``, ``checkpoint`` (the epoch the weights were recorded after) and ``layer``.
+
+    ``runs`` must hold recorded weights (``train(..., record_weights=True)``)."""
+    if not runs.weights:
+        raise ValueError("these runs recorded no weights: train them with record_weights=True")
     weights0 = layer_weights(pretrained)
-    points = []
-    for seed, checkpoints in zip(runs.seeds, runs.weights, strict=True):
-        for epoch, weights in enumerate(checkpoints, start=1):
-            for layer in layers:
-                d_m, d_d = decomposition_change(weights[layer], weights0[layer])
-                points.append({"dD": d_d, "dM": d_m, "seed": seed, "epoch": epoch, "layer": layer})
-    return points
+    missing = [layer for layer in layers if layer not in weights0]
+    if missing:
+        raise ValueError(f"no layer named {missing} in the model (it has {list(weights0)})")
+    return [
+        {
+            "seed": seed,
+            "checkpoint": epoch,
+            "layer": layer,
+            **relative_change(w[layer], weights0[layer]),
+        }
+        for seed, checkpoints in zip(runs.seeds, runs.weights, strict=True)
+        for epoch, w in enumerate(checkpoints, start=1)
+        for layer in layers
+    ]
 
 
-def fit_line(x, y) -> tuple[float, float]:
-    """Least-squares slope of y on x, and the Pearson correlation r (0 where undefined)."""
+def _by_seed(points: list[dict]) -> dict[int, list[dict]]:
+    if not points:
+        raise ValueError("no points")
+    seeds: dict[int, list[dict]] = {}
+    for p in points:
+        seeds.setdefault(p["seed"], []).append(p)
+    return seeds
+
+
+def _least_squares(x, y) -> tuple[float, float]:
+    """(slope, intercept) of y on x by least squares with an intercept."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return 0.0, 0.0
-    return float(np.polyfit(x, y, 1)[0]), float(np.corrcoef(x, y)[0, 1])
+    if len(x) < 3 or np.ptp(x) == 0:
+        raise ValueError("a slope needs at least 3 points with different dD")
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(slope), float(intercept)
 
 
-def correlations(points: list[dict]) -> dict[str, np.ndarray]:
-    """Three correlations of dM with dD, one value per seed each:
+def figure2_slopes(points: list[dict]) -> dict:
+    """Per seed, the least-squares slope (with intercept) of relative dM on dD over all its
+    layers and checkpoints; their mean and 95 % t-interval over seeds.
 
-    pooled: over all layers and checkpoints of the seed (what the paper's figure shows);
-    across layers: over the layers at the last checkpoint;
-    within a layer: over one layer's checkpoints, averaged over the layers."""
-    out: dict[str, list[float]] = {"pooled": [], "across layers": [], "within a layer": []}
-    for seed in dict.fromkeys(p["seed"] for p in points):
-        mine = [p for p in points if p["seed"] == seed]
-        last = max(p["epoch"] for p in mine)
-        out["pooled"].append(_r(mine))
-        out["across layers"].append(_r([p for p in mine if p["epoch"] == last]))
-        layers = dict.fromkeys(p["layer"] for p in mine)
-        out["within a layer"].append(
-            np.mean([_r([p for p in mine if p["layer"] == la]) for la in layers])
-        )
-    return {key: np.array(values) for key, values in out.items()}
+    With an intercept, the slope says how much more a layer's magnitude changes where its
+    direction changes more: "dM follows dD". A magnitude change that happens whatever the
+    direction change (DoRA trains m on its own) goes into the intercept; through the origin it
+    would be read as steep coupling instead. The same fit on each point's rotation reference
+    gives the slope a pure rotation would have over the same dD values (about 1 for small dD).
+    Seeds are the replicates: the points of one seed share its run and are not independent.
+
+    Returns {"seeds", "slope" (per seed), "intercept" (per seed), "rotation" (per seed), "mean",
+    "low", "high", "rotation_mean"}."""
+    seeds = _by_seed(points)
+    fits = [_least_squares([p["dD"] for p in s], [p["dM"] for p in s]) for s in seeds.values()]
+    rotation = [
+        _least_squares([p["dD"] for p in s], [p["rotation"] for p in s])[0] for s in seeds.values()
+    ]
+    slope = np.array([f[0] for f in fits])
+    low, high = _mean_interval(slope)
+    return {
+        "seeds": list(seeds),
+        "slope": slope.tolist(),
+        "intercept": [f[1] for f in fits],
+        "rotation": rotation,
+        "mean": float(slope.mean()),
+        "low": float(low),
+        "high": float(high),
+        "rotation_mean": float(np.mean(rotation)),
+    }
 
 
-def _r(points: list[dict]) -> float:
-    return fit_line([p["dD"] for p in points], [p["dM"] for p in points])[1]
+def slope_ratio(points_a: list[dict], points_b: list[dict], paired: bool | None = None) -> dict:
+    """Slope of A over slope of B (``figure2_slopes``), with its 95 % interval.
+
+    Paired by seed when both ran the same seeds (``paired=None`` decides; False forces the
+    unpaired form): seed k of A and of B share the adapter's init and batch order, so the
+    per-seed log-ratio log(slope_a[k] / slope_b[k]) is tested with a one-sample t on n - 1
+    degrees, and its mean and interval are exponentiated (a geometric-mean ratio). Logs make a
+    ratio symmetric (A/B and B/A give reciprocal intervals) and tame its skew. Unpaired: Welch's
+    interval on the difference of mean log-slopes. When a slope is not positive the log does not
+    exist: then the per-seed ratios' arithmetic mean and t-interval (paired only).
+
+    Returns {"ratio", "low", "high", "paired", "scale" ("log" or "linear"), "n", "per_seed"}."""
+    from scipy import stats
+
+    a, b = figure2_slopes(points_a), figure2_slopes(points_b)
+    same = a["seeds"] == b["seeds"]
+    if paired is None:
+        paired = same
+    elif paired and not same:
+        raise ValueError(f"pairing needs the same seeds, got {a['seeds']} and {b['seeds']}")
+    sa, sb = np.array(a["slope"]), np.array(b["slope"])
+    positive = (sa > 0).all() and (sb > 0).all()
+    per_seed = (sa / sb).tolist() if paired else None
+    if paired and positive:
+        low, high = _mean_interval(np.log(sa / sb))
+        ratio, scale = float(np.exp(np.log(sa / sb).mean())), "log"
+        low, high = math.exp(low), math.exp(high)
+    elif paired:
+        ratio, scale = float((sa / sb).mean()), "linear"
+        low, high = _mean_interval(sa / sb)
+    elif positive:
+        la, lb = np.log(sa), np.log(sb)
+        va, vb = la.var(ddof=1) / len(la), lb.var(ddof=1) / len(lb)
+        df = (va + vb) ** 2 / (va**2 / (len(la) - 1) + vb**2 / (len(lb) - 1))
+        half = stats.t.ppf(0.5 + LEVEL / 2, df) * math.sqrt(va + vb)
+        diff, scale = la.mean() - lb.mean(), "log"
+        ratio, low, high = math.exp(diff), math.exp(diff - half), math.exp(diff + half)
+    else:
+        raise ValueError("an unpaired ratio needs positive slopes")
+    n = min(len(sa), len(sb))
+    return {
+        "ratio": float(ratio),
+        "low": float(low),
+        "high": float(high),
+        "paired": paired,
+        "scale": scale,
+        "n": n,
+        "per_seed": per_seed,
+    }
 
 
-def sign_verdict(values: np.ndarray, paper: float) -> tuple[str, float, float]:
-    """('reproduces' | 'opposite sign' | 'cannot tell', low, high): the 95 % interval over
-    seeds of a correlation, against the sign the paper reports."""
-    low, high = _mean_interval(values)
-    if low <= 0 <= high:
-        return "cannot tell", low, high
-    return ("reproduces" if (low > 0) == (paper > 0) else "opposite sign"), low, high
+def checkpoint_correlations(points: list[dict]) -> dict[int, dict]:
+    """The correlation of relative dM with dD across layers, at each checkpoint on its own.
+
+    Per seed and checkpoint, Pearson's r over that checkpoint's layers (no pooling over time:
+    both measures grow during training, a trend that says nothing about layer-to-layer
+    coupling); then, per checkpoint, the mean over seeds and its 95 % interval, computed on
+    Fisher's z = atanh(r) (bounded r is skewed near +-1; z is near normal) and mapped back.
+
+    Returns {checkpoint: {"r" (per seed), "mean", "low", "high"}}."""
+    out = {}
+    checkpoints = sorted({p["checkpoint"] for p in points})
+    for checkpoint in checkpoints:
+        rs = []
+        for seed_points in _by_seed(points).values():
+            here = [p for p in seed_points if p["checkpoint"] == checkpoint]
+            if len(here) < 3:
+                raise ValueError(f"checkpoint {checkpoint}: a correlation needs 3 or more layers")
+            rs.append(float(np.corrcoef([p["dD"] for p in here], [p["dM"] for p in here])[0, 1]))
+        z = np.arctanh(np.clip(rs, -1 + 1e-12, 1 - 1e-12))
+        low, high = _mean_interval(z)
+        out[checkpoint] = {
+            "r": [float(r) for r in rs],
+            "mean": float(np.tanh(z.mean())),
+            "low": float(np.tanh(low)),
+            "high": float(np.tanh(high)),
+        }
+    return out
 
 
-def decomposition_table(points: dict[str, list[dict]], paper: dict[str, float]) -> str:
-    """Per method: the three correlations (mean ± std over seeds) and the pooled one's verdict
-    against the paper's sign, with its 95 % interval."""
-    head = (
-        f"{'method':<9}{'r pooled':>14}{'95 % CI':>15}{'r across layers':>17}{'r in a layer':>15}"
+def full_ft_pattern_verdict(points: list[dict], paper: float):
+    """(verdict, sentence): does full fine-tuning show the paper's negative dD-dM correlation?
+
+    'negative, as in the paper' when the interval is below 0 at every checkpoint; 'positive,
+    not the paper's pattern' when above 0 at every one; otherwise 'not settled' (checkpoints
+    disagree or an interval covers 0). The sentence adds the slope against the rotation curve."""
+    corr = checkpoint_correlations(points)
+    below = [c for c, v in corr.items() if v["high"] < 0]
+    above = [c for c, v in corr.items() if v["low"] > 0]
+    if len(below) == len(corr):
+        verdict = "negative, as in the paper"
+    elif len(above) == len(corr):
+        verdict = "positive, not the paper's pattern"
+    else:
+        verdict = "not settled"
+    slopes = figure2_slopes(points)
+    cells = "; ".join(
+        f"checkpoint {c}: r {v['mean']:+.2f} (95 % CI {v['low']:+.2f} to {v['high']:+.2f})"
+        for c, v in corr.items()
     )
-    lines = [head + f"{'paper':>7}  verdict"]
-    for method, pts in points.items():
-        r = correlations(pts)
-        verdict, low, high = sign_verdict(r["pooled"], paper[method])
-        cells = [f"{r[k].mean():+.2f} ± {r[k].std(ddof=1):.2f}" for k in r]
-        lines.append(
-            f"{method:<9}{cells[0]:>14}{f'{low:+.2f} to {high:+.2f}':>15}{cells[1]:>17}"
-            f"{cells[2]:>15}{paper[method]:>+7.2f}  {verdict}"
+    sentence = (
+        f"Full fine-tuning, correlation of relative magnitude and direction change across layers "
+        f"({len(slopes['seeds'])} seeds), {cells}; paper {paper:+.2f} (section 3.2, Figure 2): "
+        f"{verdict}. Its slope is {slopes['mean']:.2f} (95 % CI {slopes['low']:.2f} to "
+        f"{slopes['high']:.2f}) against {slopes['rotation_mean']:.2f} for a pure rotation over "
+        f"the same direction changes."
+    )
+    return verdict, sentence
+
+
+def decoupling_verdict(points: dict[str, list[dict]], a: str = "DoRA", b: str = "LoRA"):
+    """(verdict, sentence): does A's magnitude change follow its direction change less than B's?
+
+    From ``slope_ratio`` (paired by seed): 'decoupled' when the 95 % interval of slope A / slope
+    B lies below 1, 'more coupled' when above 1, else 'no difference detected'. The sentence
+    gives every other method's ratio too (e.g. DoRA / full FT), as numbers, not verdicts."""
+    ratio = slope_ratio(points[a], points[b])
+    if ratio["high"] < 1:
+        verdict = "decoupled"
+    elif ratio["low"] > 1:
+        verdict = "more coupled"
+    else:
+        verdict = "no difference detected"
+    others = [
+        f"{a} / {name} {r['ratio']:.2f} (95 % CI {r['low']:.2f} to {r['high']:.2f})"
+        for name in points
+        if name not in (a, b)
+        for r in [slope_ratio(points[a], points[name])]
+    ]
+    slopes = {name: figure2_slopes(pts) for name, pts in points.items()}
+    words = ", ".join(f"{name} {s['mean']:.2f}" for name, s in slopes.items())
+    sentence = (
+        f"Slope of relative magnitude change on direction change: {words}. {a} / {b} = "
+        f"{ratio['ratio']:.2f} (95 % CI {ratio['low']:.2f} to {ratio['high']:.2f}, "
+        f"{'paired by seed' if ratio['paired'] else 'unpaired'}, {ratio['n']} seeds): {verdict}"
+        + (f"; {'; '.join(others)}." if others else ".")
+    )
+    return verdict, sentence
+
+
+def figure2_analysis(points: dict[str, list[dict]], paper: dict[str, float]) -> dict:
+    """Everything above as JSON-ready data: per method its slopes and per-checkpoint
+    correlations (with the paper's r), the ratios of DoRA's slope to every other method's
+    (paired), and the two verdicts (when the methods are there)."""
+    out: dict = {"methods": {}, "ratios": {}, "verdicts": {}}
+    for name, pts in points.items():
+        out["methods"][name] = {
+            "slope": figure2_slopes(pts),
+            "correlations": {str(c): v for c, v in checkpoint_correlations(pts).items()},
+            "paper_r": paper.get(name),
+        }
+    for a in points:
+        for b in points:
+            if a != b and a == "DoRA":
+                out["ratios"][f"{a} / {b}"] = slope_ratio(points[a], points[b])
+    if "full FT" in points:
+        out["verdicts"]["full FT pattern"] = dict(
+            zip(
+                ("verdict", "sentence"),
+                full_ft_pattern_verdict(points["full FT"], paper["full FT"]),
+                strict=True,
+            )
         )
+    if {"DoRA", "LoRA"} <= set(points):
+        out["verdicts"]["DoRA decoupled vs LoRA"] = dict(
+            zip(("verdict", "sentence"), decoupling_verdict(points), strict=True)
+        )
+    return out
+
+
+def figure2_table(analysis: dict) -> str:
+    """``figure2_analysis``'s numbers as a table: per method the slope with its interval and the
+    rotation's slope, then r across layers at each checkpoint (mean, 95 % interval), the paper's
+    r; then the ratios."""
+    methods = analysis["methods"]
+    checkpoints = list(next(iter(methods.values()))["correlations"])
+    head = f"{'method':<9}{'slope [95 % CI]':>22}{'rotation':>10}" + "".join(
+        f"{'r at ' + c:>22}" for c in checkpoints
+    )
+    lines = [head + f"{'paper r':>9}"]
+    for name, m in methods.items():
+        s = m["slope"]
+        cells = "".join(f"{_bracket(v, '+.2f'):>22}" for v in m["correlations"].values())
+        paper = f"{m['paper_r']:+.2f}" if m["paper_r"] is not None else "-"
+        lines.append(
+            f"{name:<9}{_bracket(s, '.2f'):>22}{s['rotation_mean']:>10.2f}{cells}{paper:>9}"
+        )
+    for key, r in analysis["ratios"].items():
+        kind = "paired by seed" if r["paired"] else "unpaired"
+        lines.append(f"slope {key}: {r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}] ({kind})")
     return "\n".join(lines)
 
 
-# ---- Shipping: merge, time, save the adapter, Hugging Face PEFT (notebook: 9, 10, 13) ---------
+def _bracket(v: dict, spec: str) -> str:
+    """'mean [low, high]' of a dict with those keys."""
+    return f"{v['mean']:{spec}} [{v['low']:{spec}}, {v['high']:{spec}}]"
+
+
+def plot_figure2(points: dict[str, list[dict]], title: str):
+    """Figure 2 as a test: relative dM against dD, one panel per method (shared axes), every
+    seed; the pure-rotation curve dD / (1 - dD) on each; the method's mean fitted line.
+
+    Colour: checkpoint; marker: the layer's kind (last part of its name, e.g. q or v)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(points), figsize=(4 * len(points), 3.8), sharex=True, sharey=True, squeeze=False
+    )
+    markers = "osD^vP*X"
+    all_points = [p for pts in points.values() for p in pts]
+    kinds = list(dict.fromkeys(p["layer"].rsplit(".", 1)[-1] for p in all_points))
+    checkpoints = sorted({p["checkpoint"] for p in all_points})
+    colour = {
+        c: plt.cm.viridis(i / max(len(checkpoints) - 1, 1)) for i, c in enumerate(checkpoints)
+    }
+    x = np.linspace(0, max(p["dD"] for p in all_points) * 1.05, 100)
+    for ax, (method, pts) in zip(axes[0], points.items(), strict=True):
+        for p in pts:
+            kind = kinds.index(p["layer"].rsplit(".", 1)[-1])
+            ax.scatter(
+                p["dD"],
+                p["dM"],
+                color=colour[p["checkpoint"]],
+                s=12,
+                marker=markers[kind % len(markers)],
+            )
+        ax.plot(x, x / (1 - x), color="k", ls="--", lw=1)
+        s = figure2_slopes(pts)
+        own = np.linspace(min(p["dD"] for p in pts), max(p["dD"] for p in pts), 20)
+        ax.plot(own, np.mean(s["intercept"]) + s["mean"] * own, color="C3", lw=1.2)
+        ax.set_title(
+            f"{method}: slope {s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]", fontsize=10
+        )
+        _label(ax, "ΔD (direction change)", "ΔM / ||W0[n]|| (relative)")
+        ax.label_outer()
+    handles = [
+        plt.Line2D([], [], color="k", ls="--", label="pure rotation: ΔD / (1 - ΔD)"),
+        plt.Line2D([], [], color="C3", label="fitted line (mean over seeds)"),
+    ]
+    handles += [
+        plt.Line2D(
+            [], [], marker=markers[i % len(markers)], ls="", color="gray", label=f"layer {k}"
+        )
+        for i, k in enumerate(kinds)
+    ]
+    handles += [
+        plt.Line2D([], [], marker="o", ls="", color=colour[c], label=f"checkpoint {c}")
+        for c in checkpoints
+    ]
+    columns = min(len(handles), 2 * len(points) + 1)  # fits the figure's width
+    rows = -(-len(handles) // columns)
+    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=7, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.02 + 0.05 * rows, 1, 1))  # the legend's rows, inside the figure
+    return fig
+
+
+# ---- Shipping: merge, time, save the adapter, Hugging Face PEFT (notebook: 14-18) ---------
+
+
+OPTIONAL_PACKAGES = ("peft", "transformers", "torchao", "accelerate")  # PEFT and what it loads
+
+
+class optional_part:  # noqa: N801  (used as a statement: with helpers.optional_part(...):)
+    """``with optional_part("the comparison with PEFT"): ...`` runs an optional part of the
+    notebook; an exception raised inside an optional package (PEFT imports fine but fails in
+    use, e.g. an older torchao makes get_peft_model raise ImportError) ends the block with one
+    line and the notebook goes on. Exceptions from anywhere else (this project's code) are
+    not swallowed."""
+
+    def __init__(self, what: str, packages=OPTIONAL_PACKAGES):
+        self.what, self.packages = what, tuple(packages)
+        self.skipped: BaseException | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or not isinstance(error, Exception) or not self._raised_inside(tb):
+            return False
+        self.skipped = error
+        text = " ".join(str(error).split())[:160]
+        print(wrap(f"Skipping {self.what}: PEFT fails in use ({type(error).__name__}: {text})."))
+        return True
+
+    def _raised_inside(self, tb) -> bool:
+        while tb is not None:
+            if tb.tb_frame.f_globals.get("__name__", "").partition(".")[0] in self.packages:
+                return True
+            tb = tb.tb_next
+        return False
 
 
 def merge_adapters(model: nn.Module, merge) -> nn.Module:
@@ -893,37 +1396,117 @@ def plot_digits(images: torch.Tensor, rotated: torch.Tensor, labels: torch.Tenso
     return fig
 
 
-def plot_history(runs: Runs, title: str):
-    """Training loss and test accuracy per epoch of one run (the first seed), side by side."""
+def plot_idea():
+    """The idea in two dimensions: one weight row w0 as a length times a direction, and what
+    LoRA and DoRA can do to it. Computed, not drawn by hand: a rank-1 update moves w0 along one
+    line, so LoRA's length and angle change together; DoRA takes the direction of a point on
+    that line, V / ||V||, and gives it a length m of its own."""
     import matplotlib.pyplot as plt
 
-    epochs = np.arange(1, runs.train_loss.shape[1] + 1)
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
-    ax_loss.plot(epochs, runs.train_loss[0], marker="o")
-    ax_acc.plot(epochs, 100 * runs.test_acc[0], marker="o", color="C1")
-    _label(ax_loss, "epoch", "training loss", integer_x=True)
-    _label(ax_acc, "epoch", "test accuracy (%)", integer_x=True)
+    w0 = torch.tensor([1.0, 0.35])
+    across = torch.tensor([-w0[1], w0[0]]) / w0.norm()  # perpendicular to w0
+    d = across + 0.3 * w0 / w0.norm()  # the update's direction b a: mostly across w0
+    lora = [w0 + t * d for t in (-0.6, -0.3, 0.3, 0.6)]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), sharex=True, sharey=True)
+
+    def arrow(ax, v, color, alpha=1.0):
+        style = {"arrowstyle": "->", "color": color, "lw": 2, "alpha": alpha}
+        ax.annotate("", xy=tuple(v.tolist()), xytext=(0, 0), arrowprops=style)
+
+    def key(ax, color, label):
+        ax.plot([], [], color=color, lw=2, label=label)
+
+    arrow(axes[0], w0, "C0")
+    arrow(axes[0], 0.5 * w0 / w0.norm(), "C3")
+    key(axes[0], "C0", f"w0, length ||w0|| = {w0.norm():.2f}")
+    key(axes[0], "C3", "its direction w0 / ||w0|| (drawn at half length)")
+    axes[0].set_title("a weight row: a length and a direction")
+    line = torch.stack([w0 - 0.8 * d, w0 + 0.8 * d])
+    for ax in axes[1:]:
+        ax.plot(line[:, 0], line[:, 1], ls=":", color="C1")
+        arrow(ax, w0, "C0")
+    for v in lora:
+        arrow(axes[1], v, "C1", alpha=0.7)
+    key(axes[1], "C0", "w0")
+    key(axes[1], "C1", "w0 + s b a: one number t moves both")
+    axes[1].set_title("LoRA: W0 + s B A (here rank 1)")
+    direction = lora[-1] / lora[-1].norm()
+    for m in (0.6, 0.9, 1.2, 1.5):
+        arrow(axes[2], m * direction, "C2", alpha=0.7)
+    key(axes[2], "C0", "w0")
+    key(axes[2], "C2", "m V / ||V||: the same direction, length m")
+    axes[2].set_title("DoRA: direction of V = W0 + s B A, length m")
+    for ax in axes:
+        ax.set_aspect("equal")
+        ax.axhline(0, color="0.85", lw=0.8)
+        ax.axvline(0, color="0.85", lw=0.8)
+        ax.set_xlim(-0.3, 1.8)
+        ax.set_ylim(-0.6, 1.5)
+        ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_methods(results: dict[str, Runs], start: float, title: str, pair=("DoRA", "LoRA")):
+    """Left: mean test accuracy per epoch of each method from epoch 0 (``start``, the
+    pretrained model's accuracy), band: the 95 % interval of the mean over seeds. Right: the
+    per-seed difference of ``pair`` (A - B) per epoch, its mean and 95 % interval: where the
+    two methods' curves coincide on the left, the right panel shows how far apart they are."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_diff) = plt.subplots(1, 2, figsize=(10, 4.4))
+    for i, (name, runs) in enumerate(results.items()):
+        acc = np.concatenate([np.full((len(runs.seeds), 1), start), runs.test_acc], 1) * 100
+        epochs = np.arange(acc.shape[1])
+        low, high = np.array([_mean_interval(acc[:, e]) for e in epochs[1:]]).T
+        ax_acc.plot(epochs, acc.mean(0), marker="o", color=f"C{i}", label=name)
+        ax_acc.fill_between(epochs[1:], low, high, color=f"C{i}", alpha=0.2)
+    a, b = (100 * results[name].test_acc for name in pair)
+    diff = a - b
+    epochs = np.arange(1, diff.shape[1] + 1)
+    low, high = np.array([_mean_interval(diff[:, e - 1]) for e in epochs]).T
+    ax_diff.axhline(0, color="0.5", lw=1)
+    ax_diff.plot(epochs, diff.mean(0), marker="o", color="C2", label=f"{pair[0]} - {pair[1]}")
+    ax_diff.fill_between(epochs, low, high, color="C2", alpha=0.2, label="95 % interval")
+    _label(ax_acc, "epoch (0: the pretrained model)", "test accuracy (%)", integer_x=True)
+    _label(ax_diff, "epoch", "difference (points)", integer_x=True)
+    ax_acc.legend(title=f"mean of {a.shape[0]} seeds", loc="lower right")
+    ax_diff.legend(loc="upper right")
+    ax_diff.set_title(f"{pair[0]} - {pair[1]}: mean of the per-seed differences")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def plot_methods(results: dict[str, Runs], title: str):
-    """Mean training loss and test accuracy per epoch for each method, with a ±1 std band."""
+def plot_paired(pairs: dict[str, tuple[Runs, Runs]], title: str):
+    """One row per comparison A - B: each seed's difference in final test accuracy (dots),
+    their mean and its 95 % interval (bar); the dashed line is no difference."""
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for i, (name, runs) in enumerate(results.items()):
-        for ax, values in ((ax_loss, runs.train_loss), (ax_acc, 100 * runs.test_acc)):
-            mean, std = values.mean(0), values.std(0, ddof=1)
-            epochs = np.arange(1, len(mean) + 1)
-            ax.plot(epochs, mean, marker="o", color=f"C{i}", label=f"{name} (n={len(values)})")
-            ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.2)
-    _label(ax_loss, "epoch", "training loss", integer_x=True)
-    _label(ax_acc, "epoch", "test accuracy (%)", integer_x=True)
-    ax_acc.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig, ax = plt.subplots(figsize=(8, 0.8 + 0.9 * len(pairs)))
+    for row, (runs_a, runs_b) in enumerate(reversed(pairs.values())):
+        d = runs_a.final - runs_b.final
+        low, high = _mean_interval(d)
+        spread = np.linspace(-0.08, 0.08, len(d))[np.argsort(np.argsort(d))]  # no overlaps
+        ax.plot(d, row + 0.16 + spread, "o", color="0.55", ms=4)
+        ax.errorbar(
+            d.mean(),
+            row - 0.12,
+            xerr=[[d.mean() - low], [high - d.mean()]],
+            fmt="D",
+            color="C3",
+            capsize=4,
+        )
+    ax.plot([], [], "o", color="0.55", ms=4, label="one seed")
+    ax.errorbar([], [], xerr=[], fmt="D", color="C3", capsize=4, label="mean, 95 % interval")
+    ax.axvline(0, color="0.4", ls="--", lw=1)
+    ax.set_yticks(range(len(pairs)), list(reversed(list(pairs))))
+    ax.set_ylim(-0.6, len(pairs) - 0.4)
+    ax.set_xlabel("difference in final test accuracy (points)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title)
+    fig.legend(loc="lower center", ncol=2, fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     return fig
 
 
@@ -958,55 +1541,6 @@ def plot_rank_sweep(sweep: dict[tuple[str, int], Runs], reference: Runs, title: 
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    return fig
-
-
-def plot_decomposition(points: dict[str, list[dict]], title: str):
-    """The DoRA paper's Figure 2: dD (x) against dM (y), one panel per method, every seed.
-
-    Colour: checkpoint (epoch); marker: layer. Panel titles: slope and r over all points."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(points), figsize=(4 * len(points), 3.8))
-    markers = "osD^vP*X"
-    for ax, (method, pts) in zip(np.atleast_1d(axes), points.items(), strict=True):
-        layers = list(dict.fromkeys(p["layer"] for p in pts))
-        epochs = sorted({p["epoch"] for p in pts})
-        for layer in layers:
-            mine = [p for p in pts if p["layer"] == layer]
-            colours = [
-                plt.cm.viridis(epochs.index(p["epoch"]) / max(len(epochs) - 1, 1)) for p in mine
-            ]
-            ax.scatter(
-                [p["dD"] for p in mine],
-                [p["dM"] for p in mine],
-                c=colours,
-                s=14,
-                marker=markers[layers.index(layer) % len(markers)],
-            )
-        slope, r = fit_line([p["dD"] for p in pts], [p["dM"] for p in pts])
-        ax.set_title(f"{method}: slope {slope:.2f}, r = {r:+.2f}")
-        _label(ax, "ΔD (direction change)", "ΔM (magnitude change)")
-    handles = [
-        plt.Line2D(
-            [], [], marker=markers[i % len(markers)], ls="", color="gray", label=f"layer {name}"
-        )
-        for i, name in enumerate(layers)
-    ]
-    handles += [
-        plt.Line2D(
-            [],
-            [],
-            marker="o",
-            ls="",
-            label=f"epoch {e}",
-            color=plt.cm.viridis(i / max(len(epochs) - 1, 1)),
-        )
-        for i, e in enumerate(epochs)
-    ]
-    fig.legend(handles=handles, loc="center right", fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0, 0.87, 1))
     return fig
 
 

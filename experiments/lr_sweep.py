@@ -9,10 +9,16 @@ and measures accuracy on the validation set: rotated training digits disjoint fr
 fine-tuning examples and from the test set. Each method gets the rate with the best mean
 validation accuracy; the test set is never looked at. Writes experiments/lr_sweep.json (the
 protocol it ran, the table, the chosen rates), which the notebook reads. Accuracy only.
+
+``validation``, ``chosen`` and ``table`` are at the notebook's ``RANK``. ``by_rank`` holds the
+same choice for LoRA and DoRA at rank 1 and at the top of the notebook's sweep (``RANKS[-1]``),
+with alpha scaled as the rank sweep scales it (alpha / rank = ALPHA / RANK): does the low-rank
+comparison change when each method's rate is tuned at that rank? Full fine-tuning has no rank.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import helpers
@@ -42,7 +48,9 @@ def tasks(p: dict, device):
 
 
 def pretrain(model, mnist, p: dict) -> helpers.Runs:
-    """Pretrain ``model`` on MNIST in place, as the notebook pretrains its MLP."""
+    """Pretrain ``model`` on MNIST in place with ``helpers.train``, one model: the algorithm of
+    the notebook's plain loop (``train_one_model``: same batches, same Adam), which the MLP
+    uses; experiments/cnn.py pretrains its CNN with this."""
     return helpers.train(
         model,
         mnist,
@@ -53,15 +61,23 @@ def pretrain(model, mnist, p: dict) -> helpers.Runs:
     )
 
 
-def fine_tune(pretrained, task, wrapper, lr: float, p: dict, evaluate_on: str = "val"):
-    """The notebook's fine-tuning protocol for one method at one rate, every seed at once."""
+def alpha_at(rank: int, p: dict) -> float:
+    """The notebook's alpha at another rank: its rank sweep keeps alpha / rank = ALPHA / RANK."""
+    return p["ALPHA"] * rank / p["RANK"]
+
+
+def fine_tune(
+    pretrained, task, wrapper, lr: float, p: dict, evaluate_on: str = "val", rank: int | None = None
+):
+    """The notebook's fine-tuning protocol for one method at one rate, every seed at once (at
+    the notebook's RANK and ALPHA, or at ``rank`` with ``alpha_at(rank)``)."""
     return helpers.finetune(
         pretrained,
         task,
         seeds=p["SEEDS"],
         wrapper=wrapper,
-        rank=p["RANK"],
-        alpha=p["ALPHA"],
+        rank=p["RANK"] if rank is None else rank,
+        alpha=p["ALPHA"] if rank is None else alpha_at(rank, p),
         lr=lr,
         epochs=p["FT_EPOCHS"],
         batch_size=p["BATCH_SIZE"],
@@ -70,38 +86,60 @@ def fine_tune(pretrained, task, wrapper, lr: float, p: dict, evaluate_on: str = 
     )
 
 
-def choose_rates(pretrained, task, methods: dict, p: dict, rates=RATES) -> dict:
+def choose_rates(pretrained, task, methods: dict, p: dict, rates=RATES, rank=None) -> dict:
     """Each method ({name: wrapper}) at each rate, scored on the validation set: the best mean
     wins. Returns {"rates", "validation": {method: {rate: [mean, std]}}, "chosen": {method:
-    rate}, "table"}; prints the table's rows as they come."""
+    rate}, "table"}; prints the table's rows as they come. ``rank``: see ``fine_tune``."""
     scores: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
     lines = [f"{'lr':>8}" + "".join(f"{name:>18}" for name in methods)]
-    print(f"validation accuracy (%), mean ± std over {len(p['SEEDS'])} seeds", flush=True)
+    heading = f"validation accuracy (%), mean ± std over {len(p['SEEDS'])} seeds"
+    if rank is not None:
+        heading += f", rank {rank}, alpha {alpha_at(rank, p):g}"
+    print(heading, flush=True)
     print(lines[0], flush=True)
     for lr in rates:
         cells = []
         for name, wrapper in methods.items():
-            acc = fine_tune(pretrained, task, wrapper, lr, p).final
+            acc = fine_tune(pretrained, task, wrapper, lr, p, rank=rank).final
             scores[name][f"{lr:g}"] = [float(acc.mean()), float(acc.std(ddof=1))]
             cells.append(f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}")
         lines.append(f"{lr:>8g}" + "".join(f"{cell:>18}" for cell in cells))
         print(lines[-1], flush=True)
     chosen = {name: float(max(s, key=lambda lr: s[lr][0])) for name, s in scores.items()}
-    table = "\n".join([f"validation accuracy (%), mean ± std over {len(p['SEEDS'])} seeds", *lines])
+    table = "\n".join([heading, *lines])
     return {"rates": list(rates), "validation": scores, "chosen": chosen, "table": table}
 
 
+def other_ranks(p: dict) -> list[int]:
+    """Where rates are also chosen: rank 1 and the top of the notebook's sweep (not RANK)."""
+    return sorted({1, p["RANKS"][-1]} - {p["RANK"]})
+
+
 def main() -> None:
+    start = time.perf_counter()
     nb = import_notebook_definitions()
     p = protocol(nb)  # the notebook's settings, saved with the result
     mnist, rotated = tasks(p, helpers.pick_device())
     pretrained = helpers.make_mlp(tuple(p["SIZES"]), seed=0)
-    pretrain(pretrained, mnist, p)
+    epochs, lr, batch = p["PRETRAIN_EPOCHS"], p["PRETRAIN_LR"], p["BATCH_SIZE"]
+    nb.train_one_model(pretrained, mnist, epochs, lr, batch)  # the notebook's own loop
     methods = {"full FT": None, "LoRA": nb.LinearWithLoRA, "DoRA": nb.LinearWithDoRA}
     result = {"protocol": p, **choose_rates(pretrained, rotated, methods, p)}
+    adapters = {name: wrapper for name, wrapper in methods.items() if wrapper is not None}
+    result["by_rank"] = {
+        str(rank): {
+            "rank": rank,
+            "alpha": alpha_at(rank, p),
+            **choose_rates(pretrained, rotated, adapters, p, rank=rank),
+        }
+        for rank in other_ranks(p)
+    }
+    result["seconds"] = time.perf_counter() - start
     write_json(RESULTS, result)
     print("chosen:", result["chosen"])
-    print(f"saved {RESULTS.relative_to(REPO)}")
+    for rank, choice in result["by_rank"].items():
+        print(f"chosen at rank {rank}:", choice["chosen"])
+    print(f"saved {RESULTS.relative_to(REPO)} ({result['seconds'] / 60:.1f} minutes)")
 
 
 if __name__ == "__main__":

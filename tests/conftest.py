@@ -5,6 +5,10 @@ The whole test command runs on the CPU, even on a GPU machine: the stored output
 (read by helpers.pick_device). Likewise every notebook run inside the tests writes its results
 to a temporary file (DORA_RESULTS, read by helpers.write_results), never figures/results.json.
 
+``DORA_BLOCK_PEFT=1`` runs the suite as on a machine without PEFT: ``import peft`` then raises
+ImportError, the PEFT comparisons skip, and every other test must still catch the bugs that
+matter (``DORA_BLOCK_PEFT=1 python -m pytest tests -q``).
+
 Markers (pyproject.toml): slow, browser, multiprocess, network. The README's test command runs
 them all; ``-m "not slow"`` is a quick pass. Helpers that several test files share live in
 tests/support.py: test modules never import each other."""
@@ -12,6 +16,7 @@ tests/support.py: test modules never import each other."""
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,6 +25,8 @@ import pytest
 from tools.notebook_definitions import import_notebook_definitions
 
 os.environ["DORA_DEVICE"] = "cpu"
+if os.environ.get("DORA_BLOCK_PEFT") == "1":
+    sys.modules["peft"] = None  # import peft -> ImportError, before any test module imports it
 _RESULTS_DIR = tempfile.mkdtemp(prefix="dora-test-results-")
 atexit.register(shutil.rmtree, _RESULTS_DIR, ignore_errors=True)
 os.environ["DORA_RESULTS"] = str(Path(_RESULTS_DIR) / "results.json")

@@ -13,6 +13,7 @@ peft_with_values_of_its_own(...), assert_matches_peft(...), PEFT_TOL   (PEFT par
 from __future__ import annotations
 
 import copy
+import re
 
 import torch
 import torch.nn.functional as F
@@ -144,3 +145,21 @@ def assert_matches_peft(ours, theirs, x, tol, merge):
         assert n1 == n2 and rel(w1, w2) <= tol, n1
     assert rel(merged_ours(x), y_theirs) <= 10 * tol
     return compared
+
+
+def configured(model, rank, alpha, dropout=0.0):
+    """PEFT's LoraConfig options from the rank and alpha the layers were asked for, not from
+    what the layers record (a layer scaling by alpha instead of alpha / r would record that
+    scaling and hand PEFT the same mistake). ``add_adapters`` gives a layer with fewer than
+    ``rank`` inputs or outputs full rank: that layer's rank goes into ``rank_pattern``."""
+    layers = {n: mod for n, mod in model.named_modules() if hasattr(mod, "lora")}
+    bases = {n: mod.linear if hasattr(mod, "linear") else mod.conv for n, mod in layers.items()}
+    ranks = {n: min(rank, *base.weight.flatten(1).shape) for n, base in bases.items()}
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "use_dora": all(hasattr(mod, "m") for mod in layers.values()),
+        "lora_dropout": dropout,
+        "target_modules": list(layers),
+        "rank_pattern": {f"^{re.escape(n)}": r for n, r in ranks.items() if r != rank},
+    }

@@ -11,7 +11,7 @@ from dora_tutorial import adapter_files
 from dora_tutorial.adapter_files import adapter_state_dict
 from support import load_error
 
-CLASSES = ["LinearWithLoRA", "LinearWithDoRA", "LinearWithDoRAEfficient"]
+CLASSES = ["LinearWithLoRA", "LinearWithDoRA", "DoRALinear"]
 SIZES = (784, 128, 256, 10)
 
 
@@ -108,7 +108,7 @@ def test_adapter_file_is_small(nb, tmp_path):
 
 def test_textbook_and_efficient_files_interchange(nb):
     pretrained, book = trained(nb, "LinearWithDoRA")
-    fast = helpers.add_adapters(pretrained, nb.LinearWithDoRAEfficient, 4, 8)
+    fast = helpers.add_adapters(pretrained, nb.DoRALinear, 4, 8)
     helpers.load_adapter(fast, adapter_state_dict(book))
     x = torch.randn(5, 784)
     torch.testing.assert_close(fast(x), book(x), rtol=1e-5, atol=1e-5)
@@ -187,6 +187,57 @@ def test_error_not_an_adapter_file(nb, tmp_path):
     fresh = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 4, 8)
     assert "not an adapter" in load_error(fresh, tmp_path / "full.pt")
     assert "no adapter layers" in load_error(pretrained, adapter_state_dict(model))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize(
+    "content",
+    [b"not a checkpoint at all\n", b"\x80\x04\x95garbage", b""],
+    ids=["text", "broken-pickle", "empty"],
+)
+def test_garbage_file_gets_this_projects_message(nb, tmp_path, content):
+    """Never torch's weights_only message, which advises weights_only=False (unsafe)."""
+    pretrained, _ = trained(nb)
+    path = tmp_path / "adapter.pt"
+    path.write_bytes(content)
+    fresh = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 4, 8)
+    message = load_error(fresh, path)
+    assert "is not an adapter file" in message and "save_adapter(model, path)" in message
+    assert "weights_only" not in message
+
+
+def test_pickled_code_is_refused_without_advice_to_run_it(nb, tmp_path):
+    pretrained, _ = trained(nb)
+    path = tmp_path / "adapter.pt"
+    torch.save({"format": "dora-tutorial-adapter/1", "layers": copy.copy}, path)  # a function
+    message = load_error(helpers.add_adapters(pretrained, nb.LinearWithDoRA, 4, 8), path)
+    assert "is not an adapter file" in message and "weights_only" not in message
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_tensor_is_refused_naming_it(nb, tmp_path, bad):
+    pretrained, model = trained(nb)
+    adapter = adapter_state_dict(model)
+    adapter["tensors"]["2.lora.B"][3, 1] = bad
+    path = tmp_path / "adapter.pt"
+    torch.save(adapter, path)
+    fresh = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 4, 8)
+    for source in (adapter, path):
+        message = load_error(fresh, source)
+        assert "tensor '2.lora.B' holds 1 NaN or inf value(s)" in message
+
+
+def test_non_finite_peft_tensor_is_refused_naming_it(nb, tmp_path):
+    pretrained, model = trained(nb)
+    folder = helpers.save_peft_adapter(model, tmp_path / "peft")
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "adapter_model.safetensors")
+    tensors["base_model.model.0.lora_magnitude_vector"][0] = float("nan")
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    fresh = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 4, 8)
+    message = load_error(fresh, folder, helpers.load_peft_adapter)
+    assert "tensor 'base_model.model.0.lora_magnitude_vector' holds 1 NaN" in message
 
 
 # ----------------------------------------------------------------------------- PEFT keys

@@ -188,7 +188,7 @@ def test_grouped_rank_may_exceed_one_groups_kernel(nb):
 
 def test_linear_classes_still_refuse_convolutions(nb):
     with pytest.raises(TypeError, match="nn.Linear"):
-        nb.LinearWithDoRA(nn.Conv2d(3, 8, 3), rank=2, alpha=4)
+        nb.DoRALinear(nn.Conv2d(3, 8, 3), rank=2, alpha=4)
 
 
 def test_notebook_conv_layer_passes_every_check(nb):
@@ -203,7 +203,7 @@ def test_notebook_conv_layer_passes_every_check(nb):
 def test_conv_lora_and_a_linear_layer_are_not_taken_for_conv_dora(nb):
     lora = check_dora(nb.Conv2dWithLoRA, kind="conv2d")
     assert not lora.identified and "this looks like LoRA, not DoRA" in lora.problem
-    linear = check_dora(nb.LinearWithDoRA, kind="conv2d")  # refuses the nn.Conv2d
+    linear = check_dora(nb.DoRALinear, kind="conv2d")  # refuses the nn.Conv2d
     assert not linear.identified and "must take (conv2d, rank, alpha)" in linear.problem
 
 

@@ -27,6 +27,7 @@ from dora_tutorial import adapter_files
 from support import (
     PEFT_TOL,
     assert_matches_peft,
+    configured,
     looks_trained,
     peft_with_values_of_its_own,
     rel,
@@ -64,9 +65,7 @@ def build(nb, kind, convs, bias, dtype, rank=2):
     ours = looks_trained(
         helpers.add_adapters(base, wrappers(nb, kind), rank, 2 * rank), b_std=0.2, m_spread=0.3
     )
-    theirs = get_peft_model(
-        copy.deepcopy(base), LoraConfig(**adapter_files.peft_config_kwargs(ours))
-    )
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**configured(ours, rank, 2 * rank)))
     result = set_peft_model_state_dict(theirs, adapter_files.to_peft_state_dict(ours))
     assert not result.unexpected_keys
     return base, ours, theirs

@@ -99,7 +99,7 @@ def check_replica(rank: int, class_name: str) -> None:
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.skipif(LOOPBACK is None, reason="no loopback network interface")
-@pytest.mark.parametrize("class_name", ["LinearWithDoRAEfficient"])
+@pytest.mark.parametrize("class_name", ["DoRALinear"])
 def test_ddp_syncs_only_adapters_and_replicas_agree(nb, class_name, tmp_path):
     assert hasattr(nb, class_name)  # the notebook builds; workers import it themselves
     rendezvous = str(tmp_path / "rendezvous")

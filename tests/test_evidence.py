@@ -128,8 +128,15 @@ def test_sentences_follow_the_interval():
     assert behind.sentence().startswith("LoRA is behind DoRA by 1.03 points")
     unclear = helpers.compare("DoRA", runs([91, 90, 92.5]), "LoRA", runs([90.5, 91, 92]))
     text = unclear.sentence()
-    assert "no difference detected" in text and "could detect about" in text
+    assert "no difference detected" in text and "is ruled out" in text
     assert unclear.low < 0 < unclear.high
+    ahead_by, behind_by = unclear.high, -unclear.low  # what the interval rules out
+    assert f"ahead by more than {ahead_by:.2f} or behind by more than {behind_by:.2f}" in text
+    family = helpers.holm([unclear, ahead])[0]  # inside a family: the wider interval
+    low, high = family.family_interval
+    assert low < unclear.low and high > unclear.high
+    assert f"98 % CI over the 2 ranks {low:+.2f} to {high:+.2f}" in family.sentence()
+    assert f"ahead by more than {high:.2f} or behind by more than {-low:.2f}" in family.sentence()
 
 
 def test_in_words():
@@ -146,3 +153,28 @@ def test_results_table_and_wrapping():
     assert table[1].split()[5] == "87.03-96.97"  # 92 ± t(0.975, 2) * 2 / sqrt(3)
     long = "word " * 60
     assert all(len(line) <= helpers.WIDTH for line in helpers.wrap(long, "  ").splitlines())
+
+
+def test_what_we_learned_says_what_the_numbers_say():
+    """Part I's plain-words conclusions follow the per-seed numbers: a clear early lead of DoRA
+    is reported as one, an end-point tie as a tie with the 95 % bounds it rules out, and the
+    extra parameters are DoRA's minus LoRA's."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(90, 0.5, 10)
+
+    def method(epochs, trainable):
+        acc = np.stack(epochs, 1) / 100
+        return helpers.Runs(tuple(range(10)), [], trainable, np.zeros_like(acc), acc, [0.0])
+
+    lora = method([base - 5, base], 1000)
+    dora = method([base - 3 + rng.normal(0, 0.1, 10), base + rng.normal(0, 0.1, 10)], 1100)
+    ft = method([base, base + 3], 20000)
+    said = helpers.what_we_learned({"full FT": ft, "LoRA": lora, "DoRA": dora}, 0.4, 4)
+    tie, early = said[1], said[2]
+    assert "cannot be told apart" in tie and "rule out (at 95 %)" in tie
+    diff = float(early.split("= ")[1].split(" points")[0])
+    assert abs(diff - 2) < 0.2 and "DoRA ahead at that point" in early
+    assert "100 more trainable numbers than LoRA's 1,000 (10%)" in " ".join(said)
+    lora_ahead = method([base + 1, base + 1], 1000)
+    early = helpers.what_we_learned({"full FT": ft, "LoRA": lora_ahead, "DoRA": dora}, 0.4, 4)[2]
+    assert "DoRA behind at that point" in early

@@ -1,6 +1,5 @@
 """Unit tests of helpers.py: task building, training, adapters plumbing, analysis, reporting."""
 
-import math
 import random
 
 import numpy as np
@@ -144,68 +143,6 @@ def test_finetune_records_checkpoints_per_seed_and_epoch(nb):
 
 
 # ---- the paper's weight-decomposition analysis -----------------------------------------
-
-
-def test_pure_rescaling_changes_magnitude_only():
-    w0 = torch.randn(6, 5)
-    scale = torch.tensor([1.0, 2.0, 0.5, 3.0, 1.0, 1.5]).unsqueeze(1)
-    d_m, d_d = helpers.decomposition_change(scale * w0, w0)
-    assert d_d == pytest.approx(0, abs=1e-12)
-    expected = ((scale - 1).abs().squeeze() * w0.norm(dim=1)).mean().item()
-    assert d_m == pytest.approx(expected, rel=1e-6)
-
-
-def test_pure_rotation_changes_direction_only():
-    angle = 0.3
-    w0 = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
-    rotation = torch.tensor(
-        [[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]]
-    )
-    d_m, d_d = helpers.decomposition_change(w0 @ rotation.T, w0)
-    assert d_m == pytest.approx(0, abs=1e-6)
-    assert d_d == pytest.approx(1 - math.cos(angle), rel=1e-6)
-
-
-def test_decomposition_points_and_fit_line():
-    base = helpers.make_mlp((4, 3, 2), seed=0)
-    w = helpers.layer_weights(base)
-    checkpoints = [{k: 2 * v for k, v in w.items()}, {k: 3 * v for k, v in w.items()}]
-    runs = helpers.Runs((5,), [], 0, np.zeros((1, 2)), np.zeros((1, 2)), [0, 0], [checkpoints])
-    pts = helpers.decomposition_points(runs, base, ["0", "2"])
-    assert [(p["epoch"], p["layer"], p["seed"]) for p in pts] == [
-        (1, "0", 5),
-        (1, "2", 5),
-        (2, "0", 5),
-        (2, "2", 5),
-    ]
-    assert all(p["dD"] == pytest.approx(0, abs=1e-12) for p in pts)
-    slope, r = helpers.fit_line([0, 1, 2, 3], [1, 3, 5, 7])
-    assert slope == pytest.approx(2) and r == pytest.approx(1)
-    assert helpers.fit_line([0, 1, 2], [3, 2, 1])[1] == pytest.approx(-1)
-    assert helpers.fit_line([1, 1, 1], [3, 2, 1]) == (0.0, 0.0)  # undefined: no spread in x
-
-
-def test_correlations_pooled_across_layers_and_within():
-    # two seeds, two layers, two epochs: within each layer dM rises with dD, but the layer
-    # that turns more (larger dD) rescales less, so across layers the correlation is negative
-    pts = [
-        {"seed": s, "epoch": e, "layer": la, "dD": d0 + 0.1 * e, "dM": m0 + 0.1 * e}
-        for s in (0, 1)
-        for e in (1, 2)
-        for la, d0, m0 in (("a", 0.0, 1.0), ("b", 1.0, 0.0))
-    ]
-    r = helpers.correlations(pts)
-    np.testing.assert_allclose(r["within a layer"], [1.0, 1.0])
-    np.testing.assert_allclose(r["across layers"], [-1.0, -1.0])
-    assert (r["pooled"] < 0).all()
-
-
-def test_sign_verdict_needs_an_interval_that_excludes_zero():
-    assert helpers.sign_verdict(np.array([0.8, 0.82, 0.79]), -0.6)[0] == "opposite sign"
-    assert helpers.sign_verdict(np.array([0.8, 0.82, 0.79]), 0.8)[0] == "reproduces"
-    assert helpers.sign_verdict(np.array([-0.5, 0.6, 0.1]), 0.8)[0] == "cannot tell"
-    verdict, low, high = helpers.sign_verdict(np.array([-0.3, -0.31, -0.29]), -0.31)
-    assert verdict == "reproduces" and low < -0.3 < high < 0
 
 
 # ---- reporting ---------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-DORA_CLASSES = ["LinearWithDoRA", "LinearWithDoRAEfficient"]
+DORA_CLASSES = ["DoRALinear"]  # Part I's layer keeps nothing
 
 
 def trained_layer(nb, cls, dtype=torch.float64):

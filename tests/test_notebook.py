@@ -188,18 +188,88 @@ def test_stored_stream_outputs_are_coalesced():
 
 
 def test_table_of_contents_links_every_section_heading():
-    """The first cell links each '## ' heading (JupyterLab's anchors: spaces become '-')."""
+    """The first cell links each part ('# Part ...') and each '## ' section heading
+    (JupyterLab's anchors: spaces become '-')."""
     headings = [
-        line[3:].strip()
-        for cell in NOTEBOOK.cells
+        line.lstrip("#").strip()
+        for cell in NOTEBOOK.cells[1:]
         if cell.cell_type == "markdown"
         for line in cell.source.splitlines()
-        if line.startswith("## ")
+        if line.startswith("## ") or line.startswith("# Part ")
     ]
-    anchors = {heading.replace(" ", "-") for heading in headings}
+    anchors = {heading.replace("`", "").replace(" ", "-") for heading in headings}
     links = re.findall(r"\]\(#([^)]+)\)", NOTEBOOK.cells[0].source)
     assert set(links) == anchors
-    assert "only want the layers" in NOTEBOOK.cells[0].source
+    assert [h for h in headings if h.startswith("Part ")] == [
+        "Part I. DoRA in thirty minutes",
+        "Part II. The evidence",
+        "Part III. DoRA in practice",
+    ]
+
+
+def part_one():
+    """The cells from the top to the first heading that starts with 'Part II'."""
+    end = next(
+        i
+        for i, c in enumerate(NOTEBOOK.cells)
+        if c.cell_type == "markdown" and c.source.lstrip("# ").startswith("Part II")
+    )
+    return NOTEBOOK.cells[:end]
+
+
+def markdown_words(text):
+    text = re.sub(r"\$\$.*?\$\$", " ", text, flags=re.S)  # formulas do not count
+    return len(re.sub(r"\$[^$]*\$", " ", text).split())
+
+
+def test_part_one_is_a_thirty_minute_read():
+    cells = part_one()
+    words = sum(markdown_words(c.source) for c in cells if c.cell_type == "markdown")
+    code = [c for c in cells if c.cell_type == "code"]
+    assert words <= 2500 and len(code) <= 30, (words, len(code))
+
+
+def class_lines(source, name):
+    lines = source.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"class {name}("))
+    end = next((i for i in range(start + 1, len(lines)) if lines[i][:1] not in ("", " ")), None)
+    body = lines[start:end]
+    return [line for line in body if line.strip() and not line.strip().startswith("#")]
+
+
+def test_part_one_layers_are_the_idea_alone():
+    """The first LoRA and DoRA classes: at most 15 and 20 lines of code, no caching, casting,
+    dropout or argument checks; a figure comes before the first DoRA class; a plain loop
+    (for, backward(), step()) runs in Part I."""
+    cells = part_one()
+    code = "\n".join(c.source for c in cells if c.cell_type == "code")
+    lora = class_lines(code, "LoRALayer") + class_lines(code, "LinearWithLoRA")
+    dora = class_lines(code, "LinearWithDoRA")
+    assert (
+        len(class_lines(code, "LinearWithLoRA")) <= 15 and len(class_lines(code, "LoRALayer")) <= 15
+    )
+    assert len(dora) <= 20, len(dora)
+    for line in lora + dora:
+        code_only = line.split("#")[0]
+        for banned in ("cache", ".to(", "dropout", "check_", "dtype", "raise"):
+            assert banned not in code_only, line
+    first_dora = next(i for i, c in enumerate(cells) if "class LinearWithDoRA(" in c.source)
+    assert any(
+        "image/png" in out.get("data", {})
+        for c in cells[:first_dora]
+        if c.cell_type == "code"
+        for out in c.outputs
+    )
+    loop = next(c for c in cells if c.cell_type == "code" and "def train_one_model(" in c.source)
+    assert all(word in loop.source for word in ("for ", ".backward()", ".step()"))
+    assert any("train_one_model(pretrained" in c.source for c in cells if c.cell_type == "code")
+
+
+def test_the_colab_cell_is_collapsed_with_a_title():
+    cell = CODE[0]
+    assert cell.source.startswith("# @title ") or cell.source.startswith("#@title ")
+    assert cell.metadata["jupyter"]["source_hidden"] is True
+    assert cell.metadata["cellView"] == "form"
 
 
 @pytest.mark.parametrize("failure", ["broken", "missing"])

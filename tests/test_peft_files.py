@@ -44,7 +44,7 @@ def load_error(model, directory) -> str:
 # ----------------------------------------------------------------------------- without PEFT
 
 
-@pytest.mark.parametrize("cls", ["LinearWithLoRA", "LinearWithDoRA", "LinearWithDoRAEfficient"])
+@pytest.mark.parametrize("cls", ["LinearWithLoRA", "LinearWithDoRA", "DoRALinear"])
 def test_own_round_trip_through_a_directory(nb, cls, tmp_path):
     base = mlp()
     ours = trained(nb, cls, base)
@@ -187,7 +187,7 @@ def peft():
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("cls", ["LinearWithLoRA", "LinearWithDoRA", "LinearWithDoRAEfficient"])
+@pytest.mark.parametrize("cls", ["LinearWithLoRA", "LinearWithDoRA", "DoRALinear"])
 def test_ours_to_peft_from_pretrained(nb, peft, cls, bias, tmp_path):
     base = mlp(bias)
     ours = trained(nb, cls, base, rank=16)  # the 12-unit head: clipped to rank 12
@@ -213,7 +213,7 @@ def test_peft_save_pretrained_to_ours(nb, peft, use_dora, bias, tmp_path):
     )
     theirs = peft_with_values_of_its_own(base, config)
     theirs.save_pretrained(tmp_path / "theirs")
-    cls = nb.LinearWithDoRAEfficient if use_dora else nb.LinearWithLoRA
+    cls = nb.DoRALinear if use_dora else nb.LinearWithLoRA
     ours = helpers.add_adapters(base, cls, 3, 5)
     helpers.load_peft_adapter(ours, tmp_path / "theirs")
     theirs.eval()

@@ -17,6 +17,7 @@ from support import (
     OURS_TO_PEFT,
     PEFT_TOL,
     assert_matches_peft,
+    configured,
     looks_trained,
     peft_with_values_of_its_own,
     rel,
@@ -39,8 +40,8 @@ except Exception as error:
 CLASSES = {
     "LinearWithLoRA": {},
     "LinearWithDoRA": {},
-    "LinearWithDoRAEfficient-factored": {"factored_norm": True},
-    "LinearWithDoRAEfficient-dense": {"factored_norm": False},
+    "DoRALinear-factored": {"factored_norm": True},
+    "DoRALinear-dense": {"factored_norm": False},
 }
 
 
@@ -57,9 +58,7 @@ def build(nb, cls_key, sizes, rank, bias, dtype):
     cls = getattr(nb, cls_key.split("-")[0])
     ours = helpers.add_adapters(base, cls, rank, 2 * rank, **CLASSES[cls_key])
     looks_trained(ours, b_std=0.2, m_spread=0.3)
-    theirs = get_peft_model(
-        copy.deepcopy(base), LoraConfig(**adapter_files.peft_config_kwargs(ours))
-    )
+    theirs = get_peft_model(copy.deepcopy(base), LoraConfig(**configured(ours, rank, 2 * rank)))
     result = set_peft_model_state_dict(theirs, adapter_files.to_peft_state_dict(ours))
     assert not result.unexpected_keys
     return base, ours, theirs
@@ -108,7 +107,7 @@ def test_adapter_trained_in_peft_loads_into_ours(nb):
     base = mlp((30, 20, 6), True, torch.float64)
     config = LoraConfig(r=3, lora_alpha=5, use_dora=True, target_modules=["1", "3"])
     theirs = peft_with_values_of_its_own(base, config)
-    ours = helpers.add_adapters(base, nb.LinearWithDoRAEfficient, 3, 5)
+    ours = helpers.add_adapters(base, nb.DoRALinear, 3, 5)
     helpers.load_adapter(
         ours, adapter_files.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
     )
@@ -126,16 +125,23 @@ def test_adapter_trained_in_peft_loads_into_ours(nb):
 DROPOUT = 0.3
 
 
+DROPOUT_CLASSES = {  # Part III's layers: Part I's have no dropout
+    "LoRALinear": {},
+    "DoRALinear-factored": {"factored_norm": True},
+    "DoRALinear-dense": {"factored_norm": False},
+}
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("cls_key", list(CLASSES))
+@pytest.mark.parametrize("cls_key", list(DROPOUT_CLASSES))
 def test_dropout_matches_peft_in_training_and_eval(nb, cls_key, bias):
     """Same random state before both forwards: the same mask, the same outputs and gradients;
     in eval mode no mask, and the function of the layers without dropout."""
     base = mlp((40, 24, 12), bias, torch.float64)
     cls = getattr(nb, cls_key.split("-")[0])
-    ours = helpers.add_adapters(base, cls, 4, 8, dropout=DROPOUT, **CLASSES[cls_key])
+    ours = helpers.add_adapters(base, cls, 4, 8, dropout=DROPOUT, **DROPOUT_CLASSES[cls_key])
     looks_trained(ours, b_std=0.2, m_spread=0.3)
-    config = LoraConfig(**adapter_files.peft_config_kwargs(ours))
+    config = LoraConfig(**configured(ours, 4, 8, DROPOUT))
     assert config.lora_dropout == DROPOUT
     theirs = get_peft_model(copy.deepcopy(base), config)
     set_peft_model_state_dict(theirs, adapter_files.to_peft_state_dict(ours))

@@ -29,33 +29,41 @@ def runs(losses, accs, trainable=100):
     return helpers.Runs(tuple(range(len(acc))), [], trainable, loss, acc, [0.0])
 
 
-def test_plot_history_draws_loss_and_accuracy_in_percent():
-    fig = helpers.plot_history(run([0.5, 0.3, 0.2], [0.90, 0.95, 0.97]), "pretraining")
-    ax_loss, ax_acc = fig.axes
-    np.testing.assert_allclose(ax_loss.lines[0].get_ydata(), [0.5, 0.3, 0.2])
-    np.testing.assert_allclose(ax_acc.lines[0].get_ydata(), [90, 95, 97])
-    np.testing.assert_array_equal(ax_acc.lines[0].get_xdata(), [1, 2, 3])
-    assert fig._suptitle.get_text() == "pretraining"
-    assert ax_acc.get_ylabel() == "test accuracy (%)"
-
-
-def test_plot_methods_draws_the_mean_and_a_one_std_band_per_method():
+def test_plot_methods_starts_at_epoch_0_and_shows_the_paired_difference():
     results = {
         "LoRA": runs([[1.0, 0.5], [1.2, 0.7]], [[0.80, 0.90], [0.82, 0.94]]),
         "DoRA": runs([[0.9, 0.4], [0.9, 0.4]], [[0.85, 0.95], [0.85, 0.95]]),
     }
-    fig = helpers.plot_methods(results, "fine-tuning")
-    ax_loss, ax_acc = fig.axes
-    np.testing.assert_allclose(ax_acc.lines[0].get_ydata(), [81, 92])
-    np.testing.assert_allclose(ax_loss.lines[1].get_ydata(), [0.9, 0.4])
-    # band of LoRA's accuracy: mean +- sample std (ddof=1) at epoch 2 is 92 +- 2.83
+    fig = helpers.plot_methods(results, 0.4, "fine-tuning")
+    ax_acc, ax_diff = fig.axes
+    np.testing.assert_allclose(ax_acc.lines[0].get_ydata(), [40, 81, 92])  # epoch 0 first
+    np.testing.assert_array_equal(ax_acc.lines[0].get_xdata(), [0, 1, 2])
+    np.testing.assert_allclose(ax_acc.lines[1].get_ydata(), [40, 85, 95])
+    # the band is the 95 % interval of the mean: LoRA at epoch 2, 92 +- t(0.975, 1) * 2 / sqrt 2
     band = ax_acc.collections[0].get_paths()[0].vertices[:, 1]
-    low, high = band.min(), band.max()
-    assert low == pytest.approx(81 - np.std([80, 82], ddof=1))
-    assert high == pytest.approx(92 + np.std([90, 94], ddof=1))
+    half = 12.706 * np.std([90, 94], ddof=1) / np.sqrt(2)
+    assert band.max() == pytest.approx(92 + half, rel=1e-3)
+    # the right panel: DoRA - LoRA seed by seed, mean per epoch
+    diff = [line for line in ax_diff.lines if line.get_label() == "DoRA - LoRA"][0]
+    np.testing.assert_allclose(diff.get_ydata(), [4, 3])
     legend = [t.get_text() for t in ax_acc.get_legend().get_texts()]
-    assert legend == ["LoRA (n=2)", "DoRA (n=2)"]
+    assert legend == ["LoRA", "DoRA"] and ax_diff.get_legend() is not None
     assert fig._suptitle.get_text() == "fine-tuning"
+
+
+def test_plot_paired_draws_every_seed_and_the_interval():
+    a = runs([[0.5], [0.5], [0.5]], [[0.90], [0.92], [0.95]])
+    b = runs([[0.5], [0.5], [0.5]], [[0.89], [0.90], [0.91]])
+    fig = helpers.plot_paired({"A - B": (a, b)}, "paired")
+    (ax,) = fig.axes
+    dots = ax.lines[0].get_xdata()
+    np.testing.assert_allclose(sorted(dots), [1, 2, 4])
+    assert ax.get_yticklabels()[0].get_text() == "A - B"
+
+
+def test_plot_idea_draws_three_panels_with_legends():
+    fig = helpers.plot_idea()
+    assert len(fig.axes) == 3 and all(ax.get_legend() is not None for ax in fig.axes)
 
 
 def test_plot_rank_sweep_error_bars_reference_band_and_readable_ticks():
@@ -87,24 +95,6 @@ def test_plot_rank_sweep_error_bars_reference_band_and_readable_ticks():
         "10,000",
         "20,000",
     ]
-
-
-def test_plot_decomposition_titles_carry_the_fitted_slope_and_r():
-    pts = [
-        {"dD": d, "dM": 2 * d + 0.1 * (-1) ** i, "epoch": 1 + i % 2, "layer": f"{i % 3}", "seed": 0}
-        for i, d in enumerate(np.linspace(0.1, 1.0, 12))
-    ]
-    points = {"LoRA": pts, "DoRA": [dict(p, dM=-p["dM"]) for p in pts]}
-    fig = helpers.plot_decomposition(points, "Figure 2")
-    ax_lora, ax_dora = fig.axes[:2]
-    slope, r = helpers.fit_line([p["dD"] for p in pts], [p["dM"] for p in pts])
-    assert ax_lora.get_title() == f"LoRA: slope {slope:.2f}, r = {r:+.2f}"
-    assert ax_dora.get_title() == f"DoRA: slope {-slope:.2f}, r = {-r:+.2f}"
-    drawn = np.concatenate([c.get_offsets() for c in ax_lora.collections])
-    assert sorted(map(tuple, drawn)) == sorted((p["dD"], p["dM"]) for p in pts)  # every point
-    legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert legend == ["layer 0", "layer 1", "layer 2", "epoch 1", "epoch 2"]
-    assert fig._suptitle.get_text() == "Figure 2"
 
 
 def test_plot_digits_two_rows_labelled_by_class():

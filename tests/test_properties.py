@@ -41,7 +41,7 @@ def build(nb, cls_name, s, dtype=torch.float64, trained=False, **kwargs):
     return base, layer, x
 
 
-CLASSES = st.sampled_from(["LinearWithLoRA", "LinearWithDoRA", "LinearWithDoRAEfficient"])
+CLASSES = st.sampled_from(["LinearWithLoRA", "LinearWithDoRA", "DoRALinear"])
 
 
 @SETTINGS
@@ -68,7 +68,7 @@ def test_merged_equals_unmerged(nb, s, cls_name):
 @given(s=layer_setups(), detach=st.booleans(), factored=st.booleans())
 def test_efficient_equals_textbook(nb, s, detach, factored):
     _, book, x = build(nb, "LinearWithDoRA", s, trained=True, detach_norm=detach)
-    _, fast, _ = build(nb, "LinearWithDoRAEfficient", s, detach_norm=detach, factored_norm=factored)
+    _, fast, _ = build(nb, "DoRALinear", s, detach_norm=detach, factored_norm=factored)
     fast.load_state_dict(book.state_dict())
     y_book, y_fast = book(x), fast(x)
     assert rel(y_fast, y_book) < 1e-10

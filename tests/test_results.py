@@ -27,7 +27,9 @@ RESULTS = json.loads((REPO / "figures" / "results.json").read_text())
 
 @pytest.mark.parametrize("saved", [SWEEP, STABILITY], ids=["lr_sweep", "stability"])
 def test_scripts_ran_with_the_notebooks_settings(nb, saved):
-    assert saved["protocol"] == protocol(nb), "rerun the script: the notebook's settings changed"
+    now = protocol(nb)  # a setting added later cannot have changed what the script did
+    changed = {k for k, v in saved["protocol"].items() if now.get(k) != v}
+    assert not changed, f"rerun the script: the notebook's settings {sorted(changed)} changed"
 
 
 def test_the_settings_are_defined_once_in_the_notebook(nb):
@@ -44,7 +46,26 @@ def test_learning_rates_are_the_best_on_the_validation_set_and_the_notebook_uses
     source = "\n".join(c.source for c in NOTEBOOK.cells if c.cell_type == "code")
     assert 'json.loads(open("experiments/lr_sweep.json").read())' in source
     assert 'learning_rates = lr_sweep["chosen"]' in source
-    assert "lr=learning_rates[method]" in source
+    assert "learning_rates[method]" in source
+
+
+def test_rates_at_rank_1_and_the_top_rank_are_the_best_on_the_validation_set(nb):
+    """by_rank: LoRA's and DoRA's rates chosen again at rank 1 and at RANKS[-1], alpha scaled
+    as the notebook's rank sweep scales it; the validation table covers every rate."""
+    p = protocol(nb)
+    ranks = sorted({1, p["RANKS"][-1]} - {p["RANK"]})
+    assert [int(r) for r in SWEEP["by_rank"]] == ranks
+    for rank, choice in SWEEP["by_rank"].items():
+        assert choice["rank"] == int(rank)
+        assert choice["alpha"] == p["ALPHA"] * int(rank) / p["RANK"]
+        assert set(choice["chosen"]) == set(choice["validation"]) == {"LoRA", "DoRA"}
+        for method, rates in choice["validation"].items():
+            assert set(rates) == {f"{lr:g}" for lr in choice["rates"]}
+            best = max(rates, key=lambda lr: rates[lr][0])
+            assert choice["chosen"][method] == float(best)
+            for lr, (mean, std) in rates.items():
+                assert f"{mean:.2f} ± {std:.2f}" in choice["table"], (rank, method, lr)
+        assert f"rank {rank}, alpha" in choice["table"]
 
 
 def test_every_variant_reports_every_conclusion():
@@ -89,7 +110,8 @@ def test_summary_round_trips_through_json(nb):
     runs = helpers.Runs(
         seeds=(0, 1, 2), models=[], trainable=1234, train_loss=acc, test_acc=acc, seconds=[0.5]
     )
-    conclusions = {"a vs b": ("ahead", "a is ahead of b by 1.00 points (...).")}
+    c = helpers.compare_values("a", [91.0, 92.0, 93.5], "b", [90.0, 91.0, 92.0])
+    conclusions = {"a vs b": ("ahead", "a is ahead of b by 1.00 points (...).", [c])}
     summary = helpers.run_summary({"LoRA": runs}, 0.4276, conclusions)
     again = json.loads(json.dumps(summary))
     assert again == summary and helpers.summary_text(again) == helpers.summary_text(summary)

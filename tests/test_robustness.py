@@ -10,10 +10,14 @@ from torch import nn
 import helpers
 from support import looks_trained
 
-DORA = [("LinearWithDoRA", {}), ("LinearWithDoRAEfficient", {"factored_norm": True})]
-DORA += [("LinearWithDoRAEfficient", {"factored_norm": False})]
+DORA = [("LinearWithDoRA", {}), ("DoRALinear", {"factored_norm": True})]
+DORA += [("DoRALinear", {"factored_norm": False})]
 ALL = [("LinearWithLoRA", {}), *DORA]
 IDS = ["lora", "dora", "dora-eff-factored", "dora-eff-dense"]
+# What Part III's layers add: a floored norm, computing in the weights' dtype
+GUARDED = [("DoRALinear", {"factored_norm": True}), ("DoRALinear", {"factored_norm": False})]
+GUARDED_ALL = [("LoRALinear", {}), *GUARDED]
+GUARDED_IDS = ["lora", "dora-factored", "dora-dense"]
 
 
 def make(nb, key, kwargs, base, rank=4, alpha=8, **extra):
@@ -21,7 +25,7 @@ def make(nb, key, kwargs, base, rank=4, alpha=8, **extra):
 
 
 @pytest.mark.parametrize("detach", [True, False])
-@pytest.mark.parametrize("key, kwargs", DORA, ids=IDS[1:])
+@pytest.mark.parametrize("key, kwargs", GUARDED, ids=GUARDED_IDS[1:])
 def test_zero_weight_rows_give_no_nan(nb, key, kwargs, detach):
     torch.manual_seed(0)
     base = nn.Linear(16, 8)
@@ -51,7 +55,7 @@ def test_zero_rows_in_the_notebook_norms(nb, key, kwargs):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("key, kwargs", ALL, ids=IDS)
+@pytest.mark.parametrize("key, kwargs", GUARDED_ALL, ids=GUARDED_IDS)
 def test_low_precision_inputs_to_float32_layers(nb, key, kwargs, dtype):
     torch.manual_seed(0)
     layer = looks_trained(make(nb, key, kwargs, nn.Linear(64, 32)), 0, b_std=0.1, m_spread=0.0)
@@ -124,7 +128,7 @@ def test_deepcopy_and_state_dict_round_trip(nb, key, kwargs):
 def test_state_dict_moves_between_textbook_and_efficient(nb):
     pretrained = helpers.make_mlp((20, 16, 4), seed=0)
     book = looks_trained(helpers.add_adapters(pretrained, nb.LinearWithDoRA, 3, 6))
-    fast = helpers.add_adapters(pretrained, nb.LinearWithDoRAEfficient, 3, 6)
+    fast = helpers.add_adapters(pretrained, nb.DoRALinear, 3, 6)
     fast.load_state_dict(book.state_dict())
     x = torch.randn(5, 20)
     torch.testing.assert_close(fast(x), book(x), rtol=1e-5, atol=1e-6)
@@ -142,9 +146,7 @@ def test_torch_compile_matches_eager(nb, monkeypatch):
     monkeypatch.setitem(sys.modules, nb.__name__, nb)
     torch._dynamo.reset()
     pretrained = helpers.make_mlp((32, 24, 16, 10), seed=0)
-    eager = looks_trained(
-        helpers.add_adapters(pretrained, nb.LinearWithDoRAEfficient, 4, 8, factored_norm=True)
-    )
+    eager = looks_trained(helpers.add_adapters(pretrained, nb.DoRALinear, 4, 8, factored_norm=True))
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model)
     x = torch.randn(6, 32)

@@ -18,19 +18,63 @@ import json
 import sys
 from pathlib import Path
 
+import helpers
+from dora_tutorial.files import write_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 START = "<!-- results: written by tools/update_readme.py, do not edit by hand -->"
 END = "<!-- end of results -->"
 RESULTS = REPO / "figures" / "results.json"
 
 
+BORDERLINE = (0.025, 0.10)  # a test's p (Holm-adjusted in a family) this close to 5 %
+
+
+def borderline(comparisons: list[dict]) -> bool:
+    """Whether a verdict rests on a test near its threshold: p (Holm-adjusted inside a family)
+    within a factor of two of 5 %, where another seed set flips the verdict easily."""
+    p = [c["p"] if c["p_holm"] is None else c["p_holm"] for c in comparisons]
+    return any(BORDERLINE[0] <= x < BORDERLINE[1] for x in p)
+
+
+def pooled_sentence(key: str, results: dict, stability: dict) -> str:
+    """The estimate pooled over the disjoint seed sets (committed run and stability's POOLED)."""
+    runs = [results["conclusions"][key]["comparisons"]]
+    runs += [stability["comparisons"][name][key] for name in stability["pooled"]]
+    if not runs[0]:
+        return ""
+    pooled = helpers.pooled(runs)
+    n = pooled[0].n
+    if len(pooled) == 1:
+        return f" Pooled over {len(runs)} seed sets ({n} seeds): {pooled[0].sentence()}"
+    ranks = results["conclusions"][key]["labels"] or [str(i) for i in range(len(pooled))]
+    parts = [
+        f"{label}: {c.diff:+.2f} (95 % CI {c.low:+.2f} to {c.high:+.2f}, {c.verdict})"
+        for label, c in zip(ranks, pooled, strict=True)
+    ]
+    return (
+        f" Pooled over {len(runs)} seed sets ({n} seeds), Holm over {len(pooled)}: "
+        + "; ".join(parts)
+        + "."
+    )
+
+
 def render(results: dict, stability: dict) -> str:
     """The README's results section, from the notebook's results and the stability runs."""
-    committed = {k: c["verdict"] for k, c in results["conclusions"].items()}
-    said = {k: c["sentence"] for k, c in results["conclusions"].items()}
-    variants = stability["variants"]
+    conclusions = results["conclusions"]
+    committed = {k: c["verdict"] for k, c in conclusions.items()}
+    said = {k: c["sentence"] for k, c in conclusions.items()}
+    variants, runs = stability["variants"], stability["comparisons"]
     seeds = len(stability["protocol"]["SEEDS"])
-    held = [k for k in committed if all(v.get(k) == committed[k] for v in variants.values())]
+
+    def settled(k):
+        same = all(v.get(k) == committed[k] for v in variants.values())
+        near = borderline(conclusions[k]["comparisons"]) or any(
+            borderline(runs[name].get(k, [])) for name in runs
+        )
+        return same and not near
+
+    held = [k for k in committed if settled(k)]
     unsettled = [k for k in committed if k not in held]
     pretrained = f"{results['pretrained_accuracy']:.2f}%"
     out = [
@@ -49,13 +93,22 @@ def render(results: dict, stability: dict) -> str:
         ),
         "",
         f"**Results**: these verdicts held in the committed run and in every variant of "
-        f"`experiments/stability.py` ({', '.join(variants)}).",
+        f"`experiments/stability.py` ({', '.join(variants)}), and no run's test was borderline "
+        f"(p, Holm-adjusted in a family, between {BORDERLINE[0]} and {BORDERLINE[1]}). Each "
+        f"gives the committed run's sentence, then the estimate pooled over "
+        f"{1 + len(stability['pooled'])} disjoint seed sets.",
         "",
-        *(f"- **{k}**: {said[k]}" for k in held),
+        *(f"- **{k}**: {said[k]}{pooled_sentence(k, results, stability)}" for k in held),
+        *(["- none"] if not held else []),
         "",
-        "**Not settled**: the verdict changed in at least one variant, so it is not a result.",
+        "**Not settled**: the verdict changed in at least one variant, or a test was borderline "
+        "in one of them, so it is not a result.",
         "",
-        *(f"- **{k}**: {said[k]} (verdicts: {_row(k, committed, variants)})" for k in unsettled),
+        *(
+            f"- **{k}**: {said[k]} (verdicts: {_row(k, committed, variants)})"
+            f"{pooled_sentence(k, results, stability)}"
+            for k in unsettled
+        ),
         *(["- none"] if not unsettled else []),
         "",
         "| conclusion | committed run | " + " | ".join(variants) + " |",
@@ -95,13 +148,11 @@ def main() -> int:
     new = updated_readme(readme, render(results, stability))
     if args.check:
         if new != readme:
-            print("README.md's results are out of date: run tools/update_readme.py")
+            print("README.md's results are out of date: run python -m tools.update_readme")
             return 1
         print("README.md's results match DoRA.ipynb and experiments/stability.json")
         return 0
     if new != readme:
-        from dora_tutorial.files import write_atomic
-
         write_atomic(readme_path, [new.encode()])
     print("README.md's results are up to date")
     return 0

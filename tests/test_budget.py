@@ -1,0 +1,62 @@
+"""helpers.lora_at_budget: LoRA's accuracy at DoRA's parameter count, interpolated per seed in
+log(trainable parameters), paired with DoRA's seeds so that ``compare`` stays a paired test."""
+
+import math
+
+import numpy as np
+import pytest
+
+import helpers
+
+
+def runs(final, trainable, seeds=(0, 1, 2, 3)):
+    final = np.asarray(final, dtype=float)
+    acc = np.stack([np.zeros_like(final), final / 100], 1)  # (seeds, epochs): final is last
+    return helpers.Runs(tuple(seeds), [], trainable, np.zeros_like(acc), acc, [0.1, 0.1])
+
+
+COUNTS = {1: 1_700, 2: 3_400, 4: 6_800, 8: 13_600}
+A = np.array([80.0, 81.0, 79.5, 80.5])  # per-seed intercepts ...
+B = np.array([1.5, 2.0, 1.0, 2.5])  # ... and slopes in log(parameters)
+
+
+def lora_linear_in_log():
+    return {r: runs(A + B * math.log(c), c) for r, c in COUNTS.items()}
+
+
+@pytest.mark.parametrize("target", [2_158, 3_400, 5_000, 13_600])
+def test_interpolation_is_exact_on_data_linear_in_log_parameters(target):
+    at = helpers.lora_at_budget(lora_linear_in_log(), runs([90] * 4, target))
+    assert at.trainable == target
+    np.testing.assert_allclose(at.final, A + B * math.log(target), rtol=1e-12)
+
+
+def test_the_result_stays_paired_with_dora():
+    dora = runs([83.0, 80.0, 84.0, 81.0], 2_158)
+    at = helpers.lora_at_budget(lora_linear_in_log(), dora)
+    assert at.seeds == dora.seeds
+    c = helpers.compare("DoRA", dora, "LoRA at DoRA's count", at)
+    assert c.test == "paired t-test"
+    differences = dora.final - at.final
+    assert c.diff == pytest.approx(differences.mean())
+    # seed k's LoRA value is seed k's: swapping two seeds' LoRA accuracies moves them along
+    lora = lora_linear_in_log()
+    swapped = {r: runs(x.final[[1, 0, 2, 3]], x.trainable) for r, x in lora.items()}
+    again = helpers.lora_at_budget(swapped, dora)
+    np.testing.assert_allclose(again.final, at.final[[1, 0, 2, 3]])
+
+
+def test_outside_loras_range_is_an_error():
+    with pytest.raises(ValueError, match="outside LoRA's range"):
+        helpers.lora_at_budget(lora_linear_in_log(), runs([90] * 4, 20_000))
+    with pytest.raises(ValueError, match="outside LoRA's range"):
+        helpers.lora_at_budget(lora_linear_in_log(), runs([90] * 4, 1_000))
+
+
+def test_other_bad_input_is_an_error():
+    with pytest.raises(ValueError, match="same seeds"):
+        helpers.lora_at_budget(lora_linear_in_log(), runs([90] * 3, 2_158, seeds=(0, 1, 2)))
+    with pytest.raises(ValueError, match="two ranks"):
+        helpers.lora_at_budget({1: runs(A, 1_700)}, runs([90] * 4, 1_700))
+    with pytest.raises(ValueError, match="same trainable count"):
+        helpers.lora_at_budget({1: runs(A, 1_700), 2: runs(A, 1_700)}, runs([90] * 4, 1_700))
