@@ -625,8 +625,10 @@ class Comparison:
         return "ahead" if self.diff > 0 else "behind"
 
     def _level(self, low: float, high: float) -> str:
-        return "95 %" if (low, high) == (self.low, self.high) else (
-            f"{100 * (1 - (1 - LEVEL) / self.family):.0f} %"
+        return (
+            "95 %"
+            if (low, high) == (self.low, self.high)
+            else (f"{100 * (1 - (1 - LEVEL) / self.family):.0f} %")
         )
 
     def sentence(self) -> str:
@@ -960,7 +962,9 @@ def relative_change(weight: torch.Tensor, weight0: torch.Tensor) -> dict[str, fl
 
     ``rotation`` is the relative magnitude change the same per-row direction changes would give
     if every row's update were orthogonal to the row: a point with dM == rotation lies on the
-    rotation curve, and only an update with a component along W0[n] moves it off."""
+    rotation curve, and only an update with a component along W0[n] moves it off. A row turned
+    by 90 degrees or more has no such rotation: it counts in dD and dM, is left out of
+    ``rotation`` (NaN if every row is) and is counted in ``turned``."""
     weight, weight0 = (w.detach().to("cpu", torch.float64).flatten(1) for w in (weight, weight0))
     if weight.shape != weight0.shape:
         raise ValueError(f"weights of shapes {tuple(weight.shape)} and {tuple(weight0.shape)}")
@@ -968,12 +972,13 @@ def relative_change(weight: torch.Tensor, weight0: torch.Tensor) -> dict[str, fl
     if not (m0 > 0).all():
         raise ValueError("a pretrained row is all zero: its relative magnitude change is undefined")
     cos = F.cosine_similarity(weight, weight0, dim=1)
-    if not (cos > 0).all():
-        raise ValueError("a row turned by 90 degrees or more: no pure rotation reaches it")
+    reachable = cos > 0
     return {
         "dD": (1 - cos).mean().item(),
         "dM": ((m - m0).abs() / m0).mean().item(),
-        "rotation": (1 / cos - 1).mean().item(),  # dD_n / (1 - dD_n) = 1 / cos_n - 1
+        # dD_n / (1 - dD_n) = 1 / cos_n - 1, over the rows a rotation can reach
+        "rotation": (1 / cos[reachable] - 1).mean().item() if reachable.any() else math.nan,
+        "turned": int((~reachable).sum()),
     }
 
 
@@ -1019,6 +1024,14 @@ def _least_squares(x, y) -> tuple[float, float]:
     return float(slope), float(intercept)
 
 
+def _rotation_slope(points: list[dict]) -> float:
+    """The slope of the rotation reference on dD, over the points that have one."""
+    have = [p for p in points if math.isfinite(p["rotation"])]
+    if len(have) < 3:
+        return math.nan
+    return _least_squares([p["dD"] for p in have], [p["rotation"] for p in have])[0]
+
+
 def figure2_slopes(points: list[dict]) -> dict:
     """Per seed, the least-squares slope (with intercept) of relative dM on dD over all its
     layers and checkpoints; their mean and 95 % t-interval over seeds.
@@ -1034,9 +1047,7 @@ def figure2_slopes(points: list[dict]) -> dict:
     "low", "high", "rotation_mean"}."""
     seeds = _by_seed(points)
     fits = [_least_squares([p["dD"] for p in s], [p["dM"] for p in s]) for s in seeds.values()]
-    rotation = [
-        _least_squares([p["dD"] for p in s], [p["rotation"] for p in s])[0] for s in seeds.values()
-    ]
+    rotation = [_rotation_slope(s) for s in seeds.values()]
     slope = np.array([f[0] for f in fits])
     low, high = _mean_interval(slope)
     return {
@@ -1047,7 +1058,7 @@ def figure2_slopes(points: list[dict]) -> dict:
         "mean": float(slope.mean()),
         "low": float(low),
         "high": float(high),
-        "rotation_mean": float(np.mean(rotation)),
+        "rotation_mean": float(np.nanmean(rotation)) if np.isfinite(rotation).any() else math.nan,
     }
 
 
@@ -1201,6 +1212,7 @@ def figure2_analysis(points: dict[str, list[dict]], paper: dict[str, float]) -> 
             "slope": figure2_slopes(pts),
             "correlations": {str(c): v for c, v in checkpoint_correlations(pts).items()},
             "paper_r": paper.get(name),
+            "turned": sum(p.get("turned", 0) for p in pts),  # rows turned by 90 degrees or more
         }
     for a in points:
         for b in points:
@@ -1241,6 +1253,13 @@ def figure2_table(analysis: dict) -> str:
     for key, r in analysis["ratios"].items():
         kind = "paired by seed" if r["paired"] else "unpaired"
         lines.append(f"slope {key}: {r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}] ({kind})")
+    turned = {name: m["turned"] for name, m in methods.items() if m.get("turned")}
+    if turned:
+        counts = ", ".join(f"{name} {n:,}" for name, n in turned.items())
+        lines.append(
+            f"rows turned by 90 degrees or more, over all seeds, layers and checkpoints: {counts}"
+            " (in dD and dM; no pure rotation reaches them, so not in the rotation column)"
+        )
     return "\n".join(lines)
 
 

@@ -288,11 +288,12 @@ def main(smoke: bool = False) -> None:
         "comparisons": [dataclasses.asdict(c) for c in comparisons],
         "sentences": [c.sentence() for c in comparisons],
         "points": points,
-        "figure2": analyse(points, run["PAPER_CORRELATION"]),
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
     }
     path = Path("/tmp/vit_smoke.json") if smoke else RESULTS
+    write_json(path, result)  # the training's results first: --analyse can redo the rest
+    result["figure2"] = analyse(points, run["PAPER_CORRELATION"])
     write_json(path, result)
     print(result["table"], result["figure2"]["table"], *result["sentences"], sep="\n")
     print(*(v["sentence"] for v in result["figure2"]["verdicts"].values()), sep="\n")

@@ -42,11 +42,38 @@ def test_a_pure_magnitude_change_lies_off_the_rotation_curve():
     assert c["dM"] == pytest.approx((scale - 1).abs().mean().item(), rel=1e-12)
 
 
+def test_rows_turned_by_90_degrees_count_but_have_no_rotation():
+    """A row turned by 90 degrees or more counts in dD and dM and in ``turned``, and is left
+    out of the rotation reference, which no pure rotation reaches for it."""
+    turned = torch.cat([-W0[:1], W0[1:] * 1.1])
+    change = helpers.relative_change(turned, W0)
+    k = len(W0)
+    assert change["turned"] == 1
+    assert change["dD"] == pytest.approx(2 / k)
+    assert change["dM"] == pytest.approx(0.1 * (k - 1) / k)
+    assert change["rotation"] == pytest.approx(0.0, abs=1e-12)  # the others did not turn
+    every = helpers.relative_change(-W0, W0)
+    assert every["turned"] == k and math.isnan(every["rotation"]) and every["dD"] == 2
+    points = [
+        {
+            "seed": seed,
+            "checkpoint": 1,
+            "layer": str(i),
+            "dD": 0.1 * i,
+            "dM": 0.1 * i,
+            "rotation": math.nan,
+            "turned": k,
+        }
+        for seed in (0, 1)
+        for i in range(1, 5)
+    ]
+    slopes = helpers.figure2_slopes(points)
+    assert all(map(math.isnan, slopes["rotation"])) and math.isnan(slopes["rotation_mean"])
+
+
 def test_relative_change_rejects_what_it_cannot_measure():
     with pytest.raises(ValueError, match="all zero"):
         helpers.relative_change(W0, torch.cat([W0[:-1], torch.zeros(1, 32, dtype=W0.dtype)]))
-    with pytest.raises(ValueError, match="90 degrees"):
-        helpers.relative_change(-W0, W0)
     with pytest.raises(ValueError, match="shapes"):
         helpers.relative_change(W0[:, :5], W0)
 

@@ -5,7 +5,7 @@
 
 Reads figures/results.json (what the notebook's summary cell wrote: the results table, each
 conclusion's verdict and sentence; ``helpers.run_summary``) and experiments/stability.json (the
-verdicts of the same notebook run with other seeds, one thread and other CPU kernels). A
+verdicts of the same notebook run on other seed sets and with other CPU kernels). A
 conclusion is stated as a result only if its verdict is the same in the committed run and in
 every variant; the others are listed as not settled. Everything between the two markers in
 README.md is replaced; nothing else is touched.
