@@ -6,6 +6,7 @@ Runs DoRA.ipynb headless (on the CPU) in variants of the committed run (seeds 0-
 
 * three other, disjoint seed sets of ten (``SEEDS = range(10, 20)``, 20-29, 30-39): other
   initialisations and batch orders, so with the committed run four seed sets in all;
+* one thread instead of the machine's two: other summation orders, as on another machine;
 * another instruction set: PyTorch's AVX2 kernels instead of AVX-512 (``ATEN_CPU_CAPABILITY``,
   and the same for oneDNN and MKL), which moves every number a little, as another CPU type
   does; on the committed seeds and on seeds 10-19, so that two kernel choices see two seed sets.
@@ -15,7 +16,7 @@ summary cell writes its results (``helpers.write_results``): verdicts, sentences
 per-seed values behind every comparison. This script saves them all in
 experiments/stability.json; ``tools/update_readme.py`` then states a conclusion as a result only
 if its verdict is the same in every run and no run's test is borderline, and gives the estimate
-pooled over the four disjoint seed sets (``helpers.pooled``). Takes about five notebook runs.
+pooled over the four disjoint seed sets (``helpers.pooled``). Takes about six notebook runs.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ VARIANTS = {  # name: (what the SEEDS line becomes, environment)
     "seeds 10-19": ("SEEDS = range(10, 20)", {}),
     "seeds 20-29": ("SEEDS = range(20, 30)", {}),
     "seeds 30-39": ("SEEDS = range(30, 40)", {}),
+    "1 thread": (SEEDS_LINE, {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}),
     "AVX2 kernels": (SEEDS_LINE, AVX2),
     "AVX2, seeds 10-19": ("SEEDS = range(10, 20)", AVX2),
 }

@@ -105,11 +105,18 @@ def _execute(path: Path) -> nbformat.NotebookNode:
         cell.metadata.pop("execution", None)  # timestamps of an earlier run
     n_code = sum(cell.cell_type == "code" for cell in notebook.cells)
     counter = iter(range(1, n_code + 1))
+    times: list[tuple[float, int, str]] = []  # (seconds, cell number, first line)
+    clock = [time.perf_counter()]
 
     def report(cell, **_):
+        now, number = time.perf_counter(), next(counter)
+        seconds, clock[0] = now - clock[0], now
         text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
         first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
-        print(f"[{next(counter)}/{n_code}] {first[:70]}", flush=True)
+        if first.startswith("# NBVAL"):  # name the cell by its first line of code
+            first = next(iter(cell.source.strip().splitlines()[1:]), first)
+        times.append((seconds, number, first[:60]))
+        print(f"[{number}/{n_code}, {seconds:.1f} s] {first[:70]}", flush=True)
         if text.strip():
             print("    " + text.rstrip().replace("\n", "\n    "), flush=True)
 
@@ -122,6 +129,9 @@ def _execute(path: Path) -> nbformat.NotebookNode:
         on_cell_executed=report,
     )
     client.execute()
+    print("slowest cells:", flush=True)
+    for seconds, number, first in sorted(times, reverse=True)[:5]:
+        print(f"  {seconds:5.1f} s  [{number}/{n_code}] {first}", flush=True)
     for cell in notebook.cells:
         if cell.cell_type == "code":
             cell.outputs = coalesce_streams(cell.outputs)
