@@ -785,9 +785,9 @@ def what_we_learned(runs: dict[str, Runs], pretrained_accuracy: float, rank: int
     ]
     if vs_lora.verdict == "no difference detected":
         said.append(
-            f"At rank {rank} DoRA and LoRA cannot be told apart here: DoRA - LoRA = "
-            f"{vs_lora.diff:+.2f} points, and the paired seeds rule out (at 95 %) DoRA ahead by "
-            f"more than {max(vs_lora.high, 0):.2f} or behind by more than "
+            f"After the last epoch, at rank {rank}, DoRA and LoRA cannot be told apart: "
+            f"DoRA - LoRA = {vs_lora.diff:+.2f} points, and the paired seeds rule out (at 95 %) "
+            f"DoRA ahead by more than {max(vs_lora.high, 0):.2f} or behind by more than "
             f"{max(-vs_lora.low, 0):.2f} points."
         )
     else:
@@ -813,9 +813,10 @@ def what_we_learned(runs: dict[str, Runs], pretrained_accuracy: float, rank: int
         f"({extra / lora.trainable:.0%}), one per output row of each layer."
     )
     said.append(
-        f"What {n} seeds of one task at one rank cannot show: a DoRA - LoRA difference inside "
-        f"that interval, or one that appears only at lower rank or on other tasks; Part II "
-        "looks at ranks, equal budgets and how each method moves the weights."
+        f"What {n} seeds of one task at one rank cannot show: a final DoRA - LoRA difference "
+        f"between {vs_lora.low:+.2f} and {vs_lora.high:+.2f} points, or one that appears only at "
+        "lower rank or on other tasks; Part II looks at ranks, equal budgets and how each method "
+        "moves the weights."
     )
     return said
 
@@ -1438,7 +1439,7 @@ def plot_idea():
     arrow(axes[0], w0, "C0")
     arrow(axes[0], 0.5 * w0 / w0.norm(), "C3")
     key(axes[0], "C0", f"w0, length ||w0|| = {w0.norm():.2f}")
-    key(axes[0], "C3", "its direction w0 / ||w0|| (drawn at half length)")
+    key(axes[0], "C3", "its direction w0 / ||w0|| (drawn at length 0.5)")
     axes[0].set_title("a weight row: a length and a direction")
     line = torch.stack([w0 - 0.8 * d, w0 + 0.8 * d])
     for ax in axes[1:]:
@@ -1447,13 +1448,15 @@ def plot_idea():
     for v in lora:
         arrow(axes[1], v, "C1", alpha=0.7)
     key(axes[1], "C0", "w0")
-    key(axes[1], "C1", "w0 + s b a: one number t moves both")
+    key(axes[1], "C1", "w0 + an update along one line: length and angle change together")
     axes[1].set_title("LoRA: W0 + s B A (here rank 1)")
     direction = lora[-1] / lora[-1].norm()
+    arrow(axes[2], lora[-1], "C1", alpha=0.7)
     for m in (0.6, 0.9, 1.2, 1.5):
         arrow(axes[2], m * direction, "C2", alpha=0.7)
     key(axes[2], "C0", "w0")
-    key(axes[2], "C2", "m V / ||V||: the same direction, length m")
+    key(axes[2], "C1", "V: w0 plus one of LoRA's updates")
+    key(axes[2], "C2", "m V / ||V||: V's direction, any length m")
     axes[2].set_title("DoRA: direction of V = W0 + s B A, length m")
     for ax in axes:
         ax.set_aspect("equal")
@@ -1478,7 +1481,8 @@ def plot_methods(results: dict[str, Runs], start: float, title: str, pair=("DoRA
         acc = np.concatenate([np.full((len(runs.seeds), 1), start), runs.test_acc], 1) * 100
         epochs = np.arange(acc.shape[1])
         low, high = np.array([_mean_interval(acc[:, e]) for e in epochs[1:]]).T
-        ax_acc.plot(epochs, acc.mean(0), marker="o", color=f"C{i}", label=name)
+        style = {"marker": "osD^v"[i % 5], "ls": "-" if i % 2 == 0 else "--"}  # none hidden
+        ax_acc.plot(epochs, acc.mean(0), color=f"C{i}", label=name, **style)
         ax_acc.fill_between(epochs[1:], low, high, color=f"C{i}", alpha=0.2)
     a, b = (100 * results[name].test_acc for name in pair)
     diff = a - b
@@ -1490,6 +1494,7 @@ def plot_methods(results: dict[str, Runs], start: float, title: str, pair=("DoRA
     _label(ax_acc, "epoch (0: the pretrained model)", "test accuracy (%)", integer_x=True)
     _label(ax_diff, "epoch", "difference (points)", integer_x=True)
     ax_acc.legend(title=f"mean of {a.shape[0]} seeds", loc="lower right")
+    ax_acc.set_ylim(start * 100 - 2, None)
     ax_diff.legend(loc="upper right")
     ax_diff.set_title(f"{pair[0]} - {pair[1]}: mean of the per-seed differences")
     fig.suptitle(title)
@@ -1506,8 +1511,8 @@ def plot_paired(pairs: dict[str, tuple[Runs, Runs]], title: str):
     for row, (runs_a, runs_b) in enumerate(reversed(pairs.values())):
         d = runs_a.final - runs_b.final
         low, high = _mean_interval(d)
-        spread = np.linspace(-0.08, 0.08, len(d))[np.argsort(np.argsort(d))]  # no overlaps
-        ax.plot(d, row + 0.16 + spread, "o", color="0.55", ms=4)
+        lane = 0.08 * (np.argsort(np.argsort(d)) % 3 - 1)  # neighbours in value: other lanes
+        ax.plot(d, row + 0.18 + lane, "o", color="0.55", ms=4)
         ax.errorbar(
             d.mean(),
             row - 0.12,

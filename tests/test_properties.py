@@ -75,6 +75,14 @@ def test_efficient_equals_textbook(nb, s, detach, factored):
     params = ["lora.A", "lora.B", "m"]
     g_book = torch.autograd.grad(y_book.sum(), [book.get_parameter(n) for n in params])
     g_fast = torch.autograd.grad(y_fast.sum(), [fast.get_parameter(n) for n in params])
+    # Absolute floor: with n_in = 1 the exact gradient of A and B is 0 (rounding gives ~1e-16).
+    # The factored norm sums ||W0[n]||^2 + 2s<W0[n], (BA)[n]> + s^2 ||(BA)[n]||^2: for a row V[n]
+    # much shorter than its two terms that sum cancels, and its rounding grows by their ratio.
+    atol = 1e-10
+    if factored:
+        with torch.no_grad():
+            w0, delta = book.linear.weight, book.lora.delta_weight()
+            terms = w0.square().sum(1) + delta.square().sum(1)
+            atol = max(atol, 1e-12 * float((terms / (w0 + delta).square().sum(1)).max()))
     for name, a, b in zip(params, g_fast, g_book, strict=True):
-        # absolute floor: with n_in = 1 the exact gradient of A is 0 (rounding gives ~1e-16)
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=name)
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=atol, msg=name)
