@@ -1235,22 +1235,22 @@ def figure2_analysis(points: dict[str, list[dict]], paper: dict[str, float]) -> 
 
 
 def figure2_table(analysis: dict) -> str:
-    """``figure2_analysis``'s numbers as a table: per method the slope with its interval and the
-    rotation's slope, then r across layers at each checkpoint (mean, 95 % interval), the paper's
-    r; then the ratios."""
+    """``figure2_analysis``'s numbers as two narrow tables (each line fits a notebook's output
+    column): per method the slope with its interval, the rotation's slope and the paper's r;
+    then r across layers at each checkpoint (mean, 95 % interval); then the ratios."""
     methods = analysis["methods"]
     checkpoints = list(next(iter(methods.values()))["correlations"])
-    head = f"{'method':<9}{'slope [95 % CI]':>22}{'rotation':>10}" + "".join(
-        f"{'r at ' + c:>22}" for c in checkpoints
-    )
-    lines = [head + f"{'paper r':>9}"]
+    lines = [f"{'method':<9}{'slope [95 % CI]':>22}{'rotation':>10}{'paper r':>9}"]
     for name, m in methods.items():
-        s = m["slope"]
-        cells = "".join(f"{_bracket(v, '+.2f'):>22}" for v in m["correlations"].values())
         paper = f"{m['paper_r']:+.2f}" if m["paper_r"] is not None else "-"
+        s = m["slope"]
+        lines.append(f"{name:<9}{_bracket(s, '.2f'):>22}{s['rotation_mean']:>10.2f}{paper:>9}")
+    lines += ["", f"{'method':<9}" + "".join(f"{'r at ' + c:>22}" for c in checkpoints)]
+    for name, m in methods.items():
         lines.append(
-            f"{name:<9}{_bracket(s, '.2f'):>22}{s['rotation_mean']:>10.2f}{cells}{paper:>9}"
+            f"{name:<9}" + "".join(f"{_bracket(v, '+.2f'):>22}" for v in m["correlations"].values())
         )
+    lines.append("")
     for key, r in analysis["ratios"].items():
         kind = "paired by seed" if r["paired"] else "unpaired"
         lines.append(f"slope {key}: {r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}] ({kind})")
@@ -1258,8 +1258,11 @@ def figure2_table(analysis: dict) -> str:
     if turned:
         counts = ", ".join(f"{name} {n:,}" for name, n in turned.items())
         lines.append(
-            f"rows turned by 90 degrees or more, over all seeds, layers and checkpoints: {counts}"
-            " (in dD and dM; no pure rotation reaches them, so not in the rotation column)"
+            wrap(
+                f"rows turned by 90 degrees or more, over all seeds, layers and checkpoints: "
+                f"{counts} (in dD and dM; no pure rotation reaches them, so not in the rotation "
+                "column)"
+            )
         )
     return "\n".join(lines)
 
@@ -1439,7 +1442,7 @@ def plot_idea():
     arrow(axes[0], w0, "C0")
     arrow(axes[0], 0.5 * w0 / w0.norm(), "C3")
     key(axes[0], "C0", f"w0, length ||w0|| = {w0.norm():.2f}")
-    key(axes[0], "C3", "its direction w0 / ||w0|| (drawn at length 0.5)")
+    key(axes[0], "C3", "its direction w0 / ||w0||\n(drawn at length 0.5)")
     axes[0].set_title("a weight row: a length and a direction")
     line = torch.stack([w0 - 0.8 * d, w0 + 0.8 * d])
     for ax in axes[1:]:
@@ -1448,16 +1451,16 @@ def plot_idea():
     for v in lora:
         arrow(axes[1], v, "C1", alpha=0.7)
     key(axes[1], "C0", "w0")
-    key(axes[1], "C1", "w0 + an update along one line: length and angle change together")
+    key(axes[1], "C1", "w0 + updates along one line:\nlength and angle change together")
     axes[1].set_title("LoRA: W0 + s B A (here rank 1)")
     direction = lora[-1] / lora[-1].norm()
     arrow(axes[2], lora[-1], "C1", alpha=0.7)
     for m in (0.6, 0.9, 1.2, 1.5):
         arrow(axes[2], m * direction, "C2", alpha=0.7)
     key(axes[2], "C0", "w0")
-    key(axes[2], "C1", "V: w0 plus one of LoRA's updates")
-    key(axes[2], "C2", "m V / ||V||: V's direction, any length m")
-    axes[2].set_title("DoRA: direction of V = W0 + s B A, length m")
+    key(axes[2], "C1", "V = w0 + one of those updates")
+    key(axes[2], "C2", "m V / ||V||: V's direction,\nany length m")
+    axes[2].set_title("DoRA: V's direction, a length m")
     for ax in axes:
         ax.set_aspect("equal")
         ax.axhline(0, color="0.85", lw=0.8)
