@@ -624,12 +624,10 @@ class Comparison:
             return "no difference detected"
         return "ahead" if self.diff > 0 else "behind"
 
-    def _level(self, low: float, high: float) -> str:
-        return (
-            "95 %"
-            if (low, high) == (self.low, self.high)
-            else (f"{100 * (1 - (1 - LEVEL) / self.family):.0f} %")
-        )
+    @property
+    def family_level(self) -> str:
+        """The level of ``family_interval``: '95 %' alone, '99 %' in a family of five."""
+        return f"{100 * (1 - (1 - LEVEL) / self.family):.0f} %"
 
     def sentence(self) -> str:
         """One sentence from the numbers: the difference, its interval, the test, the verdict;
@@ -642,14 +640,14 @@ class Comparison:
         if self.p_holm is not None:
             numbers += (
                 f", Holm-adjusted over {self.family} ranks p {_p(self.p_holm)}; "
-                f"{100 * (1 - (1 - LEVEL) / self.family):.0f} % CI over the {self.family} ranks "
+                f"{self.family_level} CI over the {self.family} ranks "
                 f"{low:+.2f} to {high:+.2f}"
             )
         if self.verdict == "no difference detected":
             return (
                 f"{self.a} - {self.b} = {self.diff:+.2f} points ({numbers}): no difference "
                 f"detected; {self.a} ahead by more than {max(high, 0):.2f} or behind by more "
-                f"than {max(-low, 0):.2f} points is ruled out at {self._level(low, high)}."
+                f"than {max(-low, 0):.2f} points is ruled out at {self.family_level}."
             )
         side = "ahead of" if self.verdict == "ahead" else "behind"
         return f"{self.a} is {side} {self.b} by {abs(self.diff):.2f} points ({numbers})."
