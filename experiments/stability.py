@@ -15,7 +15,8 @@ The notebook itself is not modified: the script replaces its SEEDS line in memor
 summary cell writes its results (``helpers.write_results``): verdicts, sentences and the
 per-seed values behind every comparison. This script saves them all in
 experiments/stability.json; ``tools/update_readme.py`` then states a conclusion as a result only
-if its verdict is the same in every run and no run's test is borderline, and gives the estimate
+if its verdict is the same in every run and in no run its interval touches zero (at the level
+the verdict is decided at; ``helpers.Comparison.near_threshold``), and gives the estimate
 pooled over the four disjoint seed sets (``helpers.pooled``). Takes about six notebook runs.
 """
 

@@ -178,3 +178,56 @@ def test_what_we_learned_says_what_the_numbers_say():
     lora_ahead = method([base + 1, base + 1], 1000)
     early = helpers.what_we_learned({"full FT": ft, "LoRA": lora_ahead, "DoRA": dora}, 0.4, 4)[2]
     assert "DoRA behind at that point" in early
+
+
+# ---- "not settled": the verdict's interval touching zero (tools/update_readme.py) -----------
+
+
+def test_the_verdict_interval_excludes_zero_exactly_when_the_verdict_is_a_difference():
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        m = int(rng.integers(1, 6))
+        family = [
+            helpers.compare_values(
+                "A", rng.normal(rng.normal(0, 0.6), 1, 10), "B", rng.normal(0, 1, 10)
+            )
+            for _ in range(m)
+        ]
+        family = helpers.holm(family) if m > 1 else family
+        for c in family:
+            low, high = c.verdict_interval
+            assert (c.verdict != "no difference detected") == (low > 0 or high < 0), c
+    alone = helpers.compare_values("A", [1.0, 2.0, 4.0], "B", [0.0, 0.5, 1.0])
+    assert alone.verdict_interval == (alone.low, alone.high)
+
+
+def _at_t(t: float, n: int = 10) -> helpers.Comparison:
+    """A paired comparison whose t statistic is ``t`` (per-seed differences mean t * se)."""
+    d = np.array([1.0, -1.0] * (n // 2))
+    d = d / (d.std(ddof=1) / math.sqrt(n))  # se = 1
+    return helpers.compare_values("A", d + t, "B", np.zeros(n))
+
+
+def test_near_threshold_means_the_interval_end_is_near_zero():
+    from scipy import stats
+
+    q = stats.t.ppf(0.975, 9)
+    assert _at_t(q).near_threshold(0.25)  # the interval's end at zero
+    assert _at_t(1.2 * q).near_threshold(0.25) and _at_t(0.8 * q).near_threshold(0.25)
+    assert not _at_t(1.3 * q).near_threshold(0.25) and not _at_t(0.7 * q).near_threshold(0.25)
+    assert not _at_t(0.0).near_threshold(0.25) and not _at_t(5 * q).near_threshold(0.25)
+    assert _at_t(-q).near_threshold(0.25)  # either side of zero
+
+
+def test_readme_marks_a_family_member_near_its_holm_threshold():
+    from tools.update_readme import borderline
+
+    near, null = _at_t(3.0), _at_t(0.5)  # alone, t = 3.0 is clear of 2.26 (p = 0.015)
+    assert near.verdict == "ahead" and not borderline([helpers._comparison_data(near)])
+    family = helpers.holm([near, null, null])  # the smallest p of three: tested at 5 % / 3
+    assert family[0].p_holm == pytest.approx(3 * near.p)
+    assert family[0].verdict_interval[0] < near.low  # wider than its 95 % CI
+    assert borderline([helpers._comparison_data(c) for c in family])
+    clear = helpers.holm([_at_t(8.0), null, null])
+    assert not borderline([helpers._comparison_data(c) for c in clear])
+    assert not borderline([])

@@ -207,3 +207,18 @@ def test_make_task_validation_split_is_disjoint_and_keeps_the_training_set():
     assert len(train_ids) == 20 and len(val_ids) == 10 and train_ids.isdisjoint(val_ids)
     with pytest.raises(ValueError, match="n_train"):
         helpers.make_task(images, labels, images, labels, n_train=45, n_val=10)
+
+
+def test_curves_false_evaluates_only_after_the_last_epoch_and_changes_nothing_else(nb):
+    base, task = helpers.make_mlp((784, 32, 16, 10), seed=0), tiny_task()
+    kw = dict(wrapper=nb.LinearWithDoRA, seeds=(3, 4), epochs=3, lr=1e-3, batch_size=64, log=None)
+    every = helpers.finetune(base, task, **kw)
+    last = helpers.finetune(base, task, curves=False, **kw)
+    assert np.isnan(last.test_acc[:, :-1]).all() and not np.isnan(last.final).any()
+    np.testing.assert_array_equal(last.final, every.final)
+    np.testing.assert_array_equal(last.train_loss, every.train_loss)
+    for a, b in zip(last.models, every.models, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
+    lines = []
+    helpers.finetune(base, task, **{**kw, "log": lines.append}, curves=False)
+    assert "not measured" in lines[0] and "not measured" not in lines[-1]

@@ -27,14 +27,16 @@ END = "<!-- end of results -->"
 RESULTS = REPO / "figures" / "results.json"
 
 
-BORDERLINE = (0.025, 0.10)  # a test's p (Holm-adjusted in a family) this close to 5 %
+MARGIN = 0.25  # an interval's end within a quarter of its half-width of zero touches zero
 
 
 def borderline(comparisons: list[dict]) -> bool:
-    """Whether a verdict rests on a test near its threshold: p (Holm-adjusted inside a family)
-    within a factor of two of 5 %, where another seed set flips the verdict easily."""
-    p = [c["p"] if c["p_holm"] is None else c["p_holm"] for c in comparisons]
-    return any(BORDERLINE[0] <= x < BORDERLINE[1] for x in p)
+    """Whether a verdict's interval, at the level the verdict is decided at, touches zero (the
+    threshold between "ahead", "no difference detected" and "behind"): see
+    ``helpers.Comparison.near_threshold``. The comparisons are rebuilt from their per-seed
+    values (the test rerun, Holm again within the family)."""
+    rebuilt = helpers.pooled([comparisons]) if comparisons else []
+    return any(c.near_threshold(MARGIN) for c in rebuilt)
 
 
 def pooled_sentence(key: str, results: dict, stability: dict) -> str:
@@ -93,16 +95,17 @@ def render(results: dict, stability: dict) -> str:
         ),
         "",
         f"**Results**: these verdicts held in the committed run and in every variant of "
-        f"`experiments/stability.py` ({', '.join(variants)}), and no run's test was borderline "
-        f"(p, Holm-adjusted in a family, between {BORDERLINE[0]} and {BORDERLINE[1]}). Each "
+        f"`experiments/stability.py` ({', '.join(variants)}), and in no run did the verdict's "
+        "interval touch zero (at the level the verdict is decided at, Holm's inside a family; "
+        f"touching: its end nearest zero within {MARGIN:.0%} of its half-width of zero). Each "
         f"gives the committed run's sentence, then the estimate pooled over "
         f"{1 + len(stability['pooled'])} disjoint seed sets.",
         "",
         *(f"- **{k}**: {said[k]}{pooled_sentence(k, results, stability)}" for k in held),
         *(["- none"] if not held else []),
         "",
-        "**Not settled**: the verdict changed in at least one variant, or a test was borderline "
-        "in one of them, so it is not a result.",
+        "**Not settled**: the verdict changed in at least one variant, or its interval touched "
+        "zero in one of them, so it is not a result.",
         "",
         *(
             f"- **{k}**: {said[k]} (verdicts: {_row(k, committed, variants)})"
