@@ -801,9 +801,10 @@ def _mean_interval(values: np.ndarray) -> tuple[float, float]:
 
 
 def what_we_learned(runs: dict[str, Runs], pretrained_accuracy: float, rank: int) -> list[str]:
-    """Part I's conclusions in plain words, each computed from the run: where the methods land,
-    DoRA against LoRA and full FT against DoRA (paired tests), what DoRA costs, and what these
-    seeds could not see."""
+    """Part I's conclusions in five plain sentences, each computed from the run: where the
+    methods land, DoRA against LoRA after the last epoch and before it (paired tests; the
+    earlier epochs Holm-adjusted as one family), full FT against DoRA, and what DoRA costs and
+    these runs cannot say."""
     ft, lora, dora = (runs[name] for name in ("full FT", "LoRA", "DoRA"))
     n = len(dora.seeds)
     vs_lora, vs_ft = compare("DoRA", dora, "LoRA", lora), compare("full FT", ft, "DoRA", dora)
@@ -814,40 +815,59 @@ def what_we_learned(runs: dict[str, Runs], pretrained_accuracy: float, rank: int
     ]
     if vs_lora.verdict == "no difference detected":
         said.append(
-            f"After the last epoch, at rank {rank}, DoRA and LoRA cannot be told apart: "
-            f"DoRA - LoRA = {vs_lora.diff:+.2f} points, and the paired seeds rule out (at 95 %) "
-            f"DoRA ahead by more than {max(vs_lora.high, 0):.2f} or behind by more than "
-            f"{max(-vs_lora.low, 0):.2f} points."
+            f"After the last epoch, at rank {rank}, {n} paired seeds cannot tell DoRA from LoRA: "
+            f"DoRA - LoRA = {vs_lora.diff:+.2f} points (95 % CI {vs_lora.low:+.2f} to "
+            f"{vs_lora.high:+.2f}): differences beyond these bounds are ruled out, ones inside "
+            "them are not."
         )
     else:
         said.append(
             f"At rank {rank} DoRA is {vs_lora.verdict} of LoRA by {abs(vs_lora.diff):.2f} points "
             f"(95 % CI {vs_lora.low:+.2f} to {vs_lora.high:+.2f}, paired over {n} seeds)."
         )
-    early = compare_values("DoRA", 100 * dora.test_acc[:, 0], "LoRA", 100 * lora.test_acc[:, 0])
-    said.append(
-        f"After one epoch DoRA - LoRA = {early.diff:+.2f} points (95 % CI {early.low:+.2f} to "
-        f"{early.high:+.2f}, paired): {_who(early)} at that point; the right panel of the "
-        "fine-tuning figure shows every epoch."
-    )
+    epochs = dora.test_acc.shape[1]
+    if epochs > 1:
+        said.append(_before_the_end(dora, lora, epochs))
     gap = "ahead of" if vs_ft.verdict == "ahead" else "not ahead of"
-    said.append(
-        f"Full fine-tuning, which trains {ft.trainable / dora.trainable:.0f} times as many "
-        f"numbers, is {gap} DoRA: {vs_ft.diff:+.2f} points (95 % CI {vs_ft.low:+.2f} to "
-        f"{vs_ft.high:+.2f})."
-    )
     extra = dora.trainable - lora.trainable
     said.append(
-        f"DoRA's magnitudes cost {extra:,} more trainable numbers than LoRA's {lora.trainable:,} "
-        f"({extra / lora.trainable:.0%}), one per output row of each layer."
+        f"Full fine-tuning, which trains {ft.trainable / dora.trainable:.1f} times as many "
+        f"numbers as DoRA, is {gap} it: {vs_ft.diff:+.2f} points (95 % CI {vs_ft.low:+.2f} to "
+        f"{vs_ft.high:+.2f})."
     )
     said.append(
-        f"What {n} seeds of one task at one rank cannot show: a final DoRA - LoRA difference "
-        f"between {vs_lora.low:+.2f} and {vs_lora.high:+.2f} points, or one that appears only at "
-        "lower rank or on other tasks; Part II looks at ranks, equal budgets and how each method "
-        "moves the weights."
+        f"DoRA's magnitudes add {extra:,} trainable numbers to LoRA's {lora.trainable:,} "
+        f"({extra / lora.trainable:.0%}), one per output row; whether they buy more at a lower "
+        "rank or at an equal budget, one rank cannot say: Part II measures it."
     )
     return said
+
+
+def _before_the_end(dora: Runs, lora: Runs, epochs: int) -> str:
+    """DoRA - LoRA after each epoch before the last, as one Holm family: the epochs where a
+    difference is detected (with it), and those where none is."""
+    family = holm(
+        [
+            compare_values("DoRA", 100 * dora.test_acc[:, e], "LoRA", 100 * lora.test_acc[:, e])
+            for e in range(epochs - 1)
+        ]
+    )
+    groups = {}
+    for e, c in enumerate(family, 1):
+        groups.setdefault(_who(c), []).append((e, c))
+    parts = []
+    for who, members in groups.items():
+        where = in_words([e for e, _ in members], "epoch")
+        if who == "no difference detected":
+            parts.append(f"no difference detected after {where}")
+        else:
+            diffs = ", ".join(f"{c.diff:+.2f}" for _, c in members)
+            parts.append(f"{who} after {where} ({diffs} points)")
+    over = "epoch 1" if epochs == 2 else f"epochs 1-{epochs - 1}"
+    return (
+        f"Before the last epoch ({over}, paired, Holm-adjusted together): "
+        f"{'; '.join(parts)}; the right panel of the fine-tuning figure shows every epoch."
+    )
 
 
 def _who(c: Comparison) -> str:
@@ -1461,12 +1481,12 @@ def plot_idea():
     lora = [w0 + t * d for t in (-0.6, -0.3, 0.3, 0.6)]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), sharex=True, sharey=True)
 
-    def arrow(ax, v, color, alpha=1.0):
-        style = {"arrowstyle": "->", "color": color, "lw": 2, "alpha": alpha}
+    def arrow(ax, v, color, alpha=1.0, lw=2):
+        style = {"arrowstyle": "->", "color": color, "lw": lw, "alpha": alpha}
         ax.annotate("", xy=tuple(v.tolist()), xytext=(0, 0), arrowprops=style)
 
-    def key(ax, color, label):
-        ax.plot([], [], color=color, lw=2, label=label)
+    def key(ax, color, label, lw=2, alpha=1.0):
+        ax.plot([], [], color=color, lw=lw, alpha=alpha, label=label)
 
     arrow(axes[0], w0, "C0")
     arrow(axes[0], 0.5 * w0 / w0.norm(), "C3")
@@ -1481,13 +1501,13 @@ def plot_idea():
         arrow(axes[1], v, "C1", alpha=0.7)
     key(axes[1], "C0", "w0")
     key(axes[1], "C1", "w0 + updates along one line:\nlength and angle change together")
-    axes[1].set_title("LoRA: W0 + s B A (here rank 1)")
+    axes[1].set_title("LoRA: w0 + a rank-1 update")
     direction = lora[-1] / lora[-1].norm()
-    arrow(axes[2], lora[-1], "C1", alpha=0.7)
+    arrow(axes[2], lora[-1], "C1", alpha=0.4, lw=7)  # wide, under the m V / ||V|| on its ray
     for m in (0.6, 0.9, 1.2, 1.5):
-        arrow(axes[2], m * direction, "C2", alpha=0.7)
+        arrow(axes[2], m * direction, "C2")
     key(axes[2], "C0", "w0")
-    key(axes[2], "C1", "V = w0 + one of those updates")
+    key(axes[2], "C1", "V = w0 + one of those updates", lw=7, alpha=0.4)
     key(axes[2], "C2", "m V / ||V||: V's direction,\nany length m")
     axes[2].set_title("DoRA: V's direction, a length m")
     for ax in axes:
@@ -1495,7 +1515,7 @@ def plot_idea():
         ax.axhline(0, color="0.85", lw=0.8)
         ax.axvline(0, color="0.85", lw=0.8)
         ax.set_xlim(-0.3, 1.8)
-        ax.set_ylim(-0.6, 1.5)
+        ax.set_ylim(-0.6, 1.9)  # room for the legends above the dotted line
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig

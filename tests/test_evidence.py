@@ -156,9 +156,10 @@ def test_results_table_and_wrapping():
 
 
 def test_what_we_learned_says_what_the_numbers_say():
-    """Part I's plain-words conclusions follow the per-seed numbers: a clear early lead of DoRA
-    is reported as one, an end-point tie as a tie with the 95 % bounds it rules out, and the
-    extra parameters are DoRA's minus LoRA's."""
+    """Part I's plain-words conclusions follow the per-seed numbers, in five sentences: a
+    clear early lead of DoRA is reported as one (the epochs before the last Holm-adjusted
+    together), an end-point tie as a tie with its 95 % bounds, and the extra parameters are
+    DoRA's minus LoRA's."""
     rng = np.random.default_rng(0)
     base = rng.normal(90, 0.5, 10)
 
@@ -166,18 +167,51 @@ def test_what_we_learned_says_what_the_numbers_say():
         acc = np.stack(epochs, 1) / 100
         return helpers.Runs(tuple(range(10)), [], trainable, np.zeros_like(acc), acc, [0.0])
 
-    lora = method([base - 5, base], 1000)
-    dora = method([base - 3 + rng.normal(0, 0.1, 10), base + rng.normal(0, 0.1, 10)], 1100)
-    ft = method([base, base + 3], 20000)
+    lora = method([base - 5, base - 1, base], 1000)
+    noise = [rng.normal(0, s, 10) for s in (0.1, 2.0, 0.1)]
+    dora = method([base - 3 + noise[0], base - 1 + noise[1], base + noise[2]], 1100)
+    ft = method([base, base, base + 3], 20000)
     said = helpers.what_we_learned({"full FT": ft, "LoRA": lora, "DoRA": dora}, 0.4, 4)
+    assert len(said) == 5
     tie, early = said[1], said[2]
-    assert "cannot be told apart" in tie and "rule out (at 95 %)" in tie
-    diff = float(early.split("= ")[1].split(" points")[0])
-    assert abs(diff - 2) < 0.2 and "DoRA ahead at that point" in early
-    assert "100 more trainable numbers than LoRA's 1,000 (10%)" in " ".join(said)
-    lora_ahead = method([base + 1, base + 1], 1000)
+    assert "cannot tell DoRA from LoRA" in tie and "beyond these bounds are ruled out" in tie
+    assert "epochs 1-2, paired, Holm-adjusted together" in early
+    assert (
+        "DoRA ahead after epoch 1 (+" in early and "no difference detected after epoch 2" in early
+    )
+    diff = float(early.split("epoch 1 (")[1].split(" points")[0])
+    assert abs(diff - 2) < 0.2
+    assert "18.2 times as many" in said[3]  # 20,000 / 1,100
+    assert "100 trainable numbers to LoRA's 1,000 (10%)" in said[4]
+    lora_ahead = method([base + 1, base + 1, base + 1], 1000)
     early = helpers.what_we_learned({"full FT": ft, "LoRA": lora_ahead, "DoRA": dora}, 0.4, 4)[2]
-    assert "DoRA behind at that point" in early
+    assert "DoRA behind after epochs 1 and 2" in early
+
+
+def test_what_we_learned_adjusts_the_early_epochs_for_their_number():
+    """A lead seen at one of three earlier epochs with unadjusted p = 0.03 is not reported as
+    a lead: Holm over the three epochs multiplies the smallest p by 3."""
+    rng = np.random.default_rng(1)
+    d = rng.normal(0, 1, 10)
+    d = (d - d.mean()) / d.std(ddof=1)  # mean 0, sd 1: the shift below sets t exactly
+    from scipy import stats
+
+    shift = stats.t.ppf(1 - 0.03 / 2, 9) / np.sqrt(10)  # two-sided p = 0.03
+    base = rng.normal(90, 0.5, 10)
+
+    def method(epochs):
+        acc = np.stack(epochs, 1) / 100
+        return helpers.Runs(tuple(range(10)), [], 1000, np.zeros_like(acc), acc, [0.0])
+
+    lora = method([base, base, base, base])
+    far = rng.normal(0, 1, 10)
+    dora = method([base + d + shift, base + far, base + rng.normal(0, 1, 10), base + far])
+    early = helpers.what_we_learned({"full FT": lora, "LoRA": lora, "DoRA": dora}, 0.4, 4)[2]
+    alone = helpers.compare_values(
+        "DoRA", 100 * dora.test_acc[:, 0], "LoRA", 100 * lora.test_acc[:, 0]
+    )
+    assert abs(alone.p - 0.03) < 1e-9 and alone.verdict == "ahead"
+    assert "ahead" not in early and "no difference detected after epoch" in early
 
 
 # ---- "not settled": the verdict's interval touching zero (tools/update_readme.py) -----------
