@@ -825,9 +825,8 @@ def what_we_learned(runs: dict[str, Runs], pretrained_accuracy: float, rank: int
             f"At rank {rank} DoRA is {vs_lora.verdict} of LoRA by {abs(vs_lora.diff):.2f} points "
             f"(95 % CI {vs_lora.low:+.2f} to {vs_lora.high:+.2f}, paired over {n} seeds)."
         )
-    epochs = dora.test_acc.shape[1]
-    if epochs > 1:
-        said.append(_before_the_end(dora, lora, epochs))
+    if dora.test_acc.shape[1] > 1:
+        said.append(_before_the_end(dora, lora))
     gap = "ahead of" if vs_ft.verdict == "ahead" else "not ahead of"
     extra = dora.trainable - lora.trainable
     said.append(
@@ -843,13 +842,14 @@ def what_we_learned(runs: dict[str, Runs], pretrained_accuracy: float, rank: int
     return said
 
 
-def _before_the_end(dora: Runs, lora: Runs, epochs: int) -> str:
+def _before_the_end(dora: Runs, lora: Runs) -> str:
     """DoRA - LoRA after each epoch before the last, as one Holm family: the epochs where a
     difference is detected (with it), and those where none is."""
+    earlier = range(dora.test_acc.shape[1] - 1)
     family = holm(
         [
             compare_values("DoRA", 100 * dora.test_acc[:, e], "LoRA", 100 * lora.test_acc[:, e])
-            for e in range(epochs - 1)
+            for e in earlier
         ]
     )
     groups = {}
@@ -857,13 +857,11 @@ def _before_the_end(dora: Runs, lora: Runs, epochs: int) -> str:
         groups.setdefault(_who(c), []).append((e, c))
     parts = []
     for who, members in groups.items():
-        where = in_words([e for e, _ in members], "epoch")
-        if who == "no difference detected":
-            parts.append(f"no difference detected after {where}")
-        else:
-            diffs = ", ".join(f"{c.diff:+.2f}" for _, c in members)
-            parts.append(f"{who} after {where} ({diffs} points)")
-    over = "epoch 1" if epochs == 2 else f"epochs 1-{epochs - 1}"
+        part = f"{who} after {in_words([e for e, _ in members], 'epoch')}"
+        if who != "no difference detected":
+            part += f" ({', '.join(f'{c.diff:+.2f}' for _, c in members)} points)"
+        parts.append(part)
+    over = "epoch 1" if len(earlier) == 1 else f"epochs 1-{len(earlier)}"
     return (
         f"Before the last epoch ({over}, paired, Holm-adjusted together): "
         f"{'; '.join(parts)}; the right panel of the fine-tuning figure shows every epoch."

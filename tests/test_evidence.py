@@ -155,6 +155,12 @@ def test_results_table_and_wrapping():
     assert all(len(line) <= helpers.WIDTH for line in helpers.wrap(long, "  ").splitlines())
 
 
+def _per_epoch(epochs, trainable=1000):
+    """Runs of ten seeds whose test accuracy after each epoch is ``epochs[e]`` (percent)."""
+    acc = np.stack(epochs, 1) / 100
+    return helpers.Runs(tuple(range(10)), [], trainable, np.zeros_like(acc), acc, [0.0])
+
+
 def test_what_we_learned_says_what_the_numbers_say():
     """Part I's plain-words conclusions follow the per-seed numbers, in five sentences: a
     clear early lead of DoRA is reported as one (the epochs before the last Holm-adjusted
@@ -162,11 +168,7 @@ def test_what_we_learned_says_what_the_numbers_say():
     DoRA's minus LoRA's."""
     rng = np.random.default_rng(0)
     base = rng.normal(90, 0.5, 10)
-
-    def method(epochs, trainable):
-        acc = np.stack(epochs, 1) / 100
-        return helpers.Runs(tuple(range(10)), [], trainable, np.zeros_like(acc), acc, [0.0])
-
+    method = _per_epoch
     lora = method([base - 5, base - 1, base], 1000)
     noise = [rng.normal(0, s, 10) for s in (0.1, 2.0, 0.1)]
     dora = method([base - 3 + noise[0], base - 1 + noise[1], base + noise[2]], 1100)
@@ -198,11 +200,7 @@ def test_what_we_learned_adjusts_the_early_epochs_for_their_number():
 
     shift = stats.t.ppf(1 - 0.03 / 2, 9) / np.sqrt(10)  # two-sided p = 0.03
     base = rng.normal(90, 0.5, 10)
-
-    def method(epochs):
-        acc = np.stack(epochs, 1) / 100
-        return helpers.Runs(tuple(range(10)), [], 1000, np.zeros_like(acc), acc, [0.0])
-
+    method = _per_epoch
     lora = method([base, base, base, base])
     far = rng.normal(0, 1, 10)
     dora = method([base + d + shift, base + far, base + rng.normal(0, 1, 10), base + far])
