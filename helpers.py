@@ -800,11 +800,14 @@ def _mean_interval(values: np.ndarray) -> tuple[float, float]:
     return mean - half, mean + half
 
 
-def what_we_learned(runs: dict[str, Runs], pretrained_accuracy: float, rank: int) -> list[str]:
+def what_we_learned(
+    runs: dict[str, Runs], pretrained_accuracy: float, rank: int, rates: dict | None = None
+) -> list[str]:
     """Part I's conclusions in five plain sentences, each computed from the run: where the
     methods land, DoRA against LoRA after the last epoch and before it (paired tests; the
     earlier epochs Holm-adjusted as one family), full FT against DoRA, and what DoRA costs and
-    these runs cannot say."""
+    these runs cannot say. ``rates`` ({method: learning rate}): when the method ahead before
+    the last epoch trains at the larger rate, the sentence says so."""
     ft, lora, dora = (runs[name] for name in ("full FT", "LoRA", "DoRA"))
     n = len(dora.seeds)
     vs_lora, vs_ft = compare("DoRA", dora, "LoRA", lora), compare("full FT", ft, "DoRA", dora)
@@ -826,7 +829,7 @@ def what_we_learned(runs: dict[str, Runs], pretrained_accuracy: float, rank: int
             f"(95 % CI {vs_lora.low:+.2f} to {vs_lora.high:+.2f}, paired over {n} seeds)."
         )
     if dora.test_acc.shape[1] > 1:
-        said.append(_before_the_end(dora, lora))
+        said.append(_before_the_end(dora, lora, rates))
     gap = "ahead of" if vs_ft.verdict == "ahead" else "not ahead of"
     extra = dora.trainable - lora.trainable
     said.append(
@@ -842,9 +845,10 @@ def what_we_learned(runs: dict[str, Runs], pretrained_accuracy: float, rank: int
     return said
 
 
-def _before_the_end(dora: Runs, lora: Runs) -> str:
+def _before_the_end(dora: Runs, lora: Runs, rates: dict | None = None) -> str:
     """DoRA - LoRA after each epoch before the last, as one Holm family: the epochs where a
-    difference is detected (with it), and those where none is."""
+    difference is detected (with it), and those where none is; and, when the method ahead
+    trains at the larger learning rate, that an early lead can be that rate's faster start."""
     earlier = range(dora.test_acc.shape[1] - 1)
     family = holm(
         [
@@ -860,6 +864,14 @@ def _before_the_end(dora: Runs, lora: Runs) -> str:
         part = f"{who} after {in_words([e for e, _ in members], 'epoch')}"
         if who != "no difference detected":
             part += f" ({', '.join(f'{c.diff:+.2f}' for _, c in members)} points)"
+            leader = "DoRA" if who == "DoRA ahead" else "LoRA"
+            other = "LoRA" if leader == "DoRA" else "DoRA"
+            if rates is not None and rates[leader] > rates[other]:
+                part += (
+                    f", with {leader} at the larger learning rate ({rates[leader]:g} against "
+                    f"{rates[other]:g}, each chosen on the validation set): possibly just a "
+                    "faster start"
+                )
         parts.append(part)
     over = "epoch 1" if len(earlier) == 1 else f"epochs 1-{len(earlier)}"
     return (
@@ -1338,12 +1350,15 @@ def plot_figure2(points: dict[str, list[dict]], title: str):
     }
     x = np.linspace(0, max(p["dD"] for p in all_points) * 1.05, 100)
     for ax, (method, pts) in zip(axes[0], points.items(), strict=True):
+        groups: dict[tuple[int, int], list[dict]] = {}  # one scatter per checkpoint and kind
         for p in pts:
             kind = kinds.index(p["layer"].rsplit(".", 1)[-1])
+            groups.setdefault((p["checkpoint"], kind), []).append(p)
+        for (checkpoint, kind), group in sorted(groups.items()):  # later checkpoints on top
             ax.scatter(
-                p["dD"],
-                p["dM"],
-                color=colour[p["checkpoint"]],
+                [p["dD"] for p in group],
+                [p["dM"] for p in group],
+                color=colour[checkpoint],
                 s=12,
                 marker=markers[kind % len(markers)],
             )

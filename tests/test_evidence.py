@@ -212,6 +212,26 @@ def test_what_we_learned_adjusts_the_early_epochs_for_their_number():
     assert "ahead" not in early and "no difference detected after epoch" in early
 
 
+def test_what_we_learned_says_when_an_early_lead_comes_with_the_larger_rate():
+    """An early lead of the method trained at the larger learning rate may be a faster start:
+    the sentence says which rates, and says nothing when the rates are equal or the method
+    behind has the larger one."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(90, 0.5, 10)
+    lora = _per_epoch([base - 5, base - 1, base], 1000)
+    dora = _per_epoch([base - 3 + rng.normal(0, 0.1, 10), base - 1, base], 1100)
+    runs = {"full FT": lora, "LoRA": lora, "DoRA": dora}
+
+    def early(rates):
+        return helpers.what_we_learned(runs, 0.4, 4, rates)[2]
+
+    faster = early({"full FT": 1e-3, "LoRA": 5e-3, "DoRA": 1e-2})
+    assert "DoRA ahead after epoch 1 (+" in faster
+    assert "with DoRA at the larger learning rate (0.01 against 0.005" in faster
+    for rates in (None, {"LoRA": 5e-3, "DoRA": 5e-3}, {"LoRA": 1e-2, "DoRA": 5e-3}):
+        assert "learning rate" not in early(rates) and "DoRA ahead after epoch 1" in early(rates)
+
+
 # ---- "not settled": the verdict's interval touching zero (tools/update_readme.py) -----------
 
 
