@@ -864,8 +864,7 @@ def _before_the_end(dora: Runs, lora: Runs, rates: dict | None = None) -> str:
         part = f"{who} after {in_words([e for e, _ in members], 'epoch')}"
         if who != "no difference detected":
             part += f" ({', '.join(f'{c.diff:+.2f}' for _, c in members)} points)"
-            leader = "DoRA" if who == "DoRA ahead" else "LoRA"
-            other = "LoRA" if leader == "DoRA" else "DoRA"
+            leader, other = ("DoRA", "LoRA") if who == "DoRA ahead" else ("LoRA", "DoRA")
             if rates is not None and rates[leader] > rates[other]:
                 part += (
                     f", with {leader} at the larger learning rate ({rates[leader]:g} against "

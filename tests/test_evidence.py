@@ -168,11 +168,10 @@ def test_what_we_learned_says_what_the_numbers_say():
     DoRA's minus LoRA's."""
     rng = np.random.default_rng(0)
     base = rng.normal(90, 0.5, 10)
-    method = _per_epoch
-    lora = method([base - 5, base - 1, base], 1000)
+    lora = _per_epoch([base - 5, base - 1, base], 1000)
     noise = [rng.normal(0, s, 10) for s in (0.1, 2.0, 0.1)]
-    dora = method([base - 3 + noise[0], base - 1 + noise[1], base + noise[2]], 1100)
-    ft = method([base, base, base + 3], 20000)
+    dora = _per_epoch([base - 3 + noise[0], base - 1 + noise[1], base + noise[2]], 1100)
+    ft = _per_epoch([base, base, base + 3], 20000)
     said = helpers.what_we_learned({"full FT": ft, "LoRA": lora, "DoRA": dora}, 0.4, 4)
     assert len(said) == 5
     tie, early = said[1], said[2]
@@ -185,7 +184,7 @@ def test_what_we_learned_says_what_the_numbers_say():
     assert abs(diff - 2) < 0.2
     assert "18.2 times as many" in said[3]  # 20,000 / 1,100
     assert "100 trainable numbers to LoRA's 1,000 (10%)" in said[4]
-    lora_ahead = method([base + 1, base + 1, base + 1], 1000)
+    lora_ahead = _per_epoch([base + 1, base + 1, base + 1], 1000)
     early = helpers.what_we_learned({"full FT": ft, "LoRA": lora_ahead, "DoRA": dora}, 0.4, 4)[2]
     assert "DoRA behind after epochs 1 and 2" in early
 
@@ -200,10 +199,9 @@ def test_what_we_learned_adjusts_the_early_epochs_for_their_number():
 
     shift = stats.t.ppf(1 - 0.03 / 2, 9) / np.sqrt(10)  # two-sided p = 0.03
     base = rng.normal(90, 0.5, 10)
-    method = _per_epoch
-    lora = method([base, base, base, base])
+    lora = _per_epoch([base, base, base, base])
     far = rng.normal(0, 1, 10)
-    dora = method([base + d + shift, base + far, base + rng.normal(0, 1, 10), base + far])
+    dora = _per_epoch([base + d + shift, base + far, base + rng.normal(0, 1, 10), base + far])
     early = helpers.what_we_learned({"full FT": lora, "LoRA": lora, "DoRA": dora}, 0.4, 4)[2]
     alone = helpers.compare_values(
         "DoRA", 100 * dora.test_acc[:, 0], "LoRA", 100 * lora.test_acc[:, 0]
