@@ -51,6 +51,7 @@ from dora_tutorial.adapter_files import inside as _inside
 from dora_tutorial.check_dora import check_dora  # any DoRA layer against the paper: 12
 from dora_tutorial.files import write_json as _write_json
 from dora_tutorial.memory import saved_tensor_bytes  # kept for backward: 2b, 8
+from dora_tutorial.precision import magnitude_moves, merge_error  # low precision: 14
 
 # The notebook's interface, by the notebook's sections: every name here is called there, and
 # nothing else is (tests/test_layout.py checks both ways). Other public names are the building
@@ -93,6 +94,8 @@ __all__ = [
     "figure2_table",
     # shipping (9, 10, 12, 13)
     "merge_adapters",
+    "magnitude_moves",
+    "merge_error",
     "inference_ms",
     "save_adapter",
     "load_adapter",
@@ -543,6 +546,21 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     )
     model.train(was_training)
     return correct / len(x)
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with DoRA's magnitudes and the biases left out of
+    the weight decay: decoupled decay pulls a parameter toward 0, and on m that shrinks each
+    row's length instead of leaving it where the data put it (PEFT's ``lora_magnitude_vector``
+    is found by its name too)."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            last = name.split(".")[-1]
+            exempt = last in ("m", "bias") or "lora_magnitude_vector" in name
+            (keep if exempt else decay).append(p)
+    groups = [{"params": decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:

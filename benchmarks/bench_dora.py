@@ -12,7 +12,10 @@ One training step (forward + backward of ``out.sum()``) is timed for each varian
 Two configurations: the notebook's MLP (its SIZES, read from DoRA.ipynb) on a batch of
 BATCH_SIZE images (whole model wrapped, input without gradient), and one 4096 x 4096 layer on
 2048 tokens (a LLaMA-7B projection; its input needs a gradient, as inside a network).
-float32; the CPU, or CUDA when available.
+float32; the CPU, or CUDA when available. ``--dtype bfloat16`` (or float16) runs the 4096 x 4096
+configuration alone on a base of that dtype: the practitioners' layers (``LoRALinear`` stands in
+for LoRA there) and PEFT keep their adapters in float32, Part I's textbook layer in the base's
+dtype.
 
 Method: all variants of a configuration live in one process and run interleaved (v1, v2, ...,
 v1, v2, ...) after warm-up steps; the median of the repeats is reported. "saved" is
@@ -21,7 +24,7 @@ v1, v2, ...) after warm-up steps; the median of the repeats is reported. "saved"
 The layer classes are the notebook's (``tools/notebook_definitions.py``), never copies.
 Run from the repository root:
 
-    .venv/bin/python -m benchmarks.bench_dora [--repeats 5] [--rank 16]
+    .venv/bin/python -m benchmarks.bench_dora [--repeats 5] [--rank 16] [--dtype bfloat16]
 
 ``DORA_DEVICE=cpu`` forces the CPU (see ``helpers.pick_device``).
 """
@@ -58,11 +61,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant")
     parser.add_argument("--rank", type=int, default=16, help="rank at 4096 x 4096 (MLP: 4)")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens at 4096 x 4096")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="the 4096 x 4096 base's dtype; other than float32 it runs that configuration alone",
+    )
     return parser.parse_args()
 
 
 def variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str, nn.Module]:
-    """The five variants of ``base``, all with the same (random, non-zero) adapter parameters."""
+    """The five variants of ``base``, all with the same (random, non-zero) adapter parameters.
+    On a half-precision base LoRA is ``LoRALinear`` (float32 adapters, like the DoRA layers)."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     torch.manual_seed(0)
@@ -72,7 +82,7 @@ def variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str, nn.Modul
             if name.endswith("lora.B"):
                 p.normal_(std=0.01)  # a trained-looking update
     models = {
-        LORA: helpers.add_adapters(base, nb.LinearWithLoRA, rank, alpha),
+        LORA: helpers.add_adapters(base, lora_class(nb, base), rank, alpha),
         BOOK: book,
         FACT: helpers.add_adapters(base, nb.DoRALinear, rank, alpha, factored_norm=True),
         DENSE: helpers.add_adapters(base, nb.DoRALinear, rank, alpha, factored_norm=False),
@@ -86,6 +96,11 @@ def variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str, nn.Modul
     set_peft_model_state_dict(peft_model, adapter_files.to_peft_state_dict(book))
     models[PEFT] = peft_model
     return models
+
+
+def lora_class(nb, base: nn.Module) -> type:
+    half = next(base.parameters()).dtype in (torch.bfloat16, torch.float16)
+    return nb.LoRALinear if half else nb.LinearWithLoRA
 
 
 def step(model: nn.Module, x: torch.Tensor) -> None:
@@ -117,11 +132,12 @@ def measure(models: dict[str, nn.Module], x: torch.Tensor, repeats: int, warmup:
 
 def check_same_outputs(models: dict[str, nn.Module], x: torch.Tensor) -> None:
     """All DoRA variants compute the same function (guards against timing a broken variant)."""
+    tol = 1e-4 if x.dtype == torch.float32 else 0.05  # the textbook layer rounds in bf16 / fp16
     with torch.no_grad():
-        ref = models[BOOK](x)
+        ref = models[BOOK](x).float()
         for name in (FACT, DENSE, PEFT):
-            diff = ((models[name](x) - ref).abs().max() / ref.abs().max()).item()
-            assert diff < 1e-4, f"{name} differs from the textbook layer by {diff:.1e}"
+            diff = ((models[name](x).float() - ref).abs().max() / ref.abs().max()).item()
+            assert diff < tol, f"{name} differs from the textbook layer by {diff:.1e}"
 
 
 def report(title: str, results: dict, default: str) -> list[str]:
@@ -200,7 +216,11 @@ def main() -> None:
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
         f"repeats {args.repeats} (median), warm-up {args.warmup}"
     )
-    rows = []
+    rows, dtype = [], getattr(torch, args.dtype)
+    if dtype != torch.float32:
+        rows += large(nb, args, device, dtype)
+        print_readme_table(device, dtype, COLUMNS, rows)
+        return
     mlp = helpers.make_mlp(nb.SIZES, seed=0).to(device)  # the notebook's network
     x = torch.randn(nb.BATCH_SIZE, nb.SIZES[0], device=device)
     models = variants(nb, mlp, rank=nb.RANK, alpha=nb.ALPHA)
@@ -210,25 +230,32 @@ def main() -> None:
     default = default_norm(nb, nb.SIZES[0], nb.SIZES[1])
     rows += report(title, measure(models, x, 10 * args.repeats, 5 * args.warmup), default)
 
-    big = nn.Sequential(nn.Linear(4096, 4096)).to(device)  # add_adapters wraps children
-    x = torch.randn(args.tokens, 4096, device=device, requires_grad=True)
-    models = variants(nb, big, rank=args.rank, alpha=2 * args.rank)
-    check_same_outputs(models, x)
-    title = f"4096x4096, {args.tokens} tokens, r={args.rank}"
-    rows += report(
-        title, measure(models, x, args.repeats, args.warmup), default_norm(nb, 4096, 4096)
-    )
+    rows += large(nb, args, device, dtype)
 
     print("\nRow norm alone (forward, no autograd; median of 10):")
     print("\n".join(norm_times(nb, device)))
-
-    columns = ["ms / step (fwd+bwd)", "x LoRA", "saved for backward (MiB)"]
-    print_readme_table(device, columns, rows)
+    print_readme_table(device, dtype, COLUMNS, rows)
 
 
-def print_readme_table(device, columns: list[str], rows: list[str]) -> None:
+COLUMNS = ["ms / step (fwd+bwd)", "x LoRA", "saved for backward (MiB)"]
+
+
+def large(nb, args, device, dtype) -> list[str]:
+    """The 4096 x 4096 configuration on a base of ``dtype``: its table rows."""
+    big = nn.Sequential(nn.Linear(4096, 4096)).to(device, dtype)  # add_adapters wraps children
+    x = torch.randn(args.tokens, 4096, device=device, dtype=dtype, requires_grad=True)
+    models = variants(nb, big, rank=args.rank, alpha=2 * args.rank)
+    check_same_outputs(models, x)
+    title = f"4096x4096 {args.dtype}, {args.tokens} tokens, r={args.rank}"
+    return report(
+        title, measure(models, x, args.repeats, args.warmup), default_norm(nb, 4096, 4096)
+    )
+
+
+def print_readme_table(device, dtype, columns: list[str], rows: list[str]) -> None:
     """The rows as a markdown table for the README (configuration, variant, then ``columns``)."""
-    print(f"\nREADME table ({device}, float32, torch {torch.__version__}):\n")
+    name = str(dtype).removeprefix("torch.")
+    print(f"\nREADME table ({device}, base {name}, torch {torch.__version__}):\n")
     print("| configuration | variant | " + " | ".join(columns) + " |")
     print("|---|---|" + "---:|" * len(columns))
     print("\n".join(rows))

@@ -24,7 +24,8 @@ Every check is of one of three kinds, shown on its line and grouped in the summa
   initialisation, dropout placement): still DoRA, but PEFT adapters, learning rates and alphas
   do not transfer as they are;
 - "robustness": zero weight rows and low precision: NaN or inf on damaged checkpoints or in
-  half precision.
+  half precision, a magnitude that does not train on a bfloat16 or float16 base (11), a merge
+  that rounds more than once (12).
 
 Exit status: 0 when every check passes; 1 when a "paper" check fails; 3 when a "convention"
 check fails and no "paper" check; 4 when only "robustness" checks fail; 2 for a usage error
@@ -51,7 +52,7 @@ How a layer is read, without knowing its attribute names:
   (r, out); m: out or in entries) and, where shapes are ambiguous, by initial values (B zeros,
   A not); m must start at the row norms of W0 (or of the initial W') -- or at the column norms,
   the wrong variant, which the report then names. When this fails the report says why, checks
-  2-10 are not run, and the exit status is 2.
+  2-12 are not run, and the exit status is 2.
 - The layer is built by the factory on an nn.Linear on the CPU (float64 unless dtype says
   otherwise), moved with `.to(dtype)` and used in training mode; the checks then set A, B and m
   to known values. The reference is computed in float64 from the layer's own (rounded)
@@ -102,6 +103,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dora_tutorial.precision import magnitude_moves, merge_error
 
 WIDTH = 96  # report lines wrap here: they fit a terminal and a notebook's output area
 
@@ -1334,6 +1337,112 @@ def check_merge(run: Run):
         worst,
         tol,
         tried=tried,
+    )
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def as_built(run, base, rank=RANK, alpha=ALPHA):
+    """The factory's layer on base as the factory builds it: no .to(), so its adapters keep the
+    dtype the factory chose for a base of this dtype."""
+    torch.manual_seed(SEED)
+    return run.factory(base, rank, alpha)
+
+
+@check(11, "magnitude trains in low precision", ROBUSTNESS)
+def check_low_precision_training(run: Run):
+    """On a frozen bfloat16 and a frozen float16 base, 20 Adam steps at lr 1e-4 move m and leave
+    it finite.
+
+    Near m = 0.6 bfloat16's neighbouring numbers are 2^-8 apart while an Adam step is about the
+    learning rate, so an m kept in bfloat16 never moves: DoRA silently trains as LoRA with a
+    fixed rescaling. In float16, Adam's squared gradients and its epsilon round to 0 and m turns
+    NaN. PEFT keeps adapters in float32 on such a base (autocast_adapter_dtype=True).
+    """
+    found, numbers = [], {}
+    for dtype in LOW_PRECISION:
+        base = run.kind.make_base(IN, OUT, dtype=dtype, seed=6).requires_grad_(False)
+        layer = as_built(run, base)
+        m = layer.get_parameter(run.adapter.m)
+        x = run.kind.inputs((16,), IN, seed=10, dtype=dtype)
+        moved, finite = magnitude_moves(layer, m, x)
+        numbers[f"m_moved_{dtype_name(dtype)}"] = moved
+        if moved < 0.5 or not finite:
+            end = "" if finite else ", and it became NaN or inf"
+            found.append(
+                f"on a {dtype_name(dtype)} base m ({dtype_name(m.dtype)}) changed in "
+                f"{moved:.0%} of its entries{end}"
+            )
+    if found:
+        return (
+            False,
+            (
+                "; ".join(found) + " after 20 Adam steps at lr 1e-4: the magnitude does not train. "
+                "Keep A, B and m in float32 on a low-precision base and compute m / ||V|| in "
+                "float32 (as PEFT's autocast_adapter_dtype=True does)"
+            ),
+            numbers,
+        )
+    return True, "m moves on bfloat16 and float16 bases and stays finite", numbers
+
+
+def merged_matrix(run, layer):
+    """(how, the weight a merge writes as a float64 matrix), or (None, None) without a merge."""
+    with torch.no_grad():
+        if callable(getattr(layer, "merged_weight", None)):
+            return "merged_weight()", _matrix(layer.merged_weight().detach()).double()
+        for name in ("merge_and_unload", "merge"):
+            if callable(getattr(layer, name, None)):
+                merged_layer = copy.deepcopy(layer)
+                merged = getattr(merged_layer, name)()
+                module = merged if isinstance(merged, nn.Module) else merged_layer
+                return f"{name}()", run.kind.effective_weight(module.double(), IN)[0]
+    return None, None
+
+
+@check(12, "merge precision", ROBUSTNESS)
+def check_merge_precision(run: Run):
+    """On a bfloat16 base, a merge loses no more of a small update than rounding the exact W'
+    to bfloat16 once does (within 25 %).
+
+    The merged weight must be rounded to the base's dtype once; computing W' in bfloat16 rounds
+    V, the norm and the product along the way, and with a small update (here about 5 % of W0)
+    that loses much of what fine-tuning learned. Measured as ||merged - W'|| / ||W' - W0||, W' in
+    float64 from the layer's own parameters. Not applicable to a layer without a merge.
+    """
+    base = run.kind.make_base(IN, OUT, dtype=torch.bfloat16, seed=6).requires_grad_(False)
+    layer = as_built(run, base)
+    W0 = _matrix(base.weight.detach()).double()
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(RANK, W0.shape[1], generator=g, dtype=W0.dtype) / math.sqrt(W0.shape[1])
+    B = torch.randn(W0.shape[0], RANK, generator=g, dtype=W0.dtype) * 0.01
+    m = norms(W0, run.adapter.axis)
+    run.adapter.assign(layer, A, B, m * (1 + 0.01 * torch.randn(m.shape, generator=g)))
+    A, B, m = (t.detach().double() for t in run.adapter.tensors(layer))
+    how, merged = merged_matrix(run, layer)
+    if how is None:
+        return None, "the layer offers no merge (not applicable)"
+    exact = run.weight(base, A, B, m, RANK, ALPHA)
+    lost, least = merge_error(merged, exact, _matrix(base.weight.detach()))
+    numbers = {"update_lost": lost, "update_lost_rounding_once": least}
+    if lost > 1.25 * least + 1e-6:
+        return (
+            False,
+            (
+                f"{how} on a bfloat16 base loses {pct(lost)} of a small update, where rounding the "
+                f"exact W' once loses {pct(least)}: compute W' in float32 and cast to the base's "
+                "dtype once"
+            ),
+            numbers,
+        )
+    return (
+        True,
+        (
+            f"{how} on a bfloat16 base loses {pct(lost)} of a small update, as rounding W' once "
+            f"does ({pct(least)})"
+        ),
+        numbers,
     )
 
 

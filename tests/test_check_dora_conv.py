@@ -27,24 +27,27 @@ class ConvReferenceDoRA(nn.Module):
         super().__init__()
         self.conv = conv.requires_grad_(False)
         out, n_in, kh, kw = conv.weight.shape
-        self.A = nn.Parameter(torch.empty(rank, n_in, kh, kw, dtype=conv.weight.dtype))
+        w = conv.weight  # float32 adapters on a bfloat16 or float16 base, as PEFT
+        dtype = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+        self.A = nn.Parameter(torch.empty(rank, n_in, kh, kw, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        self.B = nn.Parameter(torch.zeros(out, rank, 1, 1, dtype=conv.weight.dtype))
-        self.m = nn.Parameter(conv.weight.detach().flatten(1).norm(dim=axis))
+        self.B = nn.Parameter(torch.zeros(out, rank, 1, 1, dtype=dtype))
+        self.m = nn.Parameter(w.detach().to(dtype).flatten(1).norm(dim=axis))
         self.scaling = alpha if scale_by_alpha else alpha / rank
         self.axis, self.detach, self.rescale_bias = axis, detach, rescale_bias
 
     def forward(self, x):
-        c = self.conv
-        V = c.weight.flatten(1) + self.scaling * self.B.flatten(1) @ self.A.flatten(1)
+        c, h = self.conv, x.to(self.A.dtype)
+        V = c.weight.flatten(1).to(h.dtype) + self.scaling * self.B.flatten(1) @ self.A.flatten(1)
+        b = None if c.bias is None else c.bias.to(h.dtype)
         norm = V.norm(dim=self.axis, keepdim=True).clamp_min(1e-12)
         if self.detach:
             norm = norm.detach()
         k = self.m.reshape(norm.shape) / norm
         if self.rescale_bias:  # rescales the whole base output, bias included
-            y = F.conv2d(x, V.reshape(c.weight.shape), c.bias, c.stride, c.padding)
-            return k.reshape(1, -1, 1, 1) * y
-        return F.conv2d(x, (k * V).reshape(c.weight.shape), c.bias, c.stride, c.padding)
+            y = F.conv2d(h, V.reshape(c.weight.shape), b, c.stride, c.padding)
+            return (k.reshape(1, -1, 1, 1) * y).to(x.dtype)
+        return F.conv2d(h, (k * V).reshape(c.weight.shape), b, c.stride, c.padding).to(x.dtype)
 
 
 VARIANTS = {  # factory, the checks it must fail
@@ -78,4 +81,4 @@ def test_command_line_conv2d(capsys):
     status = main(["--conv2d", f"{Path(__file__)}:ConvReferenceDoRA"])
     out = capsys.readouterr().out
     assert status == 0 and "ConvReferenceDoRA on nn.Conv2d" in out
-    assert "8 of 10 checks pass, 2 not applicable (9, 10)" in out
+    assert "9 of 12 checks pass, 3 not applicable (9, 10, 12)" in out
