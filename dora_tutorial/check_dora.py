@@ -188,6 +188,7 @@ def dtype_name(dtype):
 
 
 DTYPES = {dtype_name(d): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------
@@ -638,12 +639,13 @@ class Run:
         return self.kind.inputs(lead, n_in, seed=seed, dtype=self.dtype)
 
     def layer(self, base, rank=RANK, alpha=ALPHA, **options):
-        """A fresh layer around base, its initialisation reproducible, in base's dtype."""
+        """A fresh layer around base, its initialisation reproducible, in base's dtype; on a
+        bfloat16 or float16 base as the factory builds it (adapters may be kept in float32)."""
         torch.manual_seed(SEED)
         layer = self.factory(base, rank, alpha, **options)
         if not isinstance(layer, nn.Module):
             raise TypeError(f"the factory returned a {type(layer).__name__}, not an nn.Module")
-        return layer.to(base.weight.dtype)
+        return layer if base.weight.dtype in LOW_PRECISION else layer.to(base.weight.dtype)
 
     def scaling(self, alpha, rank):
         return SCALINGS[self.conventions.scaling](alpha, rank)
@@ -1340,16 +1342,6 @@ def check_merge(run: Run):
     )
 
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def as_built(run, base, rank=RANK, alpha=ALPHA):
-    """The factory's layer on base as the factory builds it: no .to(), so its adapters keep the
-    dtype the factory chose for a base of this dtype."""
-    torch.manual_seed(SEED)
-    return run.factory(base, rank, alpha)
-
-
 @check(11, "magnitude trains in low precision", ROBUSTNESS)
 def check_low_precision_training(run: Run):
     """On a frozen bfloat16 and a frozen float16 base, 20 Adam steps at lr 1e-4 move m and leave
@@ -1363,10 +1355,21 @@ def check_low_precision_training(run: Run):
     found, numbers = [], {}
     for dtype in LOW_PRECISION:
         base = run.kind.make_base(IN, OUT, dtype=dtype, seed=6).requires_grad_(False)
-        layer = as_built(run, base)
-        m = layer.get_parameter(run.adapter.m)
         x = run.kind.inputs((16,), IN, seed=10, dtype=dtype)
-        moved, finite = magnitude_moves(layer, m, x)
+        try:
+            layer = run.layer(base)
+            m = layer.get_parameter(run.adapter.m)
+            moved, finite = magnitude_moves(layer, m, x)
+        except Exception as e:
+            return (
+                False,
+                (
+                    f"on a {dtype_name(dtype)} base the layer cannot even train ({describe(e)}): "
+                    "build A, B and m so that they work with a half-precision base (keep them in "
+                    "float32 and compute in float32, as PEFT does)"
+                ),
+                numbers,
+            )
         numbers[f"m_moved_{dtype_name(dtype)}"] = moved
         if moved < 0.5 or not finite:
             end = "" if finite else ", and it became NaN or inf"
@@ -1387,7 +1390,7 @@ def check_low_precision_training(run: Run):
     return True, "m moves on bfloat16 and float16 bases and stays finite", numbers
 
 
-def merged_matrix(run, layer):
+def merged_matrix(run, layer, n_in):
     """(how, the weight a merge writes as a float64 matrix), or (None, None) without a merge."""
     with torch.no_grad():
         if callable(getattr(layer, "merged_weight", None)):
@@ -1397,7 +1400,7 @@ def merged_matrix(run, layer):
                 merged_layer = copy.deepcopy(layer)
                 merged = getattr(merged_layer, name)()
                 module = merged if isinstance(merged, nn.Module) else merged_layer
-                return f"{name}()", run.kind.effective_weight(module.double(), IN)[0]
+                return f"{name}()", run.kind.effective_weight(module.double(), n_in)[0]
     return None, None
 
 
@@ -1411,8 +1414,9 @@ def check_merge_precision(run: Run):
     that loses much of what fine-tuning learned. Measured as ||merged - W'|| / ||W' - W0||, W' in
     float64 from the layer's own parameters. Not applicable to a layer without a merge.
     """
-    base = run.kind.make_base(IN, OUT, dtype=torch.bfloat16, seed=6).requires_grad_(False)
-    layer = as_built(run, base)
+    n_in, n_out = 96, 64  # large enough that rounding twice stands out from rounding once
+    base = run.kind.make_base(n_in, n_out, dtype=torch.bfloat16, seed=6).requires_grad_(False)
+    layer = run.layer(base)
     W0 = _matrix(base.weight.detach()).double()
     g = torch.Generator().manual_seed(3)
     A = torch.randn(RANK, W0.shape[1], generator=g, dtype=W0.dtype) / math.sqrt(W0.shape[1])
@@ -1420,7 +1424,7 @@ def check_merge_precision(run: Run):
     m = norms(W0, run.adapter.axis)
     run.adapter.assign(layer, A, B, m * (1 + 0.01 * torch.randn(m.shape, generator=g)))
     A, B, m = (t.detach().double() for t in run.adapter.tensors(layer))
-    how, merged = merged_matrix(run, layer)
+    how, merged = merged_matrix(run, layer, n_in)
     if how is None:
         return None, "the layer offers no merge (not applicable)"
     exact = run.weight(base, A, B, m, RANK, ALPHA)

@@ -37,3 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 def nb():
     """The notebook's imports, functions, classes and UPPER_CASE constants, as a module."""
     return import_notebook_definitions(REPO / "DoRA.ipynb")
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked after_notebook run last: they read what the notebook's run wrote."""
+    items.sort(key=lambda item: item.get_closest_marker("after_notebook") is not None)

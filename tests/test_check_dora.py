@@ -177,8 +177,8 @@ VARIANTS = {  # factory, the checks it must fail
     # check 7 catches what no convention check does
     "2-D inputs only": (MatrixInputsOnly, {7}),
     "m not trained": (frozen_magnitude, {7, 11}),
-    # + 8: no floor on the norm, so an all-zero weight column gives 0 / 0 = NaN; + 11: m in
-    # the base's dtype on a half-precision base
+    # + 8: no floor on the norm, so an all-zero weight column gives 0 / 0 = NaN; + 11: A and B
+    # in float32, m in the base's dtype: on a bfloat16 base the layer does not even run
     "rasbt style": (RasbtStyleDoRA, {2, 4, 6, 8, 11}),
     "adapters in bfloat16": (functools.partial(ReferenceDoRA, adapters_in_base_dtype=True), {11}),
     "merges in bfloat16": (MergesInBaseDtype, {12}),

@@ -40,6 +40,10 @@ def test_float32_adapters_on_a_half_precision_base(nb, cls_name, dtype):
     y = layer(inputs(cls_name, dtype))
     assert y.dtype == dtype and torch.isfinite(y).all()
     assert layer.merged_weight().dtype == dtype  # W' is the base's weight, rounded once
+    if cls_name == "DoRALinear":  # k = m / ||V||, kept between eval calls: float32
+        with torch.no_grad():
+            layer.eval()(inputs(cls_name, dtype))
+        assert layer.cache.value.dtype == torch.float32
     opted_out = getattr(nb, cls_name)(base_layer(cls_name, dtype), 2, 4, adapter_dtype=dtype)
     assert {t.dtype for t in adapter_tensors(opted_out)} == {dtype}
 

@@ -4,10 +4,12 @@ import base64
 import re
 from pathlib import Path
 
+import pytest
+import torch
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
 from tools.check_determinism import cell_texts, sanitizers
-from tools.run_notebook import coalesce_streams, save_figures
+from tools.run_notebook import REPO, RUNS, coalesce_streams, destinations, main, save_figures
 
 PNG = base64.b64encode(b"\x89PNG fake").decode()
 
@@ -60,3 +62,27 @@ def test_every_sanitize_rule_has_a_regex_and_a_non_empty_replacement():
     assert text.count("regex:") == text.count("replace:") == len(rules) >= 3
     for regex, replace in rules:
         assert re.compile(regex) and replace
+
+
+NOTEBOOK = REPO / "DoRA.ipynb"
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_readers_run_writes_runs_not_the_committed_files(device):
+    """The README's first command leaves every tracked file as it was (runs/ is ignored)."""
+    output, figures = destinations(NOTEBOOK, None, None, torch.device(device))
+    assert (output, figures) == (RUNS / "DoRA.ipynb", RUNS / "figures")
+    assert "runs/" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_only_a_cpu_run_may_write_the_committed_files():
+    committed = (NOTEBOOK, REPO / "figures")
+    assert destinations(NOTEBOOK, *committed, torch.device("cpu")) == committed
+    assert destinations(NOTEBOOK, *committed, torch.device("cuda"))[0] is None
+
+
+def test_regenerate_takes_no_other_destination(capsys, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["run_notebook", "--regenerate", "--output", "/tmp/x.ipynb"])
+    with pytest.raises(SystemExit):
+        main()
+    assert "--regenerate writes the committed files" in capsys.readouterr().err

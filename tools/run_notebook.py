@@ -1,14 +1,17 @@
 """Execute DoRA.ipynb top to bottom, headless, and store its outputs and figures.
 
-    .venv/bin/python -m tools.run_notebook            # CPU (the committed outputs come from this)
+    .venv/bin/python -m tools.run_notebook                # CPU; writes runs/ (untracked)
+    .venv/bin/python -m tools.run_notebook --regenerate   # maintainers: the committed outputs
     .venv/bin/python -m tools.run_notebook --device cuda --output /tmp/DoRA-cuda.ipynb
 
 1. makes MNIST available (helpers.load_mnist: verified local files, else a download);
 2. runs every cell in a fresh kernel, printing each cell's text output as it finishes, so a
    long run shows its progress;
-3. writes the executed notebook (in place by default) and saves every figure of a cell tagged
-   ``fig-NAME`` as ``figures/NAME.png`` (the README shows them), and the summary cell's results
-   as ``figures/results.json`` (the README's results are written from it).
+3. writes the executed notebook and saves every figure of a cell tagged ``fig-NAME`` as
+   ``NAME.png``, and the summary cell's results as ``results.json``: by default into ``runs/``
+   (ignored by git, so a reader's run leaves the clone as it was); with ``--regenerate`` over the
+   committed DoRA.ipynb and ``figures/`` (the README's results are written from
+   ``figures/results.json``).
 
 Outputs stay comparable with `pytest --nbval`: the device is the CPU unless ``--device`` says
 otherwise, and nothing else about this machine changes what the compared cells print. A run on
@@ -32,18 +35,30 @@ import helpers
 from dora_tutorial.files import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "runs"  # a reader's run goes here (.gitignore), never over the committed files
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--notebook", type=Path, default=REPO / "DoRA.ipynb")
-    parser.add_argument("--output", type=Path, help="where to write (default: in place)")
     parser.add_argument(
-        "--figures", type=Path, help="folder for the PNGs (default: figures/, or beside --output)"
+        "--output", type=Path, help="where to write the notebook (default: runs/DoRA.ipynb)"
+    )
+    parser.add_argument(
+        "--figures", type=Path, help="folder for the PNGs (default: beside the notebook written)"
+    )
+    parser.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="maintainers: write over the committed DoRA.ipynb and figures/ (CPU only)",
     )
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     args = parser.parse_args()
     device = helpers.pick_device(None if args.device == "auto" else args.device)
+    if args.regenerate and (args.output or args.figures):
+        parser.error("--regenerate writes the committed files: give no --output or --figures")
+    if args.regenerate:
+        args.output, args.figures = args.notebook, REPO / "figures"
     output, figures = destinations(args.notebook, args.output, args.figures, device)
     if output is None:
         parser.error(
@@ -56,6 +71,7 @@ def main() -> None:
     os.environ["DORA_DEVICE"] = str(device)  # read by helpers.pick_device() in the kernel
     start = time.perf_counter()
     results = figures / "results.json"  # figures/results.json for the committed run
+    figures.mkdir(parents=True, exist_ok=True)  # the kernel writes results.json there
     notebook = execute(args.notebook, results)
     print(f"executed {args.notebook.name} on {device} in {time.perf_counter() - start:.1f} s")
     write_atomic(output, [nbformat.writes(notebook).encode()])
@@ -66,14 +82,15 @@ def main() -> None:
 def destinations(notebook: Path, output, figures, device) -> tuple[Path | None, Path]:
     """Where the executed notebook and its figures go; (None, _) if that is not allowed.
 
-    A CPU run writes in place and into figures/ unless told otherwise. Any other device's
-    outputs differ (other kernels, other rounding), so they never replace the committed
-    notebook or figures/: such a run needs an --output elsewhere, and its figures go beside it.
+    By default runs/DoRA.ipynb and runs/figures/; an --output elsewhere gets its figures beside
+    it. Another device's outputs differ (other kernels, other rounding), so they never replace
+    the committed notebook or figures/ (``--regenerate``, or naming them, is for the CPU only).
     """
-    output = output or notebook
-    if device.type == "cpu":
-        return output, figures or REPO / "figures"
+    if output is None:
+        output, figures = RUNS / notebook.name, figures or RUNS / "figures"
     figures = figures or output.with_name(f"{output.stem}-figures")
+    if device.type == "cpu":
+        return output, figures
     committed = {(REPO / "DoRA.ipynb").resolve(), notebook.resolve(), (REPO / "figures").resolve()}
     if output.resolve() in committed or figures.resolve() in committed:
         return None, figures
@@ -113,8 +130,6 @@ def _execute(path: Path) -> nbformat.NotebookNode:
         seconds, clock[0] = now - clock[0], now
         text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
         first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
-        if first.startswith("# NBVAL"):  # name the cell by its first line of code
-            first = next(iter(cell.source.strip().splitlines()[1:]), first)
         times.append((seconds, number, first[:60]))
         print(f"[{number}/{n_code}, {seconds:.1f} s] {first[:70]}", flush=True)
         if text.strip():
