@@ -1777,7 +1777,3 @@ def show(report: Report) -> int:
     print(report)
     print(f"  ({report.seconds:.1f} s)", flush=True)
     return report.exit_status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
