@@ -11,37 +11,20 @@ run.py (what the checks share), checks.py (1-7), checks_in_use.py (8-12), checke
 (check_dora), report.py; conv.py, peft.py, tolerances.py and cli.py around them.
 """
 
-from .adapter import Adapter, NotIdentified, find_adapter
 from .checker import CHECKS, check_dora
 from .cli import main
-from .conv import CONV2D
-from .peft import PeftDoRA, peft_dora_factory, peft_unavailable_reason
-from .reference import LINEAR, LayerKind, reference_forward
+from .peft import peft_dora_factory, peft_unavailable_reason
 from .report import CONVENTION, PAPER, ROBUSTNESS, CheckResult, Report
-from .tolerances import DTYPES, ROUNDING_STEPS, TOL, dtype_name, tolerance
 
 __all__ = [
     "CHECKS",
-    "CONV2D",
     "CONVENTION",
-    "DTYPES",
-    "LINEAR",
     "PAPER",
     "ROBUSTNESS",
-    "ROUNDING_STEPS",
-    "TOL",
-    "Adapter",
     "CheckResult",
-    "LayerKind",
-    "NotIdentified",
-    "PeftDoRA",
     "Report",
     "check_dora",
-    "dtype_name",
-    "find_adapter",
     "main",
     "peft_dora_factory",
     "peft_unavailable_reason",
-    "reference_forward",
-    "tolerance",
 ]

@@ -23,10 +23,8 @@ _SHAPES = [
 def check_identity_at_init(run: Run):
     """At initialisation the layer computes what the base layer computes: W' = W0, same bias.
 
-    Isolates the initial values (B = 0, m = ||W0||): every other convention (axis, scaling,
-    bias, detach) leaves W' = W0 when B = 0. Failing means fine-tuning does not start from the
-    pretrained model, and PEFT's initialisation is not this layer's.
-    """
+    Isolates the initial values (B = 0, m = ||W0||): with B = 0 every other convention leaves
+    W' = W0."""
     base = run.base()
     x = run.inputs((5,), IN, seed=3)
     W0 = as_matrix(base.weight.detach()).double()
@@ -54,12 +52,8 @@ def check_identity_at_init(run: Run):
 def check_magnitude_axis(run: Run):
     """One magnitude per output row (out_features entries): m_n scales row n of W'.
 
-    Isolates the axis: read from m's size and initial values, then confirmed from the function
-    (multiplying m by c multiplies each row of W' by its c_n). The scaling, bias and detach
-    conventions do not change this. The per-column variant (norm(dim=0), catid/dora and
-    rasbt/dora-from-scratch's merged layer) rescales input features instead of output neurons:
-    a different method.
-    """
+    The axis is read from m's size and initial values, then confirmed from the function:
+    multiplying m by c must multiply each row of W' by its c_n."""
     axis = run.adapter.axis
     base = run.base()
     layer = run.layer(base)
@@ -67,9 +61,7 @@ def check_magnitude_axis(run: Run):
     W1, _ = run.kind.effective_weight(layer, IN)
     c = 0.5 + torch.rand(m.shape, generator=torch.Generator().manual_seed(4), dtype=m.dtype)
     run.adapter.assign(layer, A, B, m * c)
-    c = (
-        run.adapter.tensors(layer)[2].detach().double().clone() / m
-    )  # as rounded in the layer's dtype
+    c = run.adapter.tensors(layer)[2].detach().double() / m  # m c as the layer rounded it, / m
     W2, _ = run.kind.effective_weight(layer, IN)
     err = rel(W2, c[:, None] * W1 if axis == 1 else W1 * c[None, :])
     tol = run.tol(W1.shape[1])
@@ -99,11 +91,7 @@ def check_magnitude_axis(run: Run):
 def check_norm_is_m(run: Run):
     """The merged weight's rows have norm m, whatever B is: W' = m V / ||V||, V = W0 + s B A.
 
-    Isolates the normalisation: the norms are taken along the axis the layer's own m lives on
-    (check 2 judges the axis); scaling, bias and detach do not change W'. Failing means
-    magnitude and direction are not separated (e.g. dividing by ||W0|| instead of ||W0 + s B A||,
-    or not normalising), so m is not the rows' length and DoRA's decomposition is lost.
-    """
+    The norms are taken along the axis the layer's own m lives on (check 2 judges the axis)."""
     axis = run.adapter.axis
     worst = 0.0
     for b_scale in (0.1, 10.0):
@@ -146,21 +134,16 @@ def _measure_scaling(W0, D, W, axis):
 def check_scaling(run: Run):
     """The update is scaled by s = alpha / rank: V = W0 + (alpha / r) B A.
 
-    Isolates the scaling: s is measured from the direction of each row of W' (which lies
-    along W0 + s B A whatever the magnitude, axis, bias or detach convention). A layer scaling by
-    alpha (as catid/dora and rasbt/dora-from-scratch's merged layer do) makes the update r times
-    stronger, so the learning rate and alpha tuned for the paper or PEFT do not transfer, and
-    changing the rank changes the step size.
-    """
+    s is measured from the direction of each row of W', which lies along W0 + s B A whatever
+    the magnitude, axis, bias or detach convention."""
     base = run.base()
     layer = run.layer(base)
     A, B, _ = run.trained(layer, base)
     W, _ = run.kind.effective_weight(layer, IN)
     W0 = as_matrix(base.weight.detach()).double()
     s, spread, residual = _measure_scaling(W0, B @ A, W, run.adapter.axis)
-    # a row's s_n = c / a divides two fitted coefficients: twice the rounding of the fit
     tol = run.tol(W0.shape[1])
-    fit = max(residual, spread / 2)
+    fit = max(residual, spread / 2)  # s_n = c / a divides two fitted numbers: twice the rounding
     if fit > tol:
         return result(
             False,
@@ -210,12 +193,8 @@ def check_scaling(run: Run):
 def check_bias(run: Run):
     """The bias is added after the rescaling and is not rescaled: y = x W'^T + b.
 
-    Isolates the bias: the output at x = 0 is compared with b after B and m have moved (at
-    initialisation m / ||V|| = 1 hides the bug); axis, scaling and detach do not change it.
-    A bias multiplied by m / ||V|| drifts whenever m trains, and the layer no longer equals an
-    nn.Linear with weight W' and bias b, so merging or exporting it changes the function. Typical
-    cause: an efficient forward that rescales base_layer(x), which includes the bias.
-    """
+    The output at x = 0 is compared with b after B and m have moved. The usual cause of a
+    rescaled bias: an efficient forward that rescales base_layer(x), which includes the bias."""
     base = run.base(bias=True)
     layer = run.layer(base)
     A, B, m = run.trained(layer, base)
@@ -247,15 +226,11 @@ def check_bias(run: Run):
 
 @check(CHECKS, 6, "norm detached", CONVENTION)
 def check_detached(run: Run):
-    """||V|| is a constant in backward (paper section 4.3, PEFT), which sets A's and B's gradients.
+    """||V|| is a constant in backward (paper section 4.3, PEFT).
 
-    Isolates the detach: the gradients of A and B (the only ones it changes) are compared with
-    the reference with and without the detach, both under the axis, scaling and bias
-    conventions measured by checks 2-5 (check 7 compares m's and the input's). Without
-    the detach the gradients of A and B differ from the paper's and PEFT's (a different training
-    trajectory), and backward keeps V for the norm (more memory); training still works: the
-    exact gradient is the paper's own formula, the detach is section 4.3's cheaper approximation.
-    """
+    The detach changes only the gradients of A and B: they are compared with the reference with
+    and without it. Without it training still works (the exact gradient of the paper's own
+    formula), on another trajectory than the paper's and PEFT's."""
     x = run.inputs((6,), IN, seed=5)
     errors = {}
     for detach in (True, False):
@@ -295,13 +270,11 @@ def check_detached(run: Run):
 
 @check(CHECKS, 7, "reference formula", PAPER)
 def check_reference(run: Run):
-    """Forward and gradients (of A, B, m and the input) match the reference formula.
+    """Forward and gradients (of A, B, m and the input) match the reference formula, under
+    the conventions checks 2-6 measured, on the shapes of _SHAPES.
 
-    On wider, taller and square weights, ranks 1 to 4, with and without bias, 2-D and 3-D
-    inputs, under the conventions checks 2-6 measured (so a layer wrong in one of those ways
-    fails that check only). What it catches is everything else: a wrong gradient (of m, of the
-    input), a rank or shape handled wrongly, a layer that only accepts 2-D inputs.
-    """
+    It catches everything else: a wrong gradient of m or of the input, a rank or shape handled
+    wrongly, a layer that only accepts 2-D inputs."""
     worst, what, where, tol = 0.0, "", "", 0.0
     for i, (n_in, n_out, rank, alpha, bias, lead) in enumerate(_SHAPES):
         base = run.base(n_in, n_out, bias=bias, seed=10 + i)

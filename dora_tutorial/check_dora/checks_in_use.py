@@ -19,8 +19,7 @@ CHECKS: list[Check] = []
 
 
 def _zeroed_base(run, what):
-    """A base layer whose row 2 (what="row") or column 4 ("column") is all zero (float32, or
-    the run's dtype where that is lower)."""
+    """A base layer whose row 2 (what="row") or column 4 ("column") is all zero."""
     base = run.kind.make_base(IN, OUT, dtype=_low_precision(run))
     with torch.no_grad():
         as_matrix(base.weight)[(2, slice(None)) if what == "row" else (slice(None), 4)] = 0.0
@@ -49,14 +48,10 @@ def _non_finite(run, layer, x):
 def check_robustness(run: Run):
     """No NaN or inf from an all-zero weight row or column; bfloat16 and float16 layers work.
 
-    Isolates numerical safety from the conventions: a zero row and a zero column are tried
-    separately (a per-column layer meets its own 0 / 0 on the column), at initialisation (there
-    m = 0 and ||V|| = 0) and after B and m moved, forward and backward. Then the layer converted
-    with .to(bfloat16) / .to(float16) and fed inputs of that dtype (a model loaded in half
-    precision) must stay finite and agree with the float32 layer within that dtype's rounding
-    (``tolerance``). One NaN output poisons the loss and, at the first optimiser step, every
-    weight.
-    """
+    A zero row and a zero column are tried separately (a per-column layer meets its 0 / 0 on
+    the column), at initialisation (m = 0 and ||V|| = 0) and after B and m moved. Then the layer
+    converted with .to(bfloat16) / .to(float16), as a model loaded in half precision is, must
+    stay finite and agree with the float32 layer within that dtype's rounding."""
     x = run.kind.inputs((4,), IN, seed=8, dtype=_low_precision(run))
     for what in ("row", "column"):
         for moved in (False, True):
@@ -118,14 +113,9 @@ _P_DROP = 0.5  # the dropout probability check 9 gives a factory that takes drop
 def check_dropout(run: Run):
     """With dropout=p in training, PEFT's placement: the base path sees the clean input.
 
-    For a factory that takes ``dropout=p`` (PEFT: ``lora_dropout``): y = base(x) + (k - 1) x_d
-    W0^T + k s x_d A^T B^T with x_d = dropout(x), k = m / ||V|| (the official code and PEFT),
-    i.e. y = x W0^T + b + x_d (W' - W0)^T. The mask is the one ``F.dropout(x, p)`` draws from
-    the same random state (an nn.Dropout draws the same). In eval mode there is no dropout. A
-    layer that drops the base path too (y = DoRA(dropout(x))) perturbs the pretrained function
-    even at B = 0; one that ignores p trains without the regularisation asked for (the
-    divergence reported as fsdp_qlora #68). Not applicable to a factory without ``dropout``.
-    """
+    y = x W0^T + b + x_d (W' - W0)^T with x_d = dropout(x), the mask ``F.dropout(x, p)`` (or an
+    nn.Dropout) draws from the same random state; no dropout in eval mode. Not applicable to a
+    factory without ``dropout`` (PEFT's ``lora_dropout``)."""
     base = run.base()
     try:
         layer = run.layer(base, dropout=_P_DROP)
@@ -200,7 +190,7 @@ def check_dropout(run: Run):
     )
 
 
-_MERGES = ("merged_weight", "merge_and_unload", "merge")  # methods check 10 looks for
+_MERGES = ("merged_weight", "merge_and_unload", "merge")
 _UNMERGES = ("unmerge", "unmerge_adapter")
 
 
@@ -254,14 +244,9 @@ def _merge_problems(run, layer, base, x, y, tol):
 def check_merge(run: Run):
     """Where the layer offers a merge, the merged function is the layer's; unmerge restores W0.
 
-    Looks for ``merged_weight()`` (a tensor W': x W'^T + b must equal the layer's output),
-    ``merge_and_unload()`` or ``merge()`` returning a plain layer (its output must equal the
-    layer's), and ``merge()`` merging in place (the output must not change), then
-    ``unmerge()`` / ``unmerge_adapter()`` (the base weight must come back to W0, and the output
-    stay the same). Merging is where PEFT's recent DoRA bugs were (PEFT #3608, #3532): a merge
-    that changes the function makes the deployed model another model. Not applicable to a
-    layer without any of these methods.
-    """
+    Tries ``merged_weight()`` (a tensor W'), ``merge_and_unload()``, ``merge()`` (returning a
+    layer, or in place) and ``unmerge()`` / ``unmerge_adapter()``. Merging is where PEFT's
+    recent DoRA bugs were (PEFT #3608, #3532). Not applicable to a layer without any of them."""
     base = run.base()
     layer = run.layer(base)
     run.trained(layer, base)
@@ -289,8 +274,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _as_built(run, base, rank=RANK, alpha=ALPHA):
-    """The factory's layer on base as the factory builds it: no .to(), so its adapters keep the
-    dtype the factory chose for a base of this dtype."""
+    """The layer without run.layer's .to(): its adapters keep the dtype the factory chose."""
     torch.manual_seed(SEED)
     return run.factory(base, rank, alpha)
 
@@ -302,9 +286,7 @@ def check_low_precision_training(run: Run):
 
     Near m = 0.6 bfloat16's neighbouring numbers are 2^-8 apart while an Adam step is about the
     learning rate, so an m kept in bfloat16 never moves: DoRA silently trains as LoRA with a
-    fixed rescaling. In float16, Adam's squared gradients and its epsilon round to 0 and m turns
-    NaN. PEFT keeps adapters in float32 on such a base (autocast_adapter_dtype=True).
-    """
+    fixed rescaling. In float16, Adam's squared gradients and its epsilon round to 0."""
     found, numbers = [], {}
     for dtype in _LOW_PRECISION:
         base = run.kind.make_base(IN, OUT, dtype=dtype, seed=6).requires_grad_(False)
@@ -320,15 +302,12 @@ def check_low_precision_training(run: Run):
                 f"{moved:.0%} of its entries{end}"
             )
     if found:
-        return (
-            False,
-            (
-                "; ".join(found) + " after 20 Adam steps at lr 1e-4: the magnitude does not train. "
-                "Keep A, B and m in float32 on a low-precision base and compute m / ||V|| in "
-                "float32 (as PEFT's autocast_adapter_dtype=True does)"
-            ),
-            numbers,
+        detail = "; ".join(found) + (
+            " after 20 Adam steps at lr 1e-4: the magnitude does not train. Keep A, B and m in "
+            "float32 on a low-precision base and compute m / ||V|| in float32 (as PEFT's "
+            "autocast_adapter_dtype=True does)"
         )
+        return False, detail, numbers
     return True, "m moves on bfloat16 and float16 bases and stays finite", numbers
 
 
@@ -337,7 +316,7 @@ def _merged_matrix(run, layer):
     with torch.no_grad():
         if callable(getattr(layer, "merged_weight", None)):
             return "merged_weight()", as_matrix(layer.merged_weight().detach()).double()
-        for name in ("merge_and_unload", "merge"):
+        for name in _MERGES[1:]:
             if callable(getattr(layer, name, None)):
                 merged_layer = copy.deepcopy(layer)
                 merged = getattr(merged_layer, name)()
@@ -349,13 +328,10 @@ def _merged_matrix(run, layer):
 @check(CHECKS, 12, "merge precision", ROBUSTNESS)
 def check_merge_precision(run: Run):
     """On a bfloat16 base, a merge loses no more of a small update than rounding the exact W'
-    to bfloat16 once does (within 25 %).
+    to bfloat16 once does (within 25 %), measured as ||merged - W'|| / ||W' - W0||.
 
-    The merged weight must be rounded to the base's dtype once; computing W' in bfloat16 rounds
-    V, the norm and the product along the way, and with a small update (here about 5 % of W0)
-    that loses much of what fine-tuning learned. Measured as ||merged - W'|| / ||W' - W0||, W' in
-    float64 from the layer's own parameters. Not applicable to a layer without a merge.
-    """
+    Computing W' in bfloat16 rounds V, the norm and the product along the way, and a small
+    update (here about 5 % of W0) loses much of what fine-tuning learned."""
     base = run.kind.make_base(IN, OUT, dtype=torch.bfloat16, seed=6).requires_grad_(False)
     layer = _as_built(run, base)
     W0 = as_matrix(base.weight.detach()).double()
@@ -371,21 +347,12 @@ def check_merge_precision(run: Run):
     exact = run.weight(base, A, B, m, RANK, ALPHA)
     lost, least = merge_error(merged, exact, as_matrix(base.weight.detach()))
     numbers = {"update_lost": lost, "update_lost_rounding_once": least}
+    says = f"{how} on a bfloat16 base loses {pct(lost)} of a small update"
     if lost > 1.25 * least + 1e-6:
         return (
             False,
-            (
-                f"{how} on a bfloat16 base loses {pct(lost)} of a small update, where rounding the "
-                f"exact W' once loses {pct(least)}: compute W' in float32 and cast to the base's "
-                "dtype once"
-            ),
+            f"{says}, where rounding the exact W' once loses {pct(least)}: compute W' in float32 "
+            "and cast to the base's dtype once",
             numbers,
         )
-    return (
-        True,
-        (
-            f"{how} on a bfloat16 base loses {pct(lost)} of a small update, as rounding W' once "
-            f"does ({pct(least)})"
-        ),
-        numbers,
-    )
+    return True, f"{says}, as rounding W' once does ({pct(least)})", numbers

@@ -24,22 +24,28 @@ SCALINGS: dict[str, Callable[[float, int], float]] = {
 Factory = Callable[[nn.Linear, int, float], nn.Module]
 
 
-def reference_forward(
-    x, W0, b, A, B, m, scaling, *, axis=1, detach=True, rescale_bias=False, apply=F.linear
-):
-    """DoRA's output y = x W'^T + b with W' = m V / ||V||, V = W0 + scaling B A.
-
-    The defaults are the paper's conventions; the keywords give the variants the checks
-    recognise (axis=0: per input column; detach=False: the norm differentiated; rescale_bias:
-    the bias multiplied by m / ||V|| too)."""
+def reference_weight(W0, A, B, m, scaling, axis=1, detach=True):
+    """(W', k): DoRA's W' = k V with V = W0 + scaling B A and k = m / ||V||."""
     V = W0 + scaling * (B @ A)
     norm = torch.linalg.vector_norm(V, dim=axis, keepdim=True).clamp_min(EPS)
     if detach:
         norm = norm.detach()
     k = m.reshape(norm.shape) / norm
+    return k * V, k
+
+
+def reference_forward(
+    x, W0, b, A, B, m, scaling, *, axis=1, detach=True, rescale_bias=False, apply=F.linear
+):
+    """DoRA's output y = x W'^T + b.
+
+    The defaults are the paper's conventions; the keywords give the variants the checks
+    recognise (axis=0: per input column; detach=False: the norm differentiated; rescale_bias:
+    the bias multiplied by m / ||V|| too)."""
+    W, k = reference_weight(W0, A, B, m, scaling, axis, detach)
     if b is not None and rescale_bias:
         b = k.flatten() * b
-    return apply(x, k * V, b)
+    return apply(x, W, b)
 
 
 def norms(W, axis):

@@ -50,18 +50,12 @@ class CheckResult:
         return self.passed and error is not None and error > TOL
 
     def __str__(self) -> str:
-        mark = {"pass": "pass", "fail": "FAIL", "skip": "skip"}[self.status]
-        detail = self.detail
+        mark = "FAIL" if self.status == "fail" else self.status
+        text = f"  {mark} {self.number}. {self.title} [{self.kind}]: {self.detail}"
         if self.within_rounding:
             n = self.numbers
-            detail += (
-                f" (within {self.precision} rounding: {n['error']:.0e} <= {n['tolerance']:.0e})"
-            )
-        return _fill(
-            f"  {mark} {self.number}. {self.title} [{self.kind}]: {detail}",
-            10,
-            break_on_hyphens=False,
-        )
+            text += f" (within {self.precision} rounding: {n['error']:.0e} <= {n['tolerance']:.0e})"
+        return _fill(text, 10, break_on_hyphens=False)
 
     def to_dict(self) -> dict:
         return {

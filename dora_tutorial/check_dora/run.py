@@ -16,7 +16,6 @@ from torch import nn
 from .adapter import Adapter
 from .reference import (
     ALPHA,
-    EPS,
     IN,
     LINEAR,
     OUT,
@@ -28,6 +27,7 @@ from .reference import (
     as_matrix,
     norms,
     reference_forward,
+    reference_weight,
     rel,
 )
 from .tolerances import tolerance
@@ -102,9 +102,8 @@ class Run:
 
     def weight(self, base, A, B, m, rank, alpha):
         """The reference merged weight W' (float64) under the conventions measured so far."""
-        V = as_matrix(base.weight.detach()).double() + self.scaling(alpha, rank) * (B @ A)
-        norm = torch.linalg.vector_norm(V, dim=self.conventions.axis, keepdim=True)
-        return m.reshape(norm.shape) / norm.clamp_min(EPS) * V
+        W0 = as_matrix(base.weight.detach()).double()
+        return reference_weight(W0, A, B, m, self.scaling(alpha, rank), self.conventions.axis)[0]
 
     def reference(self, x, base, A, B, m, rank, alpha, detach=None):
         """The reference output (float64) under the conventions measured so far."""
