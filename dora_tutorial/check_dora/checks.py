@@ -61,7 +61,7 @@ def check_magnitude_axis(run: Run):
     W1, _ = run.kind.effective_weight(layer, IN)
     c = 0.5 + torch.rand(m.shape, generator=torch.Generator().manual_seed(4), dtype=m.dtype)
     run.adapter.assign(layer, A, B, m * c)
-    c = run.adapter.tensors(layer)[2].detach().double() / m  # m c as the layer rounded it, / m
+    c = run.adapter.tensors(layer)[2].detach().double() / m  # c as the layer rounded m c
     W2, _ = run.kind.effective_weight(layer, IN)
     err = rel(W2, c[:, None] * W1 if axis == 1 else W1 * c[None, :])
     tol = run.tol(W1.shape[1])
@@ -234,7 +234,7 @@ def check_detached(run: Run):
     x = run.inputs((6,), IN, seed=5)
     errors = {}
     for detach in (True, False):
-        base = run.base()  # a fresh base and layer for each backward pass
+        base = run.base()  # fresh: gradients from the first pass would add up
         layer = run.layer(base)
         state = run.trained(layer, base)
         err = gradient_errors(run, layer, base, state, x, RANK, ALPHA, detach)

@@ -222,7 +222,7 @@ def _merge_problems(run, layer, base, x, y, tol):
             if isinstance(merged, nn.Module):
                 tried.append("merge()")
                 compare("the layer merge() returns", merged(x))
-            else:  # merges in place
+            else:
                 tried.append("merge() in place")
                 layer.merge()
                 compare("the layer after merge()", layer(x))
