@@ -1,4 +1,4 @@
-"""dora_tutorial/check_dora.py: each broken DoRA variant fails exactly its own checks.
+"""dora_tutorial/check_dora: each broken DoRA variant fails exactly its own checks.
 
 The variants are written here, small and on purpose: ReferenceDoRA is the paper's layer with
 one switch per convention, RasbtStyleDoRA the widely copied from-scratch layer (norm over dim=0,

@@ -1,4 +1,4 @@
-"""dora_tutorial/check_dora.py on convolutions (kind="conv2d", --conv2d): a conv DoRA broken once
+"""dora_tutorial/check_dora on convolutions (kind="conv2d", --conv2d): a conv DoRA broken once
 fails that check only, and PEFT's fails only where its linear DoRA does. (The notebook's
 Conv2dWithDoRA is checked in tests/test_conv.py.)
 

@@ -1,6 +1,6 @@
 """The notebook's convolution adapters (section 13) against their definitions, the helpers that
 wrap, merge, save and load models mixing linear and convolutional adapters, and
-dora_tutorial/check_dora.py's verdict on the layers.
+dora_tutorial/check_dora's verdict on the layers.
 
 The reference here is written independently of the layers: the update's kernel is built entry by
 entry from its definition (output channel o of group j sees the rank channels of group j), and

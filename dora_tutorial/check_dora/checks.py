@@ -1,0 +1,314 @@
+"""Checks 1-7: what the layer computes, one convention at a time, then the whole formula."""
+
+import math
+
+import torch
+
+from .reference import ALPHA, IN, OUT, RANK, SCALINGS, as_matrix, norms, pct, rel
+from .report import CONVENTION, PAPER
+from .run import Check, Run, check, describe, gradient_errors, result, sum_length
+from .tolerances import dtype_name
+
+CHECKS: list[Check] = []
+
+# (in, out, rank, alpha, bias, input shape without the last axis) for check 7
+_SHAPES = [
+    (11, 7, 3, 5, True, (4,)),
+    (6, 9, 1, 2, False, (2, 3)),
+    (16, 16, 4, 8, True, (5,)),
+]
+
+
+@check(CHECKS, 1, "base function at init", CONVENTION, needs_adapter=False)
+def check_identity_at_init(run: Run):
+    """At initialisation the layer computes what the base layer computes: W' = W0, same bias.
+
+    Isolates the initial values (B = 0, m = ||W0||): with B = 0 every other convention leaves
+    W' = W0."""
+    base = run.base()
+    x = run.inputs((5,), IN, seed=3)
+    W0 = as_matrix(base.weight.detach()).double()
+    expected = run.kind.apply(x.double(), W0, base.bias.detach().double())
+    layer = run.layer(base)
+    with torch.no_grad():
+        err = rel(layer(x).double(), expected)
+    tol = run.tol(sum_length(W0, x))
+    if err <= tol:
+        return result(True, "the layer starts as the pretrained layer (same outputs)", err, tol)
+    why = ""
+    if run.adapter is not None and run.adapter.tensors(layer)[1].detach().any():
+        why = " (B is not zero at initialisation)"
+    return result(
+        False,
+        f"at initialisation the outputs differ from the base layer's by up to {pct(err)}{why}: "
+        "fine-tuning does not start from the pretrained model; DoRA starts with B = 0 and "
+        "m = ||W0|| so that W' = W0",
+        err,
+        tol,
+    )
+
+
+@check(CHECKS, 2, "magnitude axis", PAPER)
+def check_magnitude_axis(run: Run):
+    """One magnitude per output row (out_features entries): m_n scales row n of W'.
+
+    The axis is read from m's size and initial values, then confirmed from the function:
+    multiplying m by c must multiply each row of W' by its c_n."""
+    axis = run.adapter.axis
+    base = run.base()
+    layer = run.layer(base)
+    A, B, m = run.trained(layer, base)
+    W1, _ = run.kind.effective_weight(layer, IN)
+    c = 0.5 + torch.rand(m.shape, generator=torch.Generator().manual_seed(4), dtype=m.dtype)
+    run.adapter.assign(layer, A, B, m * c)
+    c = run.adapter.tensors(layer)[2].detach().double() / m  # c as the layer rounded m c
+    W2, _ = run.kind.effective_weight(layer, IN)
+    err = rel(W2, c[:, None] * W1 if axis == 1 else W1 * c[None, :])
+    tol = run.tol(W1.shape[1])
+    if axis == 0:
+        return result(
+            False,
+            f"one magnitude per INPUT column ({IN} entries, the column norms of W0), not per "
+            f"output row: the per-input-column norm (norm(dim=0), as in catid/dora and "
+            f"rasbt/dora-from-scratch's merged layer), which rescales input features instead "
+            f"of output neurons; a different method from the paper's and PEFT's, whose "
+            f"adapters do not load into it",
+            err,
+            tol,
+        )
+    if err > tol:
+        return result(
+            False,
+            "changing m_n does not scale row n of the merged weight alone: m is not used as "
+            "DoRA's magnitude, so training m does not do what DoRA's magnitude does",
+            err,
+            tol,
+        )
+    return result(True, f"one magnitude per output row ({OUT} entries)", err, tol)
+
+
+@check(CHECKS, 3, "normalisation", PAPER)
+def check_norm_is_m(run: Run):
+    """The merged weight's rows have norm m, whatever B is: W' = m V / ||V||, V = W0 + s B A.
+
+    The norms are taken along the axis the layer's own m lives on (check 2 judges the axis)."""
+    axis = run.adapter.axis
+    worst = 0.0
+    for b_scale in (0.1, 10.0):
+        base = run.base()
+        layer = run.layer(base)
+        _, _, m = run.trained(layer, base, b_scale=b_scale)
+        W, _ = run.kind.effective_weight(layer, IN)
+        worst = max(worst, rel(norms(W, axis), m))
+    tol = run.tol(W.shape[1])
+    line = "rows" if axis == 1 else "columns"
+    if worst <= tol:
+        return result(True, f"the merged weight's {line} have norm m, whatever B is", worst, tol)
+    return result(
+        False,
+        f"the merged weight's {line} do not have norm m (off by up to {pct(worst)}): magnitude "
+        "and direction are not separated (is the norm taken of W0 + s B A, the weight with the "
+        "update?), so training m does not set the rows' length as DoRA's magnitude does",
+        worst,
+        tol,
+    )
+
+
+def _measure_scaling(W0, D, W, axis):
+    """s such that every row (axis=1) or column of W is proportional to W0 + s D, and the fit.
+
+    Each row n: W[n] = a W0[n] + c D[n] by least squares, s_n = c / a. Returns the median s,
+    the spread of the s_n and the worst residual (both relative).
+    """
+    if axis == 0:
+        W0, D, W = W0.T, D.T, W.T
+    M = torch.stack([W0, D], dim=2)  # (rows, in, 2)
+    coef = torch.linalg.lstsq(M, W.unsqueeze(2)).solution  # (rows, 2, 1)
+    residual = rel((M @ coef).squeeze(2), W)
+    s = coef[:, 1, 0] / coef[:, 0, 0]
+    median = s.median()
+    return median.item(), rel(s, median.expand_as(s)), residual
+
+
+@check(CHECKS, 4, "scaling", CONVENTION)
+def check_scaling(run: Run):
+    """The update is scaled by s = alpha / rank: V = W0 + (alpha / r) B A.
+
+    s is measured from the direction of each row of W', which lies along W0 + s B A whatever
+    the magnitude, axis, bias or detach convention."""
+    base = run.base()
+    layer = run.layer(base)
+    A, B, _ = run.trained(layer, base)
+    W, _ = run.kind.effective_weight(layer, IN)
+    W0 = as_matrix(base.weight.detach()).double()
+    s, spread, residual = _measure_scaling(W0, B @ A, W, run.adapter.axis)
+    tol = run.tol(W0.shape[1])
+    fit = max(residual, spread / 2)  # s_n = c / a divides two fitted numbers: twice the rounding
+    if fit > tol:
+        return result(
+            False,
+            "the merged weight's direction is not W0 + s B A for one s: the update B A is not "
+            "added to W0 as DoRA's (and LoRA's) update, so the scaling cannot be measured",
+            fit,
+            tol,
+        )
+    name = next((n for n, f in SCALINGS.items() if abs(s - f(ALPHA, RANK)) <= 2 * tol * s), None)
+    if name is not None:
+        run.conventions.scaling = name
+    expected = ALPHA / RANK
+    numbers = {"scaling": s, "expected": expected}
+    err = abs(s - expected) / expected
+    if name == "alpha / rank":
+        return result(
+            True, f"the update is scaled by alpha / rank (= {expected:.4g})", err, tol, **numbers
+        )
+    if name == "alpha":
+        return result(
+            False,
+            f"the update is scaled by alpha (= {ALPHA}), not alpha / rank (= {expected:.4g}), "
+            f"as in catid/dora and rasbt/dora-from-scratch's merged layer: {RANK} times too "
+            f"strong at rank {RANK}, and the step size changes with the rank; learning rates "
+            "and alphas tuned for the paper or PEFT do not transfer",
+            err,
+            tol,
+            **numbers,
+        )
+    if name == "alpha / sqrt(rank)":
+        what = "alpha / sqrt(rank), rsLoRA's rule (PEFT's use_rslora=True)"
+    elif name == "1":
+        what = "1: alpha has no effect"
+    else:
+        what = f"{s:.4g}, none of alpha / rank, alpha, alpha / sqrt(rank), 1"
+    return result(
+        False,
+        f"the update is scaled by {what}, not alpha / rank (= {expected:.4g}): learning rates "
+        "and alphas tuned for the paper or PEFT do not transfer",
+        err,
+        tol,
+        **numbers,
+    )
+
+
+@check(CHECKS, 5, "bias", PAPER)
+def check_bias(run: Run):
+    """The bias is added after the rescaling and is not rescaled: y = x W'^T + b.
+
+    The output at x = 0 is compared with b after B and m have moved. The usual cause of a
+    rescaled bias: an efficient forward that rescales base_layer(x), which includes the bias."""
+    base = run.base(bias=True)
+    layer = run.layer(base)
+    A, B, m = run.trained(layer, base)
+    _, y0 = run.kind.effective_weight(layer, IN)
+    b = base.bias.detach().double()
+    err = rel(y0, b)
+    tol = run.tol(IN)
+    if err <= tol:
+        return result(True, "the bias is added after the rescaling, not rescaled", err, tol)
+    V = as_matrix(base.weight.detach()).double() + run.scaling(ALPHA, RANK) * (B @ A)
+    if run.adapter.axis == 1 and rel(y0, m / norms(V, 1) * b) <= tol:
+        run.conventions.rescaled_bias = True
+        return result(
+            False,
+            "the bias is rescaled by m / ||V|| with the weight: it drifts whenever m trains, and "
+            "merging into an nn.Linear (weight W', bias b) changes the function; PEFT and the "
+            "official code add b unscaled (subtract the bias before rescaling base_layer(x))",
+            err,
+            tol,
+        )
+    if not y0.abs().max() > 0:
+        return result(
+            False, "the bias is dropped: the layer's output at x = 0 is zero, not b", err, tol
+        )
+    return result(
+        False, f"the output at x = 0 is not the bias b (off by up to {pct(err)})", err, tol
+    )
+
+
+@check(CHECKS, 6, "norm detached", CONVENTION)
+def check_detached(run: Run):
+    """||V|| is a constant in backward (paper section 4.3, PEFT).
+
+    The detach changes only the gradients of A and B: they are compared with the reference with
+    and without it. Without it training still works (the exact gradient of the paper's own
+    formula), on another trajectory than the paper's and PEFT's."""
+    x = run.inputs((6,), IN, seed=5)
+    errors = {}
+    for detach in (True, False):
+        base = run.base()  # fresh: gradients from the first pass would add up
+        layer = run.layer(base)
+        state = run.trained(layer, base)
+        err = gradient_errors(run, layer, base, state, x, RANK, ALPHA, detach)
+        errors[detach] = max(err["gradient of A"], err["gradient of B"])
+    tol = run.tol(sum_length(as_matrix(base.weight), x))
+    numbers = {"error_if_not_detached": errors[False]}
+    if errors[True] <= tol:
+        detail = "||V|| is a constant in backward (paper section 4.3, PEFT)"
+        if errors[False] <= tol:
+            detail += f"; {dtype_name(run.precision)} cannot tell it from the exact gradient here"
+        return result(True, detail, errors[True], tol, **numbers)
+    if errors[False] <= tol:
+        run.conventions.detached = False
+        return result(
+            False,
+            f"||V|| is differentiated in backward, not detached (paper section 4.3): the "
+            f"gradients of A and B differ from the paper's and PEFT's by up to "
+            f"{pct(errors[True])} (another training trajectory), and backward keeps V for the "
+            f"norm (more memory)",
+            errors[True],
+            tol,
+            **numbers,
+        )
+    return result(
+        False,
+        f"the gradients of A and B match DoRA's neither with nor without the detach "
+        f"(off by up to {pct(min(errors.values()))}): backward does not train DoRA's parameters",
+        errors[True],
+        tol,
+        **numbers,
+    )
+
+
+@check(CHECKS, 7, "reference formula", PAPER)
+def check_reference(run: Run):
+    """Forward and gradients (of A, B, m and the input) match the reference formula, under
+    the conventions checks 2-6 measured, on the shapes of _SHAPES.
+
+    It catches everything else: a wrong gradient of m or of the input, a rank or shape handled
+    wrongly, a layer that only accepts 2-D inputs."""
+    worst, what, where, tol = 0.0, "", "", 0.0
+    for i, (n_in, n_out, rank, alpha, bias, lead) in enumerate(_SHAPES):
+        base = run.base(n_in, n_out, bias=bias, seed=10 + i)
+        x = run.inputs(lead, n_in, seed=20 + i)
+        shape = (
+            f"in {n_in}, out {n_out}, rank {rank}, alpha {alpha}, "
+            f"{'bias' if bias else 'no bias'}, input {tuple(x.shape)}"
+        )
+        try:
+            layer = run.layer(base, rank, alpha)
+            state = run.trained(layer, base, rank, seed=30 + i)
+            errors = gradient_errors(run, layer, base, state, x, rank, alpha)
+        except Exception as e:
+            return False, f"the layer {describe(e)} ({shape})"
+        this_tol = run.tol(sum_length(as_matrix(base.weight), x))
+        name, err = max(errors.items(), key=lambda kv: kv[1] / this_tol)
+        if worst == 0.0 or err / this_tol > worst / tol:
+            worst, what, where, tol = err, name, shape, this_tol
+    conventions = run.conventions.differences()
+    under = f" (with this layer's {', '.join(conventions)})" if conventions else ""
+    ranks = sorted(rank for _, _, rank, *_ in _SHAPES)
+    if worst <= tol:
+        return result(
+            True,
+            f"forward and gradients of A, B, m and x match on {len(_SHAPES)} shapes, "
+            f"ranks {ranks[0]}-{ranks[-1]}, with and without bias{under}",
+            worst,
+            tol,
+        )
+    off = "is missing or has the wrong shape" if math.isinf(worst) else f"is off by {pct(worst)}"
+    return result(
+        False,
+        f"the {what} {off} ({where}){under}: the layer computes something other than DoRA, "
+        "beyond the conventions checked above",
+        None if math.isinf(worst) else worst,
+        tol,
+    )

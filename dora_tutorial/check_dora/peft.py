@@ -1,0 +1,59 @@
+"""Hugging Face PEFT's DoRA as a layer the checks can take (--peft). PEFT is imported only when
+used: importing the checker must not need it."""
+
+import functools
+
+from torch import nn
+
+
+@functools.cache
+def peft_unavailable_reason() -> str | None:
+    """None when PEFT can be imported and used, else why not (in words).
+
+    Used, not only imported: PEFT can import fine and fail when it wraps a layer (e.g. an older
+    torchao installed beside it makes get_peft_model raise ImportError)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except Exception as e:  # not only ImportError: a broken install can raise anything
+        return f"peft cannot be imported ({type(e).__name__}: {e}); pip install peft"
+    try:
+        config = LoraConfig(r=1, lora_alpha=1, use_dora=True, target_modules=["0"])
+        get_peft_model(nn.Sequential(nn.Linear(2, 2)), config)
+    except Exception as e:
+        text = " ".join(str(e).split())[:200]
+        return f"peft imports but fails in use ({type(e).__name__}: {text})"
+    return None
+
+
+class PeftDoRA(nn.Module):
+    """PEFT's DoRA on one layer (nn.Linear or nn.Conv2d): get_peft_model(nn.Sequential(layer),
+    use_dora=True, lora_dropout=dropout), with PEFT's merges as methods (check 10)."""
+
+    def __init__(self, linear, rank, alpha, dropout=0.0):
+        super().__init__()
+        reason = peft_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"PEFT's DoRA cannot be built: {reason}")
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=rank, lora_alpha=alpha, use_dora=True, target_modules=["0"], lora_dropout=dropout
+        )
+        self.model = get_peft_model(nn.Sequential(linear), config)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def merge_and_unload(self):
+        return self.model.merge_and_unload()
+
+    def merge(self):
+        self.model.merge_adapter()
+
+    def unmerge(self):
+        self.model.unmerge_adapter()
+
+
+def peft_dora_factory(linear: nn.Linear, rank: int, alpha: float, dropout=0.0) -> nn.Module:
+    """The factory for PEFT's DoRA (B = 0 at initialisation, PEFT's default)."""
+    return PeftDoRA(linear, rank, alpha, dropout)
