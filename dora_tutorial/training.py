@@ -136,7 +136,7 @@ def train(
 
 def _gather(data: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """``data[idx]`` for an (S, batch) index: the same rows, copied by ``index_select`` (whole
-    rows at a time; ``data[idx]`` costs about 4x as much for the notebook's batches on a CPU)."""
+    rows at a time: cheaper than ``data[idx]``)."""
     return data.index_select(0, idx.reshape(-1)).view(*idx.shape, *data.shape[1:])
 
 
@@ -229,7 +229,7 @@ def adamw(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.opti
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
     """Adam, with the fused kernel (one update op for all tensors) where torch and the device
-    have it: about 1.4x faster steps for a small MLP on a CPU. Same algorithm either way."""
+    have it. Same algorithm either way."""
     params = list(params)
     fused = all(_fused_adam_works(p.device, p.dtype) for p in params)
     return torch.optim.Adam(params, lr=lr, **({"fused": True} if fused else {}))
