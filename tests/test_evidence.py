@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import helpers
+from dora_tutorial.summary import _comparison_data
 
 TRIALS = 4000
 SLACK = 3 * math.sqrt(0.05 * 0.95 / TRIALS)  # three standard errors of a 5 % rate
@@ -273,11 +274,11 @@ def test_readme_marks_a_family_member_near_its_holm_threshold():
     from tools.update_readme import borderline
 
     near, null = _at_t(3.0), _at_t(0.5)  # alone, t = 3.0 is clear of 2.26 (p = 0.015)
-    assert near.verdict == "ahead" and not borderline([helpers._comparison_data(near)])
+    assert near.verdict == "ahead" and not borderline([_comparison_data(near)])
     family = helpers.holm([near, null, null])  # the smallest p of three: tested at 5 % / 3
     assert family[0].p_holm == pytest.approx(3 * near.p)
     assert family[0].verdict_interval[0] < near.low  # wider than its 95 % CI
-    assert borderline([helpers._comparison_data(c) for c in family])
+    assert borderline([_comparison_data(c) for c in family])
     clear = helpers.holm([_at_t(8.0), null, null])
-    assert not borderline([helpers._comparison_data(c) for c in clear])
+    assert not borderline([_comparison_data(c) for c in clear])
     assert not borderline([])

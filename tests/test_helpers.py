@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import helpers
+from dora_tutorial.setup import _mps_works
 from support import tiny_task
 
 # ---- data transforms -------------------------------------------------------------------
@@ -164,9 +165,9 @@ def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert helpers.pick_device().type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(helpers, "_mps_works", lambda: True)
+    monkeypatch.setattr("dora_tutorial.setup._mps_works", lambda: True)
     assert helpers.pick_device().type == "mps"
-    monkeypatch.setattr(helpers, "_mps_works", lambda: False)
+    monkeypatch.setattr("dora_tutorial.setup._mps_works", lambda: False)
     assert helpers.pick_device().type == "cpu"
 
 
@@ -179,9 +180,9 @@ def test_pick_device_can_be_forced(monkeypatch):
 
 def test_mps_check_is_false_where_mps_is_missing_or_broken(monkeypatch):
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert helpers._mps_works() is False
+    assert _mps_works() is False
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert helpers._mps_works() is False  # no MPS device here: the tiny op raises, caught
+    assert _mps_works() is False  # no MPS device here: the tiny op raises, caught
 
 
 def test_seed_everything_repeats_all_generators():

@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_flatten
 
 import helpers
 from dora_tutorial.adapter_files import adapter_state_dict
+from dora_tutorial.training import _fused_adam_works
 
 REPO = helpers.REPO
 
@@ -174,8 +175,8 @@ def test_merging_saving_and_loading_on_the_device(nb, accelerator, tmp_path):
 
 @pytest.fixture
 def fresh_fused_probe():
-    """helpers caches whether fused Adam works per device and dtype: forget it around a test."""
-    clear = getattr(getattr(helpers, "_fused_adam_works", None), "cache_clear", lambda: None)
+    """training caches whether fused Adam works per device and dtype: forget it around a test."""
+    clear = _fused_adam_works.cache_clear
     clear()
     yield
     clear()
@@ -248,7 +249,7 @@ def test_the_notebook_runs_with_everything_on_the_device(monkeypatch, accelerato
         d_d, d_m = (0.01 + 0.1 * torch.rand(2, generator=draws)).tolist()  # have no direction
         return {"dD": d_d, "dM": d_m, "rotation": d_d / (1 - d_d)}
 
-    monkeypatch.setattr(helpers, "relative_change", change_of_read_back_zeros)
+    monkeypatch.setattr("dora_tutorial.weights.relative_change", change_of_read_back_zeros)
     monkeypatch.chdir(REPO)
     scope = {"__name__": "__main__"}
     cells = [c for c in nbformat.read(REPO / "DoRA.ipynb", as_version=4).cells]

@@ -100,7 +100,7 @@ def test_write_results_goes_where_the_environment_says(tmp_path, monkeypatch):
     assert helpers.write_results(summary) == tmp_path / "r.json"
     assert json.loads((tmp_path / "r.json").read_text()) == summary
     monkeypatch.delenv("DORA_RESULTS")
-    monkeypatch.setattr(helpers, "RESULTS_FILE", tmp_path / "default.json")
+    monkeypatch.setattr("dora_tutorial.summary.RESULTS_FILE", tmp_path / "default.json")
     assert helpers.write_results(summary) == tmp_path / "default.json"
 
 

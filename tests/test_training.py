@@ -69,8 +69,8 @@ def test_seed_k_gives_every_configuration_the_same_start_and_batches(nb, monkeyp
         started[current] = [m.get_parameter("0.lora.A").detach().clone() for m in models]
         return real_train(models, task, **kwargs)
 
-    monkeypatch.setattr(helpers, "train", recording_train)
-    monkeypatch.setattr(helpers, "batch_orders", recording_orders)
+    monkeypatch.setattr("dora_tutorial.training.train", recording_train)  # finetune calls it
+    monkeypatch.setattr("dora_tutorial.training.batch_orders", recording_orders)
     configurations = {
         "LoRA": dict(wrapper=nb.LinearWithLoRA),
         "DoRA": dict(wrapper=nb.LinearWithDoRA),

@@ -10,10 +10,10 @@ from torch import nn
 
 from dora_tutorial.precision import magnitude_moves, merge_error
 
-from .reference import ALPHA, IN, OUT, RANK, SEED, as_matrix, norms, pct, rel
+from .reference import ALPHA, IN, OUT, RANK, as_matrix, norms, pct, rel
 from .report import CONVENTION, PAPER, ROBUSTNESS
-from .run import Check, Run, check, result, sum_length
-from .tolerances import dtype_name, tolerance
+from .run import Check, Run, check, describe, result, sum_length
+from .tolerances import LOW_PRECISION, dtype_name, tolerance
 
 CHECKS: list[Check] = []
 
@@ -270,15 +270,6 @@ def check_merge(run: Run):
     )
 
 
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def _as_built(run, base, rank=RANK, alpha=ALPHA):
-    """The layer without run.layer's .to(): its adapters keep the dtype the factory chose."""
-    torch.manual_seed(SEED)
-    return run.factory(base, rank, alpha)
-
-
 @check(CHECKS, 11, "magnitude trains in low precision", ROBUSTNESS)
 def check_low_precision_training(run: Run):
     """On a frozen bfloat16 and a frozen float16 base, 20 Adam steps at lr 1e-4 move m and leave
@@ -286,14 +277,23 @@ def check_low_precision_training(run: Run):
 
     Near m = 0.6 bfloat16's neighbouring numbers are 2^-8 apart while an Adam step is about the
     learning rate, so an m kept in bfloat16 never moves: DoRA silently trains as LoRA with a
-    fixed rescaling. In float16, Adam's squared gradients and its epsilon round to 0."""
+    fixed rescaling. In float16 Adam's epsilon rounds to 0: a zero gradient (A's, while B = 0)
+    gives 0 / 0 and small ones x / 0."""
     found, numbers = [], {}
-    for dtype in _LOW_PRECISION:
+    for dtype in LOW_PRECISION:
         base = run.kind.make_base(IN, OUT, dtype=dtype, seed=6).requires_grad_(False)
-        layer = _as_built(run, base)
-        m = layer.get_parameter(run.adapter.m)
         x = run.kind.inputs((16,), IN, seed=10, dtype=dtype)
-        moved, finite = magnitude_moves(layer, m, x)
+        try:
+            layer = run.layer(base)
+            m = layer.get_parameter(run.adapter.m)
+            moved, finite = magnitude_moves(layer, m, x)
+        except Exception as e:
+            detail = (
+                f"on a {dtype_name(dtype)} base the layer cannot even train ({describe(e)}): "
+                "build A, B and m so that they work with a half-precision base (keep them in "
+                "float32 and compute in float32, as PEFT does)"
+            )
+            return False, detail, numbers
         numbers[f"m_moved_{dtype_name(dtype)}"] = moved
         if moved < 0.5 or not finite:
             end = "" if finite else ", and it became NaN or inf"
@@ -311,7 +311,7 @@ def check_low_precision_training(run: Run):
     return True, "m moves on bfloat16 and float16 bases and stays finite", numbers
 
 
-def _merged_matrix(run, layer):
+def _merged_matrix(run, layer, n_in):
     """(how, the weight a merge writes as a float64 matrix), or (None, None) without a merge."""
     with torch.no_grad():
         if callable(getattr(layer, "merged_weight", None)):
@@ -321,7 +321,7 @@ def _merged_matrix(run, layer):
                 merged_layer = copy.deepcopy(layer)
                 merged = getattr(merged_layer, name)()
                 module = merged if isinstance(merged, nn.Module) else merged_layer
-                return f"{name}()", run.kind.effective_weight(module.double(), IN)[0]
+                return f"{name}()", run.kind.effective_weight(module.double(), n_in)[0]
     return None, None
 
 
@@ -332,8 +332,9 @@ def check_merge_precision(run: Run):
 
     Computing W' in bfloat16 rounds V, the norm and the product along the way, and a small
     update (here about 5 % of W0) loses much of what fine-tuning learned."""
-    base = run.kind.make_base(IN, OUT, dtype=torch.bfloat16, seed=6).requires_grad_(False)
-    layer = _as_built(run, base)
+    n_in, n_out = 96, 64  # large enough that rounding twice stands out from rounding once
+    base = run.kind.make_base(n_in, n_out, dtype=torch.bfloat16, seed=6).requires_grad_(False)
+    layer = run.layer(base)
     W0 = as_matrix(base.weight.detach()).double()
     g = torch.Generator().manual_seed(3)
     A = torch.randn(RANK, W0.shape[1], generator=g, dtype=W0.dtype) / math.sqrt(W0.shape[1])
@@ -341,7 +342,7 @@ def check_merge_precision(run: Run):
     m = norms(W0, run.adapter.axis)
     run.adapter.assign(layer, A, B, m * (1 + 0.01 * torch.randn(m.shape, generator=g)))
     A, B, m = (t.detach().double() for t in run.adapter.tensors(layer))
-    how, merged = _merged_matrix(run, layer)
+    how, merged = _merged_matrix(run, layer, n_in)
     if how is None:
         return None, "the layer offers no merge (not applicable)"
     exact = run.weight(base, A, B, m, RANK, ALPHA)

@@ -30,7 +30,7 @@ from .reference import (
     reference_weight,
     rel,
 )
-from .tolerances import tolerance
+from .tolerances import LOW_PRECISION, tolerance
 
 
 @dataclass
@@ -75,12 +75,13 @@ class Run:
         return self.kind.inputs(lead, n_in, seed=seed, dtype=self.dtype)
 
     def layer(self, base, rank=RANK, alpha=ALPHA, **options):
-        """A fresh layer around base, its initialisation reproducible, in base's dtype."""
+        """A fresh layer around base, its initialisation reproducible, in base's dtype; on a
+        bfloat16 or float16 base as the factory builds it (adapters may be kept in float32)."""
         torch.manual_seed(SEED)
         layer = self.factory(base, rank, alpha, **options)
         if not isinstance(layer, nn.Module):
             raise TypeError(f"the factory returned a {type(layer).__name__}, not an nn.Module")
-        return layer.to(base.weight.dtype)
+        return layer if base.weight.dtype in LOW_PRECISION else layer.to(base.weight.dtype)
 
     def scaling(self, alpha, rank):
         return SCALINGS[self.conventions.scaling](alpha, rank)

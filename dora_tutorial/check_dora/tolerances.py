@@ -24,3 +24,4 @@ def dtype_name(dtype):
 
 
 DTYPES = {dtype_name(d): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+LOW_PRECISION = (torch.bfloat16, torch.float16)

@@ -1,0 +1,100 @@
+"""MNIST as tensors (the download itself: mnist_files) and the rotated-digits task built from
+it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dora_tutorial.setup import REPO
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of pixel / 255 over the training set
+
+
+def load_mnist(root: str | Path = REPO / "data", *, allow_download: bool = True, verbose=True):
+    """MNIST as (train_images, train_labels, test_images, test_labels) tensors.
+
+    Images are uint8 (N, 28, 28), labels int64 (N,). Verified files in ROOT/MNIST/raw are used
+    as they are; otherwise they are fetched and checked against the official SHA-256
+    (``dora_tutorial/mnist_files.py`` says how). ``allow_download=False`` never touches the network.
+    """
+    from dora_tutorial.mnist_files import (
+        load_mnist as fetch,  # the download machinery, out of the way
+    )
+
+    return fetch(root, allow_download=allow_download, verbose=verbose)
+
+
+def to_inputs(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 images (N, 28, 28) -> normalised float32 rows (N, 784): (x/255 - mean) / std."""
+    x = images.to(device=device, dtype=torch.float32).div_(255.0)
+    return x.sub_(MNIST_MEAN).div_(MNIST_STD).reshape(len(images), 28 * 28)
+
+
+def rotate(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """Rotate uint8 images (N, 28, 28) by ``degrees`` counter-clockwise (bilinear, exact)."""
+    from torchvision.transforms.functional import InterpolationMode
+    from torchvision.transforms.functional import rotate as tv_rotate
+
+    if len(images) == 0:  # nothing to turn (e.g. no validation set)
+        return images.clone()
+    out = tv_rotate(images.unsqueeze(1).float(), degrees, InterpolationMode.BILINEAR)
+    return out.round_().clamp_(0, 255).to(torch.uint8).squeeze(1)
+
+
+@dataclass
+class Task:
+    """Inputs (N, 784) float32 and labels (N,) int64 on one device; ``val_*`` may be empty."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
+
+
+def make_task(
+    train_images,
+    train_labels,
+    test_images,
+    test_labels,
+    device="cpu",
+    degrees=0.0,
+    n_train=None,
+    n_val=0,
+    seed=0,
+) -> Task:
+    """A classification task as tensors on ``device``, optionally rotated and subsampled.
+
+    One random permutation of the training images (``seed``) gives ``n_train`` training
+    examples and the next ``n_val`` as a validation set, disjoint from them and from the test
+    set (the whole test set is kept, rotated the same way). Asking for a validation set does
+    not change which examples are used for training.
+    """
+    if n_train is not None or n_val:
+        n_train = len(train_images) - n_val if n_train is None else n_train
+        if n_train < 1 or n_val < 0 or n_train + n_val > len(train_images):
+            raise ValueError(
+                f"n_train + n_val must be in 1..{len(train_images)}, got {n_train} + {n_val}"
+            )
+        pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
+        val = pick[n_train : n_train + n_val]
+        val_images, val_labels = train_images[val], train_labels[val]
+        train_images, train_labels = train_images[pick[:n_train]], train_labels[pick[:n_train]]
+    else:
+        val_images, val_labels = train_images[:0], train_labels[:0]
+    if degrees:
+        train_images, val_images, test_images = (
+            rotate(images, degrees) for images in (train_images, val_images, test_images)
+        )
+    return Task(
+        to_inputs(train_images, device),
+        train_labels.to(device),
+        to_inputs(test_images, device),
+        test_labels.to(device),
+        to_inputs(val_images, device),
+        val_labels.to(device),
+    )

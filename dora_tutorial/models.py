@@ -1,0 +1,143 @@
+"""The MLP and its adapters: wrapping layers, counting parameters, reading effective weights,
+merging adapters back, timing inference; and the guard around the notebook's optional PEFT
+parts."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+
+import torch
+from torch import nn
+
+from dora_tutorial.adapter_files import adapter_layers
+from dora_tutorial.adapter_files import inside as _inside
+from dora_tutorial.setup import timed, wrap
+
+
+def make_mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
+    """Linear-ReLU-...-Linear, seeded; inputs are images flattened to rows of 784 pixels."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+def add_adapters(model: nn.Module, wrapper, rank: int, alpha: float, **kwargs) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` wrapped and only the adapters trainable.
+
+    ``wrapper`` is a layer class from the notebook, called as ``wrapper(linear, rank, alpha,
+    **kwargs)``, or a dict of them by layer type: ``{nn.Linear: LinearWithDoRA, nn.Conv2d:
+    Conv2dWithDoRA}`` wraps both types. All parameters of the copy are frozen first, so
+    the only trainable parameters are the ones the wrappers create (A, B and, for DoRA, m).
+    A layer cannot hold more than full rank: a layer with fewer than ``rank`` inputs or outputs
+    gets rank ``min(in_features, out_features)`` (e.g. a 10-class head at rank 16 gets 10; a
+    kernel counts in_channels / groups * kh * kw inputs).
+    """
+    wrappers = wrapper if isinstance(wrapper, dict) else {nn.Linear: wrapper}
+    model = copy.deepcopy(model)
+    model.requires_grad_(False)
+    targets = [(n, mod) for n, mod in model.named_modules() if isinstance(mod, tuple(wrappers))]
+    if not targets:
+        names = " or ".join(f"nn.{kind.__name__}" for kind in wrappers)
+        raise ValueError(f"the model has no {names} layers to wrap")
+    for name, layer in targets:
+        r = min(rank, *layer.weight.flatten(1).shape)  # (out, in), or (out, in/groups*kh*kw)
+        make = next(w for kind, w in wrappers.items() if isinstance(layer, kind))
+        model = _replace(model, name, make(layer, r, alpha, **kwargs))
+    return model
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) numbers of parameters."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
+
+def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The effective weight of every linear or conv layer, keyed by module name (detached copies).
+
+    Adapter layers report ``merged_weight()`` (W0 + sBA for LoRA, m V/||V|| for DoRA); plain
+    ``nn.Linear`` and ``nn.Conv2d`` layers their weight. A layer inside an adapter is not reported.
+    """
+    adapters = adapter_layers(model)
+    weights = {}
+    for name, module in model.named_modules():
+        if name in adapters:
+            weights[name] = module.merged_weight().detach().clone()
+        elif isinstance(module, nn.Linear | nn.Conv2d) and not _inside(name, adapters):
+            weights[name] = module.weight.detach().clone()
+    return weights
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """model.<name> = module (dotted names); returns the new root if name is ""."""
+    if name == "":
+        return module
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+    return model
+
+
+OPTIONAL_PACKAGES = ("peft", "transformers", "torchao", "accelerate")  # PEFT and what it loads
+
+
+class optional_part:  # noqa: N801  (used as a statement: with helpers.optional_part(...):)
+    """``with optional_part("the comparison with PEFT"): ...`` runs an optional part of the
+    notebook; an exception raised inside an optional package (PEFT imports fine but fails in
+    use, e.g. an older torchao makes get_peft_model raise ImportError) ends the block with one
+    line and the notebook goes on. Exceptions from anywhere else (this project's code) are
+    not swallowed."""
+
+    def __init__(self, what: str, packages=OPTIONAL_PACKAGES):
+        self.what, self.packages = what, tuple(packages)
+        self.skipped: BaseException | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, tb):
+        if error is None or not isinstance(error, Exception) or not self._raised_inside(tb):
+            return False
+        self.skipped = error
+        text = " ".join(str(error).split())[:160]
+        print(wrap(f"Skipping {self.what}: PEFT fails in use ({type(error).__name__}: {text})."))
+        return True
+
+    def _raised_inside(self, tb) -> bool:
+        while tb is not None:
+            if tb.tb_frame.f_globals.get("__name__", "").partition(".")[0] in self.packages:
+                return True
+            tb = tb.tb_next
+        return False
+
+
+def merge_adapters(model: nn.Module, merge) -> nn.Module:
+    """A copy of ``model`` in which every adapter layer is replaced by ``merge(layer)``.
+
+    ``merge`` is the notebook's function that turns one adapter layer into a plain
+    ``nn.Linear``, or a dict of them by adapter class, e.g. ``{LinearWithDoRA: merge,
+    Conv2dWithDoRA: merge_conv}``; this helper only finds the layers and swaps them. ``model``
+    is not modified."""
+    merges = merge if isinstance(merge, dict) else {nn.Module: merge}
+    model = copy.deepcopy(model)
+    for name, layer in adapter_layers(model).items():
+        kind = next((kind for kind in merges if isinstance(layer, kind)), None)
+        if kind is None:
+            raise TypeError(
+                f"layer {name!r} is a {type(layer).__name__} and no merge function was given for "
+                f"it: add {{{type(layer).__name__}: <its merge function>}} to the dict"
+            )
+        model = _replace(model, name, merges[kind](layer))
+    return model
+
+
+@torch.inference_mode()
+def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
+    """Median milliseconds of ``model(x)`` in eval and inference mode (device synchronised)."""
+    was_training = model.training
+    model.eval()
+    times = [timed(lambda: model(x), x.device)[0] for _ in range(warmup + repeats)][warmup:]
+    model.train(was_training)
+    return 1000 * statistics.median(times)

@@ -1,0 +1,88 @@
+"""The reader's session: the release check, the device and its clock, seeds, and printed
+text wrapped to a notebook's output area."""
+
+from __future__ import annotations
+
+import os
+import random
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__version__ = "0.2.0"  # the release this project belongs to; DoRA.ipynb asks for the same one
+
+REPO = Path(__file__).resolve().parents[1]
+WIDTH = 96  # printed sentences are wrapped to fit a notebook's output area
+
+
+def require_version(release: str) -> None:
+    """Stop with a clear message unless this helpers.py is from ``release`` (e.g. "v0.2.0").
+
+    The notebook calls this right after ``import helpers``: a notebook from one release next to
+    a helpers.py from another (on Colab, say) would otherwise fail later, far from the cause."""
+    if release.removeprefix("v") != __version__:
+        raise ImportError(
+            f"helpers.py is version {__version__} ({REPO / 'helpers.py'}) but this notebook needs "
+            f"{release}: put the helpers.py of release {release} next to the notebook (on "
+            "Colab: delete the folder 'project' and re-run the first cell)"
+        )
+
+
+def pick_device(prefer: str | None = None) -> torch.device:
+    """CUDA if present, else Apple MPS if it really works, else CPU.
+
+    ``prefer`` (or the environment variable ``DORA_DEVICE``) forces a choice, e.g. "cpu".
+    """
+    choice = prefer or os.environ.get("DORA_DEVICE")
+    if choice:
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if _mps_works():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _mps_works() -> bool:
+    """MPS can be 'available' and still fail on first use; try one tiny op."""
+    try:
+        if not torch.backends.mps.is_available():
+            return False
+        return bool((torch.ones(2, device="mps") * 2).sum().item() == 4)
+    except Exception:
+        return False
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait until ``device`` has finished its queued work (CUDA and MPS run asynchronously), so
+    that a clock read afterwards measures work done, not work queued. The one sync every timer
+    here and in ``benchmarks/`` uses."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(fn, device: torch.device | str) -> tuple[float, object]:
+    """(seconds, result) of ``fn()``, with ``device`` synchronised before both clock reads."""
+    sync(device)
+    start = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - start, result
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (CPU and every GPU)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def wrap(text: str, indent: str = "") -> str:
+    """``text`` wrapped to ``WIDTH`` columns; continuation lines indented by ``indent``."""
+    return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False)

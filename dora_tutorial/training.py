@@ -1,0 +1,267 @@
+"""Training: one loop for one model or many seeds of one configuration at once, the
+optimisers, accuracy, and fine-tuning copies of a pretrained model with paired seeds."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dora_tutorial.data import Task
+from dora_tutorial.models import add_adapters, layer_weights
+from dora_tutorial.setup import seed_everything, sync
+
+
+@dataclass
+class Runs:
+    """One configuration trained with one or more seeds, everything in seed order.
+
+    ``test_acc`` and ``train_loss`` are (seeds, epochs) arrays; ``seconds`` the time of each
+    epoch for all seeds together; ``weights[k][e]`` the effective weight of every linear layer
+    of seed k after epoch e+1 (when recorded); ``models[k]`` seed k's trained model."""
+
+    seeds: tuple[int, ...]
+    models: list[nn.Module]
+    trainable: int
+    train_loss: np.ndarray
+    test_acc: np.ndarray
+    seconds: list[float]
+    weights: list[list[dict[str, torch.Tensor]]] = field(default_factory=list)
+
+    @property
+    def final(self) -> np.ndarray:
+        """Final test accuracy of each seed, in percent."""
+        return 100 * self.test_acc[:, -1]
+
+
+def batch_orders(seeds, n: int):
+    """For each epoch, an (S, n) tensor: row k is a random order of the n examples drawn from
+    seed k's own generator, so seed k sees the same batches whatever else trains beside it."""
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    while True:
+        yield torch.stack([torch.randperm(n, generator=g) for g in generators])
+
+
+def train(
+    models,
+    task: Task,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seeds=(0,),
+    evaluate_on: str = "test",
+    curves: bool = True,
+    record_weights: bool = False,
+    log=print,
+    name: str = "",
+) -> Runs:
+    """Adam on cross-entropy: one model, or several copies of one architecture at once.
+
+    ``models`` is a module or a list of modules that differ only in their trainable
+    parameters (seeds of one configuration); ``seeds[k]`` sets model k's batch order. All are
+    moved to the task's device, trained in one batched computation (``torch.func.vmap`` over
+    their stacked trainable parameters, one Adam over the stacks: Adam works element by
+    element, so this is the algorithm of separate runs), and written back when done.
+    After each epoch: mean training loss, and accuracy on ``task.<evaluate_on>_x`` (eval mode).
+    ``curves=False`` evaluates after the last epoch only (the earlier epochs' accuracies are
+    NaN): for runs whose learning curves are not drawn, it saves one evaluation per epoch and
+    changes nothing else (evaluation draws no random numbers and trains nothing).
+    """
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    seeds = tuple(seeds)
+    if len(seeds) != len(models):
+        raise ValueError(f"{len(models)} models need {len(models)} seeds, got {len(seeds)}")
+    device = task.train_x.device
+    for model in models:
+        model.to(device)
+    stacked, shared = _stack_parameters(models)
+    template = models[0]
+
+    def logits(params, x):
+        return torch.func.functional_call(template, {**params, **shared}, (x,))
+
+    def loss(params, x, y):
+        return F.cross_entropy(logits(params, x), y)
+
+    batched_loss = torch.func.vmap(loss, randomness="different")  # dropout: a mask per seed
+    optimizer = make_adam(list(stacked.values()), lr)
+    eval_x, eval_y = getattr(task, f"{evaluate_on}_x"), getattr(task, f"{evaluate_on}_y")
+    n, orders = len(task.train_x), batch_orders(seeds, len(task.train_x))
+    losses, accuracies, seconds, weights = [], [], [], [[] for _ in models]
+    template.train()
+    for epoch in range(1, epochs + 1):
+        start, total = time.perf_counter(), torch.zeros(len(models), device=device)
+        order = next(orders).to(device)
+        for i in range(0, n, batch_size):
+            idx = order[:, i : i + batch_size]  # (S, batch): each seed its own batch
+            batch_x, batch_y = _gather(task.train_x, idx), _gather(task.train_y, idx)
+            batch_losses = batched_loss(stacked, batch_x, batch_y)
+            optimizer.zero_grad(set_to_none=True)
+            batch_losses.sum().backward()  # seeds share no parameter: each gets its own grad
+            optimizer.step()
+            total += batch_losses.detach() * idx.shape[1]  # stays on the device: no sync
+        sync(device)
+        seconds.append(time.perf_counter() - start)
+        losses.append((total / n).cpu().numpy())
+        if curves or epoch == epochs:
+            template.eval()  # evaluated without dropout
+            accuracies.append(_accuracies(logits, stacked, eval_x, eval_y))
+            template.train()
+        else:
+            accuracies.append(np.full(len(models), np.nan, dtype=np.float32))  # as measured ones
+        if record_weights or epoch == epochs:
+            _write_back(stacked, models)  # the models hold the trained values from here on
+        if record_weights:
+            for k, model in enumerate(models):
+                weights[k].append(layer_weights(model))
+        if log is not None:
+            acc = 100 * accuracies[-1]
+            spread = f" ± {acc.std(ddof=1):.2f}" if len(acc) > 1 else ""
+            measured = f"{acc.mean():.2f}{spread} %" if not np.isnan(acc).all() else "not measured"
+            log(
+                f"{name}epoch {epoch}/{epochs}: train loss {losses[-1].mean():.4f}, {evaluate_on} "
+                f"accuracy {measured} ({seconds[-1]:.2f} s)"
+            )
+    trainable = sum(t[0].numel() for t in stacked.values())
+    history = np.stack(losses, 1), np.stack(accuracies, 1), seconds
+    return Runs(seeds, models, trainable, *history, weights if record_weights else [])
+
+
+def _gather(data: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``data[idx]`` for an (S, batch) index: the same rows, copied by ``index_select`` (whole
+    rows at a time: cheaper than ``data[idx]``)."""
+    return data.index_select(0, idx.reshape(-1)).view(*idx.shape, *data.shape[1:])
+
+
+def _stack_parameters(models):
+    """({name: (S, ...) leaf tensor} of the trainable parameters, {name: tensor} of the rest).
+
+    The frozen parameters and buffers must be the same in every model: they are shared."""
+    template = models[0]
+    names = [n for n, p in template.named_parameters() if p.requires_grad]
+    if not names:
+        raise ValueError("the model has no trainable parameters")
+    shared = {
+        n: t.detach()
+        for n, t in [*template.named_parameters(), *template.named_buffers()]
+        if n not in names
+    }
+    for model in models[1:]:
+        state = dict([*model.named_parameters(), *model.named_buffers()])
+        if any(not torch.equal(state[n], t) for n, t in shared.items()):
+            raise ValueError("models trained together must share their frozen weights")
+    stacked = {
+        n: torch.stack([m.get_parameter(n).detach() for m in models]).requires_grad_()
+        for n in names
+    }
+    return stacked, shared
+
+
+@torch.no_grad()
+def _write_back(stacked: dict, models: list) -> None:
+    for k, model in enumerate(models):
+        for name, values in stacked.items():
+            model.get_parameter(name).copy_(values[k])
+
+
+@torch.no_grad()
+def _accuracies(logits, stacked, x, y, chunk: int = 2048) -> np.ndarray:
+    """Accuracy of every model on (x, y), evaluated in chunks, as a (S,) numpy array.
+
+    Every model gets the same inputs: unbatched (``in_dims=None``), so that what does not
+    depend on the trained parameters (the first layer's frozen ``x W0^T``) is computed once for
+    all models. A layer that updates such an activation in place with a batched one is refused
+    by vmap; then every model gets the inputs as a batched view (``expand``) instead."""
+    count = len(next(iter(stacked.values())))
+    shared = torch.func.vmap(logits, in_dims=(0, None))
+    each = torch.func.vmap(logits)
+    correct, unbatched = 0, True
+    for i in range(0, len(x), chunk):
+        inputs = x[i : i + chunk]
+        if unbatched:
+            try:
+                out = shared(stacked, inputs)
+            except RuntimeError:
+                if i:  # the first chunk ran unbatched: a real error
+                    raise
+                unbatched = False  # a real error is raised again by the batched call
+        if not unbatched:
+            out = each(stacked, inputs.expand(count, *inputs.shape))
+        correct = correct + (out.argmax(-1) == y[i : i + chunk]).sum(1)
+    return (correct / max(len(x), 1)).cpu().numpy()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
+    """Fraction of rows of ``x`` whose arg-max logit equals ``y`` (model in eval mode, moved to
+    ``x``'s device)."""
+    was_training = model.training
+    model.to(x.device).eval()
+    correct = sum(
+        (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
+        for i in range(0, len(x), batch_size)
+    )
+    model.train(was_training)
+    return correct / len(x)
+
+
+def adamw(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, with DoRA's magnitudes and the biases left out of
+    the weight decay: decoupled decay pulls a parameter toward 0, and on m that shrinks each
+    row's length instead of leaving it where the data put it (PEFT's ``lora_magnitude_vector``
+    is found by its name too)."""
+    decay, keep = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            last = name.split(".")[-1]
+            exempt = last in ("m", "bias") or "lora_magnitude_vector" in name
+            (keep if exempt else decay).append(p)
+    groups = [{"params": decay}, {"params": keep, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+def make_adam(params, lr: float) -> torch.optim.Adam:
+    """Adam, with the fused kernel (one update op for all tensors) where torch and the device
+    have it. Same algorithm either way."""
+    params = list(params)
+    fused = all(_fused_adam_works(p.device, p.dtype) for p in params)
+    return torch.optim.Adam(params, lr=lr, **({"fused": True} if fused else {}))
+
+
+@functools.cache
+def _fused_adam_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether fused Adam runs on this device and dtype. torch checks some of that when the
+    optimizer is built and the rest at its first ``step()``, so try one step on a scratch tensor
+    (older torch, a device or dtype without the kernel: fall back to plain Adam)."""
+    try:
+        p = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
+        p.grad = torch.ones_like(p)
+        torch.optim.Adam([p], lr=1e-3, fused=True).step()
+        return True
+    except (RuntimeError, TypeError, ValueError, NotImplementedError):
+        return False
+
+
+def finetune(pretrained, task, *, seeds, wrapper=None, rank=4, alpha=8, layer_kwargs=None, **kw):
+    """Fine-tune copies of ``pretrained``, one per seed, all at once (see ``train``).
+
+    ``wrapper=None`` trains every weight; otherwise ``add_adapters(pretrained, wrapper, ...)``.
+    Seed k sets the adapter's random init (A) and the batch order, so two configurations run
+    with the same seeds are paired: seed k of LoRA and of DoRA start from the same A and see
+    the same batches. The pretrained model and the task do not depend on the seed.
+    """
+    models = []
+    for seed in seeds:
+        seed_everything(seed)
+        if wrapper is None:
+            models.append(copy.deepcopy(pretrained).requires_grad_(True))
+        else:
+            models.append(add_adapters(pretrained, wrapper, rank, alpha, **(layer_kwargs or {})))
+    return train(models, task, seeds=seeds, **kw)
