@@ -119,7 +119,6 @@ __all__ = [
     "Comparison",
     "what_we_learned",
     "holm",
-    "in_words",
     "results_table",
     "run_summary",
     "summary_text",
