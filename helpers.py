@@ -17,7 +17,15 @@ from dora_tutorial.adapter_files import (
     save_adapter,
     save_peft_adapter,
 )
-from dora_tutorial.check_dora import check_dora  # any DoRA layer against the paper: 12
+from dora_tutorial.arguments import (
+    check_adapter_args,
+    check_conv,
+    check_dropout,
+    check_linear,
+    choose_adapter_dtype,
+)
+from dora_tutorial.cache import InferenceCache
+from dora_tutorial.check_dora import check_dora
 from dora_tutorial.data import MNIST_MEAN, MNIST_STD, Task, load_mnist, make_task, rotate, to_inputs
 from dora_tutorial.memory import saved_tensor_bytes
 from dora_tutorial.models import (
@@ -51,6 +59,7 @@ from dora_tutorial.setup import (
 )
 from dora_tutorial.stats import Comparison, compare, compare_values, holm, lora_at_budget
 from dora_tutorial.summary import (
+    conclusions,
     in_words,
     pooled,
     results_table,
@@ -76,6 +85,7 @@ from dora_tutorial.weights import (
     figure2_slopes,
     figure2_table,
     full_ft_pattern_verdict,
+    magnitude_moved,
     relative_change,
     slope_ratio,
 )
@@ -109,15 +119,23 @@ __all__ = [
     "Comparison",
     "what_we_learned",
     "holm",
-    "in_words",
     "results_table",
     "run_summary",
     "summary_text",
     "write_results",
+    "conclusions",
     # how fine-tuning moves the weights
+    "magnitude_moved",
     "figure2_points",
     "figure2_analysis",
     "figure2_table",
+    # the practitioners' layers
+    "check_adapter_args",
+    "check_dropout",
+    "check_linear",
+    "check_conv",
+    "choose_adapter_dtype",
+    "InferenceCache",
     # shipping
     "merge_adapters",
     "magnitude_moves",

@@ -222,3 +222,31 @@ def write_results(summary: dict) -> Path:
     path = Path(os.environ.get("DORA_RESULTS") or RESULTS_FILE)
     _write_json(path, summary)
     return path
+
+
+def over_ranks(comparisons, ranks) -> str:
+    """A family's verdicts rank by rank: "ahead at rank 1; behind at no rank; no difference
+    detected at ranks 2, 4 and 8"."""
+    verdicts = {r: c.verdict for r, c in zip(ranks, comparisons, strict=True)}
+    return "; ".join(
+        f"{kind} at {in_words([r for r, v in verdicts.items() if v == kind], 'rank')}"
+        for kind in ("ahead", "behind", "no difference detected")
+    )
+
+
+def conclusions(main: dict, families: dict, others: dict, figure2: dict) -> dict:
+    """The run's conclusions, {name: (verdict, sentence, comparisons[, ranks])}, in this order:
+    ``main`` and ``others`` are {name: Comparison}; ``families`` {name: (what is compared,
+    [Comparison per rank], ranks)}, Holm-adjusted; ``figure2``: figure2_analysis's result."""
+
+    def single(c):
+        return c.verdict, c.sentence(), [c]
+
+    out = {name: single(c) for name, c in main.items()}
+    for name, (what, comparisons, ranks) in families.items():
+        verdict = over_ranks(comparisons, ranks)
+        sentence = f"{what}, Holm-adjusted over {len(ranks)} ranks: {verdict}."
+        out[name] = (verdict, sentence, comparisons, ranks)
+    out |= {name: single(c) for name, c in others.items()}
+    verdicts = figure2["verdicts"].items()
+    return out | {f"Figure 2, {key}": (v["verdict"], v["sentence"], []) for key, v in verdicts}

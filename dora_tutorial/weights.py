@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dora_tutorial.adapter_files import adapter_layers
 from dora_tutorial.models import layer_weights
 from dora_tutorial.setup import wrap
 from dora_tutorial.stats import LEVEL, mean_interval
@@ -332,3 +333,12 @@ def figure2_table(analysis: dict) -> str:
 def _bracket(v: dict, spec: str) -> str:
     """'mean [low, high]' of a dict with those keys."""
     return f"{v['mean']:{spec}} [{v['low']:{spec}}, {v['high']:{spec}}]"
+
+
+def magnitude_moved(model, weights0):
+    """Per DoRA layer of ``model``: how far m moved from ||W0[n]||, as the mean over rows of
+    |m_n / ||W0[n]|| - 1|, in percent (``weights0``: the pretrained weights by layer name)."""
+    return {
+        name: 100 * (layer.m.detach() / weights0[name].norm(dim=1) - 1).abs().mean().item()
+        for name, layer in adapter_layers(model).items()
+    }

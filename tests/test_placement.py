@@ -233,9 +233,12 @@ class ForTheStandIn(ast.NodeTransformer):
 
 
 @pytest.mark.slow
-def test_the_notebook_runs_with_everything_on_the_device(monkeypatch, accelerator):
+def test_the_notebook_runs_with_everything_on_the_device(monkeypatch, accelerator, tmp_path):
     """Every code cell, in order, with DORA_DEVICE=meta, fake MNIST and a short protocol."""
     import matplotlib
+
+    # this run's results are not the notebook's: keep them from tests/test_results_any_cpu.py
+    monkeypatch.setenv("DORA_RESULTS", str(tmp_path / "results.json"))
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

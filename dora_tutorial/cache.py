@@ -1,0 +1,43 @@
+"""The DoRA layers' kept value: what depends on the parameters only (W', or k = m / ||V||), kept
+between eval calls with autograd off and recomputed as soon as a parameter (or s) has changed."""
+
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+
+class InferenceCache:
+    """A value computed from a DoRA layer's parameters (W', or m / ||V||), kept between calls
+    in eval mode with autograd off, and recomputed as soon as a parameter (or s) has changed."""
+
+    steps = None  # [optimizer steps so far], counted by a hook on every optimizer's step
+
+    def __init__(self):
+        self.key, self.tensors, self.value = None, None, None
+        if InferenceCache.steps is None:  # fused optimizers step without bumping t._version
+            counter = InferenceCache.steps = [0]
+
+            def count(*_):
+                counter[0] += 1
+
+            register_optimizer_step_post_hook(count)
+
+    def get(self, layer, tensors, compute):
+        """compute(), or what it returned before while ``tensors`` (the parameters it reads)
+        and the layer's scaling s are unchanged and the layer runs in eval mode, no gradients."""
+        if layer.training or torch.is_grad_enabled():
+            self.key, self.tensors, self.value = None, None, None  # keep nothing
+            return compute()
+        seen = self.tensors is not None and all(
+            a is b for a, b in zip(tensors, self.tensors, strict=True)
+        )  # the very parameter objects of the last call
+        if not seen:
+            if not all(isinstance(t, nn.Parameter) and not t.is_inference() for t in tensors):
+                self.key, self.tensors, self.value = None, None, None  # stand-ins (torch.func)
+                return compute()
+            self.key, self.tensors = None, tensors  # parameters not seen before
+        key = [layer.lora.scaling, InferenceCache.steps[0]]
+        key += [(t.data_ptr(), t._version) for t in tensors]
+        if key != self.key:  # first call, or a parameter was moved or changed in place
+            self.key, self.value = key, compute()
+        return self.value
