@@ -9,7 +9,8 @@
 
 and the plumbing that helpers.py re-exports, one module per concern: setup (release check,
 device, clock, seeds, wrapped text), models, data, training, stats, summary, weights (the
-paper's Figure 2), plots, precision (does m train in low precision, what a merge loses).
+paper's Figure 2), plots, precision (does m train in low precision, what a merge loses),
+arguments (the practitioners' layers' argument checks), cache (what DoRA keeps for inference).
 
 Nothing here imports ``tools/`` (the maintainers' scripts) or edits ``sys.path``.
 """
