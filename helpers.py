@@ -1,10 +1,12 @@
 """Plumbing for DoRA.ipynb, re-exported: the notebook and the scripts say ``helpers.X``, and the
-code lives in the package dora_tutorial/, one module per concern: setup (the release check,
+code lives in the package dora_tutorial/, one module per concern: session (the release check,
 device, clock, seeds, wrapped text), models (the MLP, adapters, merging, inference time, optional
 PEFT parts), data (MNIST, the rotated-digits task), training (one loop, many seeds at once),
 stats (paired tests, Holm, LoRA at DoRA's budget), summary (conclusions, tables, results.json),
-weights (the paper's Figure 2 as a test) and plots; beside them the instruments mnist_files,
-adapter_files, memory, precision and check_dora.
+weights (how fine-tuning moves the weights: the paper's Figure 2 as a test), plots, precision
+(low precision: does m train, what a merge loses), arguments (the practitioners' layers' argument
+checks) and cache (what DoRA layers keep for unmerged inference); beside them the instruments
+mnist_files, adapter_files, memory and check_dora.
 
 Helpers never define adapter layers: they take the notebook's layer classes as arguments.
 Nothing here or in dora_tutorial/ imports the maintainers' scripts (tools/).
@@ -46,7 +48,7 @@ from dora_tutorial.plots import (
     plot_rank_sweep,
 )
 from dora_tutorial.precision import magnitude_moves, merge_error
-from dora_tutorial.setup import (
+from dora_tutorial.session import (
     REPO,
     WIDTH,
     __version__,

@@ -7,7 +7,7 @@
                       ``python -m dora_tutorial.check_dora my_module.py:MyDoRA``)
     files ........... atomic writes: a failed write never leaves a corrupt file behind
 
-and the plumbing that helpers.py re-exports, one module per concern: setup (release check,
+and the plumbing that helpers.py re-exports, one module per concern: session (release check,
 device, clock, seeds, wrapped text), models, data, training, stats, summary, weights (the
 paper's Figure 2), plots, precision (does m train in low precision, what a merge loses),
 arguments (the practitioners' layers' argument checks), cache (what DoRA keeps for inference).

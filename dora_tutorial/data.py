@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dora_tutorial.setup import REPO
+from dora_tutorial.session import REPO
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of pixel / 255 over the training set
 

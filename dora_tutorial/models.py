@@ -12,7 +12,7 @@ from torch import nn
 
 from dora_tutorial.adapter_files import adapter_layers
 from dora_tutorial.adapter_files import inside as _inside
-from dora_tutorial.setup import timed, wrap
+from dora_tutorial.session import timed, wrap
 
 
 def make_mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:

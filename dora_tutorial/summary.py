@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from dora_tutorial.files import write_json as _write_json
-from dora_tutorial.setup import REPO, WIDTH, wrap
+from dora_tutorial.session import REPO, WIDTH, wrap
 from dora_tutorial.stats import Comparison, compare, compare_values, holm, mean_interval
 from dora_tutorial.training import Runs
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from dora_tutorial.data import Task
 from dora_tutorial.models import add_adapters, layer_weights
-from dora_tutorial.setup import seed_everything, sync
+from dora_tutorial.session import seed_everything, sync
 
 
 @dataclass

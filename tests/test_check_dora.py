@@ -717,3 +717,8 @@ def test_optional_part_swallows_only_errors_raised_inside_peft(capsys):
     with pytest.raises(ValueError, match="our own bug"):
         with helpers.optional_part("the stand-in"):
             raise ValueError("our own bug")  # this project's errors are not hidden
+
+
+def test_checks_are_numbered_once_each_in_order():
+    """Reports, exit statuses and the docs name checks by number: 1..N, each once."""
+    assert [c.number for c in CHECKS] == list(range(1, len(CHECKS) + 1))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import helpers
-from dora_tutorial.setup import _mps_works
+from dora_tutorial.session import _mps_works
 from support import tiny_task
 
 # ---- data transforms -------------------------------------------------------------------
@@ -165,9 +165,9 @@ def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert helpers.pick_device().type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("dora_tutorial.setup._mps_works", lambda: True)
+    monkeypatch.setattr("dora_tutorial.session._mps_works", lambda: True)
     assert helpers.pick_device().type == "mps"
-    monkeypatch.setattr("dora_tutorial.setup._mps_works", lambda: False)
+    monkeypatch.setattr("dora_tutorial.session._mps_works", lambda: False)
     assert helpers.pick_device().type == "cpu"
 
 
