@@ -5,8 +5,11 @@ and the thread count. This test compares what that run's summary cell wrote (DOR
 conftest.py) with the committed figures/results.json instead: each comparison's difference and
 its two arms' mean accuracies within a band of four times the largest change that float rounding
 alone caused on the same seeds (one thread, AVX2 kernels: experiments/stability.json), and each
-verdict that neither of those two runs changed. It runs after the notebook (conftest.py orders
-it last) and skips when the notebook was not run in the same session.
+verdict that the README states as a result (held in every stability run, its interval clear of
+zero: tools/update_readme.py). A verdict near the detection threshold can flip on another CPU
+(seen with ATEN_CPU_CAPABILITY=default: rank 2 "ahead" in the rank sweep), as it does between
+seed sets: those are not compared. It runs after the notebook (conftest.py orders it last) and
+skips when the notebook was not run in the same session.
 """
 
 import json
@@ -15,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tools.update_readme import held_conclusions
 
 REPO = Path(__file__).resolve().parents[1]
 FLOAT_NOISE = ("1 thread", "AVX2 kernels")  # the committed seeds, other rounding
@@ -29,8 +34,8 @@ def numbers(comparisons):
 
 
 def bands(committed: dict, stability: dict) -> dict:
-    """{conclusion: (band in points, whether float noise left its verdict alone)}."""
-    out = {}
+    """{conclusion: (band in points, whether its verdict is compared: the README states it)}."""
+    out, held = {}, set(held_conclusions(committed, stability))
     for key, conclusion in committed["conclusions"].items():
         ours = conclusion["comparisons"]
         moved = [
@@ -38,8 +43,7 @@ def bands(committed: dict, stability: dict) -> dict:
             for v in FLOAT_NOISE
             if ours
         ]
-        stable = all(stability["variants"][v][key] == conclusion["verdict"] for v in FLOAT_NOISE)
-        out[key] = (max(BAND_FLOOR, BAND_FACTOR * max(moved, default=0.0)), stable)
+        out[key] = (max(BAND_FLOOR, BAND_FACTOR * max(moved, default=0.0)), key in held)
     return out
 
 
@@ -76,7 +80,7 @@ def test_the_committed_run_is_within_its_own_bands():
 
 def test_a_moved_number_or_a_flipped_stable_verdict_is_caught():
     fresh = json.loads(json.dumps(COMMITTED))
-    key = "full FT vs DoRA"  # float noise left its verdict alone
+    key = "full FT vs DoRA"  # a verdict the README states
     band, stable = bands(COMMITTED, STABILITY)[key]
     assert stable
     fresh["conclusions"][key]["comparisons"][0]["diff"] += 1.01 * band
@@ -86,8 +90,8 @@ def test_a_moved_number_or_a_flipped_stable_verdict_is_caught():
 
 
 def test_bands_come_from_float_noise_alone():
-    """A verdict that one thread or AVX2 kernels changed is not compared; bands stay a few
-    points at most (a 10-seed mean moves by tenths of a point under float noise)."""
+    """A verdict the README does not state is not compared; bands stay a few points at most (a
+    10-seed mean moves by tenths of a point under float noise)."""
     result = bands(COMMITTED, STABILITY)
     assert any(not stable for _, stable in result.values())
     assert all(BAND_FLOOR <= band < 5 for band, _ in result.values())

@@ -61,22 +61,30 @@ def pooled_sentence(key: str, results: dict, stability: dict) -> str:
     )
 
 
-def render(results: dict, stability: dict) -> str:
-    """The README's results section, from the notebook's results and the stability runs."""
-    conclusions = results["conclusions"]
-    committed = {k: c["verdict"] for k, c in conclusions.items()}
-    said = {k: c["sentence"] for k, c in conclusions.items()}
-    variants, runs = stability["variants"], stability["comparisons"]
-    seeds = len(stability["protocol"]["SEEDS"])
+def held_conclusions(results: dict, stability: dict) -> list[str]:
+    """The conclusions whose verdict held: the same in every stability run, and in no run (the
+    committed one included) its interval touched zero."""
+    conclusions, variants = results["conclusions"], stability["variants"]
+    runs = stability["comparisons"]
 
     def settled(k):
-        same = all(v.get(k) == committed[k] for v in variants.values())
+        same = all(v.get(k) == conclusions[k]["verdict"] for v in variants.values())
         near = borderline(conclusions[k]["comparisons"]) or any(
             borderline(runs[name].get(k, [])) for name in runs
         )
         return same and not near
 
-    held = [k for k in committed if settled(k)]
+    return [k for k in conclusions if settled(k)]
+
+
+def render(results: dict, stability: dict) -> str:
+    """The README's results section, from the notebook's results and the stability runs."""
+    conclusions = results["conclusions"]
+    committed = {k: c["verdict"] for k, c in conclusions.items()}
+    said = {k: c["sentence"] for k, c in conclusions.items()}
+    variants = stability["variants"]
+    seeds = len(stability["protocol"]["SEEDS"])
+    held = held_conclusions(results, stability)
     unsettled = [k for k in committed if k not in held]
     pretrained = f"{results['pretrained_accuracy']:.2f}%"
     out = [
