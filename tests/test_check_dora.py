@@ -315,7 +315,8 @@ def test_peft_dora_passes_all_but_8_on_zero_rows(dtype):
 
     A robustness finding only (exit status 4). If a later PEFT floors the norm, this test fails
     and should then expect all checks to pass. PEFT's dropout (9) and merge_and_unload / merge /
-    unmerge (10) pass, in float64 exactly and in float32 and bfloat16 within rounding.
+    unmerge (10) pass, in float64 exactly and in float32 and bfloat16 within rounding; on a
+    bfloat16 base PEFT 0.15 cannot merge its float32 adapters (10 fails there).
     """
     reason = peft_unavailable_reason()
     if reason is not None:
@@ -326,10 +327,19 @@ def test_peft_dora_passes_all_but_8_on_zero_rows(dtype):
         "B = model.base_model.model.0.lora_B.default.weight (7, 3), "
         "m = model.base_model.model.0.lora_magnitude_vector.default.weight (7,)"
     )
-    assert failed(report) == {8}, str(report)
-    assert report.exit_status == 4
     detail = {r.number: r.detail for r in report.results}
     assert "all-zero weight row gives NaN or inf in the output at initialisation" in detail[8]
+    import peft
+
+    old_peft = tuple(int(p) for p in peft.__version__.split(".")[:2]) < (0, 21)
+    if dtype == torch.bfloat16 and old_peft and 10 in failed(report):
+        # PEFT 0.15 (requirements.txt's floor) keeps the adapters in float32 on a bfloat16 base,
+        # as 0.21 does, but its merge then multiplies the two dtypes and raises
+        assert failed(report) == {8, 10}, str(report)
+        assert "must have the same dtype" in detail[10]
+        return
+    assert failed(report) == {8}, str(report)
+    assert report.exit_status == 4
     assert "merge_and_unload(), merge() in place, unmerge()" in detail[10]
     assert report.summary().startswith("1 of 12 checks fail: robustness (8)")
 
