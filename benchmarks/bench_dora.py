@@ -99,8 +99,11 @@ def variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str, nn.Modul
 
 
 def lora_class(nb, base: nn.Module) -> type:
-    half = next(base.parameters()).dtype in (torch.bfloat16, torch.float16)
-    return nb.LoRALinear if half else nb.LinearWithLoRA
+    """Part I's LoRA, or LoRALinear where the layers' own rule keeps float32 adapters."""
+    weight = next(base.parameters())
+    return (
+        nb.LinearWithLoRA if helpers.choose_adapter_dtype(weight) == weight.dtype else nb.LoRALinear
+    )
 
 
 def step(model: nn.Module, x: torch.Tensor) -> None:

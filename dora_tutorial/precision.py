@@ -41,7 +41,8 @@ def merge_error(merged, exact, W0):
     base's dtype."""
     exact = exact.double()
     update = (exact - W0.double()).norm()
-    once = exact.to(W0.dtype).double()
-    return ((merged.double() - exact).norm() / update).item(), (
-        (once - exact).norm() / update
-    ).item()
+
+    def lost(weight):
+        return ((weight.double() - exact).norm() / update).item()
+
+    return lost(merged), lost(exact.to(W0.dtype))
