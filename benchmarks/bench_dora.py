@@ -21,7 +21,7 @@ Method: all variants of a configuration live in one process and run interleaved 
 v1, v2, ...) after warm-up steps; the median of the repeats is reported. "saved" is
 ``helpers.saved_tensor_bytes`` of one forward pass: bytes autograd keeps for backward
 (activations and intermediates; parameters and inputs excluded). Ratios come from this one run.
-The layer classes are the notebook's (``tools/notebook_definitions.py``), never copies.
+The layer classes are the notebook's (``dora_tutorial/notebook.py``), never copies.
 Run from the repository root:
 
     .venv/bin/python -m benchmarks.bench_dora [--repeats 5] [--rank 16] [--dtype bfloat16]
@@ -41,7 +41,7 @@ from torch import nn
 
 import helpers
 from dora_tutorial import adapter_files
-from tools.notebook_definitions import import_notebook_definitions
+from dora_tutorial.notebook import import_notebook_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 

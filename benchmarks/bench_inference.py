@@ -41,7 +41,7 @@ from torch import nn
 
 import helpers
 from benchmarks.bench_dora import BOOK, LORA, PEFT, default_norm, print_readme_table, variants
-from tools.notebook_definitions import import_notebook_definitions
+from dora_tutorial.notebook import import_notebook_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 import helpers
-from tools.notebook_definitions import import_notebook_definitions
+from dora_tutorial.notebook import import_notebook_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,8 @@ import argparse
 from pathlib import Path
 
 import helpers
+from dora_tutorial.notebook import import_notebook_definitions, protocol
 from experiments.lr_sweep import tasks
-from tools.notebook_definitions import import_notebook_definitions, protocol
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,7 @@ import time
 import torch
 
 import helpers
-from tools.notebook_definitions import import_notebook_definitions
+from dora_tutorial.notebook import import_notebook_definitions
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m experiments.cnn
 
-Section 5's protocol, read from DoRA.ipynb (``tools/notebook_definitions.py``: rotated task and
+Section 5's protocol, read from DoRA.ipynb (``dora_tutorial/notebook.py``: rotated task and
 validation split, seeds, epochs, batch size, rank, alpha, pretraining), on a small CNN instead of
 the MLP: two 3x3 convolutions with stride 2, then two linear layers. LoRA and DoRA adapt all
 four, with the notebook's classes (``Conv2dWithLoRA`` / ``Conv2dWithDoRA`` next to the linear
@@ -26,8 +26,8 @@ from torch import nn
 
 import helpers
 from dora_tutorial.files import write_json
+from dora_tutorial.notebook import import_notebook_definitions, protocol
 from experiments.lr_sweep import choose_rates, fine_tune, pretrain, tasks
-from tools.notebook_definitions import import_notebook_definitions, protocol
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
     .venv/bin/python -m experiments.lr_sweep
 
 Reads the protocol from DoRA.ipynb (network, pretraining, rotated task, seeds, epochs, batch
-size, rank, alpha: ``tools/notebook_definitions.py``), pretrains as the notebook does, then
+size, rank, alpha: ``dora_tutorial/notebook.py``), pretrains as the notebook does, then
 fine-tunes with full fine-tuning, LoRA and DoRA at each rate in ``RATES``, every seed at once,
 and measures accuracy on the validation set: rotated training digits disjoint from the
 fine-tuning examples and from the test set. Each method gets the rate with the best mean
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import helpers
 from dora_tutorial.files import write_json
-from tools.notebook_definitions import import_notebook_definitions, protocol
+from dora_tutorial.notebook import import_notebook_definitions, protocol
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,8 +31,7 @@ from pathlib import Path
 import nbformat
 
 from dora_tutorial.files import write_json
-from tools.notebook_definitions import protocol
-from tools.run_notebook import execute
+from dora_tutorial.notebook import execute, protocol
 
 REPO = Path(__file__).resolve().parents[1]
 

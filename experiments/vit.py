@@ -9,7 +9,7 @@ value matrices of a transformer across 6 layers, at 3 intermediate checkpoints a
 Here: a ViT over 7 x 7 MNIST patches (16 tokens of 49 values, width 64, 4 heads, MLP 256, 6
 pre-norm blocks, mean pooling), pretrained on MNIST, then fine-tuned on the notebook's rotated
 digits (its angle, training and validation sizes, epochs, batch size, rank and alpha, read from
-DoRA.ipynb by ``tools/notebook_definitions.py``) with full fine-tuning, LoRA and DoRA. LoRA and
+DoRA.ipynb by ``dora_tutorial/notebook.py``) with full fine-tuning, LoRA and DoRA. LoRA and
 DoRA adapt the query and value projections only, with the notebook's classes (``add_adapters``
 with a dict keyed by ``QueryValue``, the ``nn.Linear`` subclass the attention uses for q and v).
 The weights are recorded after each epoch (the notebook's 4 epochs: 3 intermediate checkpoints
@@ -40,8 +40,8 @@ from torch import nn
 
 import helpers
 from dora_tutorial.files import write_json
+from dora_tutorial.notebook import import_notebook_definitions, protocol
 from experiments.lr_sweep import tasks
-from tools.notebook_definitions import import_notebook_definitions, protocol
 
 REPO = Path(__file__).resolve().parents[1]
 

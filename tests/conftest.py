@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tools.notebook_definitions import import_notebook_definitions
+from dora_tutorial.notebook import import_notebook_definitions
 
 os.environ["DORA_DEVICE"] = "cpu"
 if os.environ.get("DORA_BLOCK_PEFT") == "1":

@@ -13,7 +13,7 @@ import json
 import nbformat
 
 import helpers
-from tools.notebook_definitions import protocol
+from dora_tutorial.notebook import protocol
 
 REPO = helpers.REPO
 CNN = json.loads((REPO / "experiments" / "cnn.json").read_text())

@@ -55,7 +55,7 @@ def check_replica(rank: int, class_name: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import helpers
-    from tools.notebook_definitions import import_notebook_definitions
+    from dora_tutorial.notebook import import_notebook_definitions
 
     nb = import_notebook_definitions(REPO / "DoRA.ipynb")
     pretrained = helpers.make_mlp((784, 128, 256, 10), seed=0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import helpers
-from tools.notebook_definitions import import_notebook_definitions
+from dora_tutorial.notebook import import_notebook_definitions
 
 REPO = helpers.REPO
 PYTHON_FILES = [

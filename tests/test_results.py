@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 import helpers
+from dora_tutorial.notebook import protocol
 from tools import update_readme
-from tools.notebook_definitions import protocol
 
 REPO = helpers.REPO
 NOTEBOOK = nbformat.read(REPO / "DoRA.ipynb", as_version=4)

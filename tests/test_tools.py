@@ -8,8 +8,9 @@ import pytest
 import torch
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 
+from dora_tutorial.notebook import coalesce_streams
 from tools.check_determinism import cell_texts, sanitizers
-from tools.run_notebook import REPO, RUNS, coalesce_streams, destinations, main, save_figures
+from tools.run_notebook import REPO, RUNS, destinations, main, save_figures
 
 PNG = base64.b64encode(b"\x89PNG fake").decode()
 

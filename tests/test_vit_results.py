@@ -16,8 +16,8 @@ import math
 import nbformat
 
 import helpers
+from dora_tutorial.notebook import protocol
 from experiments import vit
-from tools.notebook_definitions import protocol
 
 REPO = helpers.REPO
 VIT = json.loads((REPO / "experiments" / "vit.json").read_text())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import nbformat
 
-from tools.run_notebook import execute
+from dora_tutorial.notebook import execute
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,15 +24,14 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import nbformat
-from nbclient import NotebookClient
 
 import helpers
 from dora_tutorial.files import write_atomic
+from dora_tutorial.notebook import execute
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs"  # a reader's run goes here (.gitignore), never over the committed files
@@ -95,82 +94,6 @@ def destinations(notebook: Path, output, figures, device) -> tuple[Path | None, 
     if output.resolve() in committed or figures.resolve() in committed:
         return None, figures
     return output, figures
-
-
-def execute(path: Path, results: Path | None = None) -> nbformat.NotebookNode:
-    """Run all cells in a fresh python3 kernel whose working directory is the notebook's.
-
-    The summary cell writes the run's results (``helpers.write_results``) to ``results``; by
-    default to a temporary file, so that only a run asked to (``main``) replaces the committed
-    figures/results.json."""
-    with tempfile.TemporaryDirectory() as tmp:
-        target = results or Path(tmp) / "results.json"
-        saved = os.environ.get("DORA_RESULTS")
-        os.environ["DORA_RESULTS"] = str(target)  # the kernel inherits this process's environment
-        try:
-            return _execute(path)
-        finally:
-            if saved is None:
-                os.environ.pop("DORA_RESULTS", None)
-            else:
-                os.environ["DORA_RESULTS"] = saved
-
-
-def _execute(path: Path) -> nbformat.NotebookNode:
-    notebook = nbformat.read(path, as_version=4)
-    for cell in notebook.cells:
-        cell.metadata.pop("execution", None)  # timestamps of an earlier run
-    n_code = sum(cell.cell_type == "code" for cell in notebook.cells)
-    counter = iter(range(1, n_code + 1))
-    times: list[tuple[float, int, str]] = []  # (seconds, cell number, first line)
-    clock = [time.perf_counter()]
-
-    def report(cell, **_):
-        now, number = time.perf_counter(), next(counter)
-        seconds, clock[0] = now - clock[0], now
-        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
-        first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
-        times.append((seconds, number, first[:60]))
-        print(f"[{number}/{n_code}, {seconds:.1f} s] {first[:70]}", flush=True)
-        if text.strip():
-            print("    " + text.rstrip().replace("\n", "\n    "), flush=True)
-
-    client = NotebookClient(
-        notebook,
-        timeout=1800,
-        kernel_name="python3",
-        record_timing=False,  # no per-cell timestamps in the stored notebook
-        resources={"metadata": {"path": str(path.parent)}},
-        on_cell_executed=report,
-    )
-    client.execute()
-    print("slowest cells:", flush=True)
-    for seconds, number, first in sorted(times, reverse=True)[:5]:
-        print(f"  {seconds:5.1f} s  [{number}/{n_code}] {first}", flush=True)
-    for cell in notebook.cells:
-        if cell.cell_type == "code":
-            cell.outputs = coalesce_streams(cell.outputs)
-    return notebook
-
-
-def coalesce_streams(outputs: list) -> list:
-    """Join consecutive stdout (or stderr) chunks into one output, as Jupyter shows them.
-
-    How a kernel splits a cell's printing into messages depends on timing; joined, the stored
-    notebook is the same from run to run."""
-    merged = []
-    for out in outputs:
-        previous = merged[-1] if merged else None
-        if (
-            out.output_type == "stream"
-            and previous is not None
-            and previous.output_type == "stream"
-            and previous.name == out.name
-        ):
-            previous.text += out.text
-        else:
-            merged.append(out)
-    return merged
 
 
 def save_figures(notebook: nbformat.NotebookNode, folder: Path) -> list[Path]:
