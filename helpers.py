@@ -29,6 +29,16 @@ from dora_tutorial.arguments import (
 from dora_tutorial.cache import InferenceCache
 from dora_tutorial.check_dora import check_dora
 from dora_tutorial.data import MNIST_MEAN, MNIST_STD, Task, load_mnist, make_task, rotate, to_inputs
+from dora_tutorial.evidence import (
+    ablation_line,
+    disagreements,
+    findings,
+    float_noise,
+    held_out,
+    pooled,
+    rate_table,
+)
+from dora_tutorial.evidence import table as comparison_table
 from dora_tutorial.memory import saved_tensor_bytes
 from dora_tutorial.models import (
     add_adapters,
@@ -43,6 +53,7 @@ from dora_tutorial.plots import (
     plot_digits,
     plot_figure2,
     plot_idea,
+    plot_learning_rates,
     plot_methods,
     plot_paired,
     plot_rank_sweep,
@@ -60,16 +71,7 @@ from dora_tutorial.session import (
     wrap,
 )
 from dora_tutorial.stats import Comparison, compare, compare_values, holm, lora_at_budget
-from dora_tutorial.summary import (
-    conclusions,
-    in_words,
-    pooled,
-    results_table,
-    run_summary,
-    summary_text,
-    what_we_learned,
-    write_results,
-)
+from dora_tutorial.summary import results_table, run_summary, what_we_learned, write_results
 from dora_tutorial.training import (
     Runs,
     accuracy,
@@ -81,13 +83,13 @@ from dora_tutorial.training import (
 )
 from dora_tutorial.weights import (
     checkpoint_correlations,
-    decoupling_verdict,
     figure2_analysis,
+    figure2_conclusions,
     figure2_points,
     figure2_slopes,
     figure2_table,
-    full_ft_pattern_verdict,
     magnitude_moved,
+    magnitude_table,
     relative_change,
     slope_ratio,
 )
@@ -123,11 +125,18 @@ __all__ = [
     "holm",
     "results_table",
     "run_summary",
-    "summary_text",
     "write_results",
-    "conclusions",
+    "comparison_table",
+    "disagreements",
+    "rate_table",
+    "ablation_line",
+    "pooled",
+    "held_out",
+    "float_noise",
+    "findings",
     # how fine-tuning moves the weights
     "magnitude_moved",
+    "magnitude_table",
     "figure2_points",
     "figure2_analysis",
     "figure2_table",
@@ -155,5 +164,6 @@ __all__ = [
     "plot_methods",
     "plot_paired",
     "plot_rank_sweep",
+    "plot_learning_rates",
     "plot_figure2",
 ]

@@ -184,63 +184,76 @@ def plot_rank_sweep(sweep: dict[tuple[str, int], Runs], reference: Runs, title: 
 
 def plot_figure2(points: dict[str, list[dict]], title: str):
     """Figure 2 as a test: relative dM against dD, one panel per method (shared axes), every
-    seed; the pure-rotation curve dD / (1 - dD) on each; the method's mean fitted line.
-
-    Colour: checkpoint; marker: the layer's kind (last part of its name, e.g. q or v)."""
+    seed, layer and checkpoint (colour: checkpoint); the orthogonal-update curve dD / (1 - dD)
+    and the method's fitted line at the last checkpoint (mean over seeds)."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(
-        1, len(points), figsize=(4 * len(points), 3.8), sharex=True, sharey=True, squeeze=False
+        1, len(points), figsize=(4 * len(points), 3.6), sharex=True, sharey=True, squeeze=False
     )
-    markers = "osD^vP*X"
     all_points = [p for pts in points.values() for p in pts]
-    kinds = list(dict.fromkeys(p["layer"].rsplit(".", 1)[-1] for p in all_points))
     checkpoints = sorted({p["checkpoint"] for p in all_points})
     colour = {
         c: plt.cm.viridis(i / max(len(checkpoints) - 1, 1)) for i, c in enumerate(checkpoints)
     }
     x = np.linspace(0, max(p["dD"] for p in all_points) * 1.05, 100)
     for ax, (method, pts) in zip(axes[0], points.items(), strict=True):
-        groups: dict[tuple[int, int], list[dict]] = {}  # one scatter per checkpoint and kind
-        for p in pts:
-            kind = kinds.index(p["layer"].rsplit(".", 1)[-1])
-            groups.setdefault((p["checkpoint"], kind), []).append(p)
-        for (checkpoint, kind), group in sorted(groups.items()):  # later checkpoints on top
+        for checkpoint in checkpoints:  # later checkpoints on top
+            group = [p for p in pts if p["checkpoint"] == checkpoint]
             ax.scatter(
-                [p["dD"] for p in group],
-                [p["dM"] for p in group],
-                color=colour[checkpoint],
-                s=12,
-                marker=markers[kind % len(markers)],
+                [p["dD"] for p in group], [p["dM"] for p in group], color=colour[checkpoint], s=10
             )
         ax.plot(x, x / (1 - x), color="k", ls="--", lw=1)
-        s = figure2_slopes(pts)
-        own = np.linspace(min(p["dD"] for p in pts), max(p["dD"] for p in pts), 20)
-        ax.plot(own, np.mean(s["intercept"]) + s["mean"] * own, color="C3", lw=1.2)
-        ax.set_title(
-            f"{method}: slope {s['mean']:.2f} [{s['low']:.2f}, {s['high']:.2f}]", fontsize=10
-        )
-        _label(ax, "ΔD (direction change)", "ΔM / ||W0[n]|| (relative)")
-        ax.label_outer()
+        s = figure2_slopes(pts, checkpoints[-1])
+        last = [p["dD"] for p in pts if p["checkpoint"] == checkpoints[-1]]
+        own = np.linspace(min(last), max(last), 20)
+        ax.plot(own, np.mean(s["intercept"]) + s["mean"] * own, color="C3", lw=1.5)
+        ax.set_title(f"{method}: slope {s['mean']:.2f}", fontsize=10)
+    fig.supxlabel("ΔD (direction change)", fontsize=10)
+    fig.supylabel("ΔM / ||W0[n]|| (relative)", fontsize=10)
     handles = [
-        plt.Line2D([], [], color="k", ls="--", label="pure rotation: ΔD / (1 - ΔD)"),
-        plt.Line2D([], [], color="C3", label="fitted line (mean over seeds)"),
-    ]
-    handles += [
-        plt.Line2D(
-            [], [], marker=markers[i % len(markers)], ls="", color="gray", label=f"layer {k}"
-        )
-        for i, k in enumerate(kinds)
+        plt.Line2D([], [], color="k", ls="--", label="orthogonal update: ΔD / (1 - ΔD)"),
+        plt.Line2D([], [], color="C3", label="fitted line, last checkpoint"),
     ]
     handles += [
         plt.Line2D([], [], marker="o", ls="", color=colour[c], label=f"checkpoint {c}")
         for c in checkpoints
     ]
-    columns = min(len(handles), 2 * len(points) + 1)  # fits the figure's width
-    rows = -(-len(handles) // columns)
-    fig.legend(handles=handles, loc="lower center", ncol=columns, fontsize=7, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.02 + 0.05 * rows, 1, 1))  # the legend's rows, inside the figure
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend's row
+    return fig
+
+
+def plot_learning_rates(validation: dict[str, dict[str, float]], ranks, title: str):
+    """Mean validation accuracy against learning rate (log axis), one panel per rank, one line
+    per method; ``validation`` is {"LoRA r4": {rate: accuracy}, "full FT": {...}, ...} and
+    full fine-tuning, which has no rank, is drawn in every panel."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ranks), figsize=(4 * len(ranks), 3.4), sharey=True)
+    for ax, rank in zip(np.atleast_1d(axes), ranks, strict=True):
+        for i, method in enumerate(("full FT", "LoRA", "DoRA", "scaled LoRA")):
+            scores = validation.get(method if method == "full FT" else f"{method} r{rank}")
+            if scores:
+                rates = sorted(scores, key=float)
+                style = dict(color="0.6", ls=":") if method == "full FT" else dict(color=f"C{i}")
+                ax.plot(
+                    [float(r) for r in rates],
+                    [scores[r] for r in rates],
+                    "o-",
+                    ms=3,
+                    label=method,
+                    **style,
+                )
+        ax.set_xscale("log")
+        ax.set_title(f"rank {rank}", fontsize=10)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    fig.supxlabel("learning rate", fontsize=10)
+    fig.supylabel("validation accuracy (%)", fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
     return fig
 
 

@@ -37,17 +37,6 @@ class Comparison:
     values: tuple = ((), ())  # the per-seed values of A and of B
 
     @property
-    def family_interval(self) -> tuple[float, float]:
-        """The interval at the family's level: 1 - 5 % / family (Bonferroni; = the 95 % CI for
-        a single comparison). Inside a family this is what "ruled out" rests on."""
-        from scipy import stats
-
-        if self.family == 1:
-            return self.low, self.high
-        q = stats.t.ppf(1 - (1 - LEVEL) / self.family / 2, self.df)
-        return self.diff - q * self.se, self.diff + q * self.se
-
-    @property
     def verdict(self) -> str:
         """'ahead', 'behind' or 'no difference detected' (from the Holm p when there is one)."""
         p = self.p if self.p_holm is None else self.p_holm
@@ -69,39 +58,23 @@ class Comparison:
         q = stats.t.ppf(1 - alpha / 2, self.df)
         return self.diff - q * self.se, self.diff + q * self.se
 
-    def near_threshold(self, margin: float) -> bool:
-        """Whether ``verdict_interval`` touches zero, the threshold between the verdicts: its
-        end nearest zero lies within ``margin`` times its half-width of zero, on either side.
-        Such a verdict flips with a small change of the per-seed values (another seed set,
-        another summation order)."""
-        low, high = self.verdict_interval
-        half = (high - low) / 2
-        return half > 0 and abs(abs(self.diff) - half) <= margin * half
-
-    @property
-    def family_level(self) -> str:
-        """The level of ``family_interval``: '95 %' alone, '99 %' in a family of five."""
-        return f"{100 * (1 - (1 - LEVEL) / self.family):.0f} %"
-
     def sentence(self) -> str:
         """One sentence from the numbers: the difference, its interval, the test, the verdict;
-        when no difference is detected, what the interval rules out (at the family's level)."""
+        when no difference is detected, what the interval the verdict is decided at rules out."""
         numbers = (
             f"95 % CI {self.low:+.2f} to {self.high:+.2f}; {self.test}, {self.n} seeds, "
             f"p {_p(self.p)}"
         )
-        low, high = self.family_interval
+        level = "95 %"
         if self.p_holm is not None:
-            numbers += (
-                f", Holm-adjusted over {self.family} ranks p {_p(self.p_holm)}; "
-                f"{self.family_level} CI over the {self.family} ranks "
-                f"{low:+.2f} to {high:+.2f}"
-            )
+            numbers += f", Holm-adjusted over {self.family} p {_p(self.p_holm)}"
+            level = f"Holm's level for it ({100 * (1 - (1 - LEVEL) * self.p / self.p_holm):.1f} %)"
         if self.verdict == "no difference detected":
+            low, high = self.verdict_interval
             return (
                 f"{self.a} - {self.b} = {self.diff:+.2f} points ({numbers}): no difference "
                 f"detected; {self.a} ahead by more than {max(high, 0):.2f} or behind by more "
-                f"than {max(-low, 0):.2f} points is ruled out at {self.family_level}."
+                f"than {max(-low, 0):.2f} points is ruled out at {level}."
             )
         side = "ahead of" if self.verdict == "ahead" else "behind"
         return f"{self.a} is {side} {self.b} by {abs(self.diff):.2f} points ({numbers})."

@@ -1,16 +1,15 @@
-"""What a run found, in words and tables: Part I's conclusions, the results table, and the
-run's summary as data, printed by the notebook and saved as figures/results.json."""
+"""What a run found: Part I's conclusions in words, the results table, and the run's numbers
+as data (figures/results.json)."""
 
 from __future__ import annotations
 
 import os
-import textwrap
 from pathlib import Path
 
 import numpy as np
 
 from dora_tutorial.files import write_json as _write_json
-from dora_tutorial.session import REPO, WIDTH, wrap
+from dora_tutorial.session import REPO
 from dora_tutorial.stats import Comparison, compare, compare_values, holm, mean_interval
 from dora_tutorial.training import Runs
 
@@ -110,16 +109,6 @@ def in_words(numbers, noun: str) -> str:
     return f"{noun}s {', '.join(numbers[:-1])} and {numbers[-1]}"
 
 
-def _verdict_table(verdicts: dict[str, str]) -> str:
-    """Conclusion | verdict, one row each (long verdicts wrap under their column)."""
-    width = max(map(len, verdicts)) + 2
-    rows = [f"{'conclusion':<{width}}verdict"]
-    for key, verdict in verdicts.items():
-        lines = textwrap.wrap(verdict, WIDTH - width) or [""]
-        rows += [f"{key:<{width}}{lines[0]}"] + [" " * width + line for line in lines[1:]]
-    return "\n".join(rows)
-
-
 def _accuracy_rows(results: dict[str, Runs]) -> list[dict]:
     """Per method: trainable parameters, final test accuracy's mean, std and 95 % interval."""
     rows = []
@@ -159,94 +148,33 @@ def _accuracy_table(rows: list[dict], seeds: int, seconds: list[float] | None = 
     return "\n".join(lines) + f"\n({seeds} seeds each{note})"
 
 
-def run_summary(results: dict[str, Runs], pretrained_accuracy: float, conclusions) -> dict:
-    """The run's results as data: the accuracy table, the pretrained model's accuracy (%) and
-    {conclusion: {"verdict", "sentence", "comparisons"}}, where ``conclusions`` gives each
-    (verdict, sentence, the Comparisons it rests on[, a label for each]). ``summary_text``
-    prints it, ``write_results`` saves it; the README and experiments/stability.py read the
-    saved file (the per-seed values let the stability run pool seed sets), never printed text."""
+def run_summary(results: dict[str, Runs], pretrained_accuracy: float, comparisons, figure2) -> dict:
+    """This run's numbers as data, for the regression check on any CPU
+    (tests/test_results_any_cpu.py): each method's accuracy, the pretrained model's accuracy (%),
+    {name: Comparison} with their verdicts, and Figure 2's conclusions."""
+    keep = ("diff", "low", "high", "p", "p_holm")
     return {
         "seeds": len(next(iter(results.values())).seeds),
         "pretrained_accuracy": 100 * float(pretrained_accuracy),
         "methods": _accuracy_rows(results),
-        "conclusions": {
-            key: {
-                "verdict": verdict,
-                "sentence": sentence,
-                "comparisons": [_comparison_data(c) for c in comparisons],
-                "labels": [str(x) for x in labels[0]] if labels else [],
+        "comparisons": {
+            name: {
+                **{k: getattr(c, k) for k in keep},
+                "verdict": c.verdict,
+                "interval": c.verdict_interval,
             }
-            for key, (verdict, sentence, comparisons, *labels) in conclusions.items()
+            for name, c in comparisons.items()
         },
+        "figure2": {key: figure2[key] for key in ("conclusions", "ratios")},
     }
-
-
-def _comparison_data(c: Comparison) -> dict:
-    keep = ("a", "b", "diff", "low", "high", "p", "p_holm", "family", "test", "n")
-    return {**{k: getattr(c, k) for k in keep}, "values": [list(v) for v in c.values]}
-
-
-def pooled(runs_of_one_conclusion: list[list[dict]]) -> list[Comparison]:
-    """One conclusion's comparisons from several seed sets (each a list of ``_comparison_data``
-    dicts), pooled: the per-seed values joined, the test rerun, Holm again within a family."""
-    joined = []
-    for parts in zip(*runs_of_one_conclusion, strict=True):
-        first = parts[0]
-        a = [x for part in parts for x in part["values"][0]]
-        b = [x for part in parts for x in part["values"][1]]
-        joined.append(compare_values(first["a"], a, first["b"], b, "paired" in first["test"]))
-    return holm(joined) if len(joined) > 1 else joined
-
-
-def summary_text(summary: dict) -> str:
-    """What the notebook's summary cell prints, from ``run_summary``'s data alone."""
-    conclusions = summary["conclusions"]
-    return "\n".join(
-        [
-            _accuracy_table(summary["methods"], summary["seeds"]),
-            f"pretrained model on rotated digits: {summary['pretrained_accuracy']:.2f}%",
-            "",
-            _verdict_table({key: c["verdict"] for key, c in conclusions.items()}),
-            "",
-            *(wrap(f"- {key}: {c['sentence']}", indent="  ") for key, c in conclusions.items()),
-        ]
-    )
 
 
 RESULTS_FILE = REPO / "figures" / "results.json"
 
 
 def write_results(summary: dict) -> Path:
-    """Save ``summary`` as JSON: to $DORA_RESULTS if set (tests, checks and the stability runs
-    write elsewhere), else to figures/results.json, beside the figures of the same run."""
+    """Save ``summary`` as JSON: to $DORA_RESULTS if set (the tests' runs write elsewhere), else
+    to figures/results.json, beside the figures of the same run."""
     path = Path(os.environ.get("DORA_RESULTS") or RESULTS_FILE)
     _write_json(path, summary)
     return path
-
-
-def over_ranks(comparisons, ranks) -> str:
-    """A family's verdicts rank by rank: "ahead at rank 1; behind at no rank; no difference
-    detected at ranks 2, 4 and 8"."""
-    verdicts = {r: c.verdict for r, c in zip(ranks, comparisons, strict=True)}
-    return "; ".join(
-        f"{kind} at {in_words([r for r, v in verdicts.items() if v == kind], 'rank')}"
-        for kind in ("ahead", "behind", "no difference detected")
-    )
-
-
-def conclusions(main: dict, families: dict, others: dict, figure2: dict) -> dict:
-    """The run's conclusions, {name: (verdict, sentence, comparisons[, ranks])}, in this order:
-    ``main`` and ``others`` are {name: Comparison}; ``families`` {name: (what is compared,
-    [Comparison per rank], ranks)}, Holm-adjusted; ``figure2``: figure2_analysis's result."""
-
-    def single(c):
-        return c.verdict, c.sentence(), [c]
-
-    out = {name: single(c) for name, c in main.items()}
-    for name, (what, comparisons, ranks) in families.items():
-        verdict = over_ranks(comparisons, ranks)
-        sentence = f"{what}, Holm-adjusted over {len(ranks)} ranks: {verdict}."
-        out[name] = (verdict, sentence, comparisons, ranks)
-    out |= {name: single(c) for name, c in others.items()}
-    verdicts = figure2["verdicts"].items()
-    return out | {f"Figure 2, {key}": (v["verdict"], v["sentence"], []) for key, v in verdicts}

@@ -20,15 +20,15 @@ from dora_tutorial.training import Runs
 def relative_change(weight: torch.Tensor, weight0: torch.Tensor) -> dict[str, float]:
     """Figure 2's measures of one fine-tuned weight against the pretrained one, over rows n:
 
-    dD       = mean_n ( 1 - cos(W[n], W0[n]) )                  (the paper's direction change)
-    dM       = mean_n | ||W[n]|| - ||W0[n]|| | / ||W0[n]||       (magnitude change, relative)
-    rotation = mean_n ( dD_n / (1 - dD_n) )                      (the dM a pure rotation gives)
+    dD         = mean_n ( 1 - cos(W[n], W0[n]) )                (the paper's direction change)
+    dM         = mean_n | ||W[n]|| - ||W0[n]|| | / ||W0[n]||     (magnitude change, relative)
+    orthogonal = mean_n ( dD_n / (1 - dD_n) )                    (the dM of orthogonal updates)
 
-    ``rotation`` is the relative magnitude change the same per-row direction changes would give
-    if every row's update were orthogonal to the row: a point with dM == rotation lies on the
-    rotation curve, and only an update with a component along W0[n] moves it off. A row turned
-    by 90 degrees or more has no such rotation: it counts in dD and dM, is left out of
-    ``rotation`` (NaN if every row is) and is counted in ``turned``."""
+    ``orthogonal`` is the relative magnitude change the same per-row direction changes give when
+    each row's update d is orthogonal to the row: ||w0 + d|| = ||w0|| / cos. Only an update with
+    a component along W0[n] moves a point off that curve. (A rotation keeps the length: dM = 0.)
+    A row turned by 90 degrees or more has no such update: it counts in dD and dM, is left out
+    of ``orthogonal`` (NaN if every row is) and is counted in ``turned``."""
     weight, weight0 = (w.detach().to("cpu", torch.float64).flatten(1) for w in (weight, weight0))
     if weight.shape != weight0.shape:
         raise ValueError(f"weights of shapes {tuple(weight.shape)} and {tuple(weight0.shape)}")
@@ -40,14 +40,14 @@ def relative_change(weight: torch.Tensor, weight0: torch.Tensor) -> dict[str, fl
     return {
         "dD": (1 - cos).mean().item(),
         "dM": ((m - m0).abs() / m0).mean().item(),
-        # dD_n / (1 - dD_n) = 1 / cos_n - 1, over the rows a rotation can reach
-        "rotation": (1 / cos[reachable] - 1).mean().item() if reachable.any() else math.nan,
+        # dD_n / (1 - dD_n) = 1 / cos_n - 1, over the rows an orthogonal update can reach
+        "orthogonal": (1 / cos[reachable] - 1).mean().item() if reachable.any() else math.nan,
         "turned": int((~reachable).sum()),
     }
 
 
 def figure2_points(runs: Runs, pretrained: nn.Module, layers) -> list[dict]:
-    """One point per (seed, checkpoint, layer): ``relative_change``'s dD, dM and rotation, with
+    """One point per (seed, checkpoint, layer): ``relative_change``'s dD, dM and orthogonal, with
     ``seed``, ``checkpoint`` (the epoch the weights were recorded after) and ``layer``.
 
     ``runs`` must hold recorded weights (``train(..., record_weights=True)``)."""
@@ -88,59 +88,59 @@ def _least_squares(x, y) -> tuple[float, float]:
     return float(slope), float(intercept)
 
 
-def _rotation_slope(points: list[dict]) -> float:
-    """The slope of the rotation reference on dD, over the points that have one."""
-    have = [p for p in points if math.isfinite(p["rotation"])]
+def _orthogonal_slope(points: list[dict]) -> float:
+    """The slope of the orthogonal-update reference on dD, over the points that have one."""
+    have = [p for p in points if math.isfinite(p["orthogonal"])]
     if len(have) < 3:
         return math.nan
-    return _least_squares([p["dD"] for p in have], [p["rotation"] for p in have])[0]
+    return _least_squares([p["dD"] for p in have], [p["orthogonal"] for p in have])[0]
 
 
-def figure2_slopes(points: list[dict]) -> dict:
-    """Per seed, the least-squares slope (with intercept) of relative dM on dD over all its
-    layers and checkpoints; their mean and 95 % t-interval over seeds.
+def figure2_slopes(points: list[dict], checkpoint: int | None = None) -> dict:
+    """Per seed, the least-squares slope (with intercept) of relative dM on dD over its layers
+    (at one ``checkpoint``, or over all of them); their mean and 95 % t-interval over seeds.
 
     With an intercept, the slope says how much more a layer's magnitude changes where its
-    direction changes more: "dM follows dD". A magnitude change that happens whatever the
-    direction change (DoRA trains m on its own) goes into the intercept; through the origin it
-    would be read as steep coupling instead. The same fit on each point's rotation reference
-    gives the slope a pure rotation would have over the same dD values (about 1 for small dD).
-    Seeds are the replicates: the points of one seed share its run and are not independent.
+    direction changes more; a magnitude change that happens whatever the direction change goes
+    into the intercept. The same fit on the orthogonal-update reference gives the slope such
+    updates would have over the same dD values (about 1 for small dD). Seeds are the replicates.
 
-    Returns {"seeds", "slope" (per seed), "intercept" (per seed), "rotation" (per seed), "mean",
-    "low", "high", "rotation_mean"}."""
+    Returns {"seeds", "slope", "intercept", "orthogonal" (per seed), "mean", "low", "high",
+    "orthogonal_mean"}."""
+    if checkpoint is not None:
+        points = [p for p in points if p["checkpoint"] == checkpoint]
     seeds = _by_seed(points)
     fits = [_least_squares([p["dD"] for p in s], [p["dM"] for p in s]) for s in seeds.values()]
-    rotation = [_rotation_slope(s) for s in seeds.values()]
+    orthogonal = [_orthogonal_slope(s) for s in seeds.values()]
     slope = np.array([f[0] for f in fits])
     low, high = mean_interval(slope)
     return {
         "seeds": list(seeds),
         "slope": slope.tolist(),
         "intercept": [f[1] for f in fits],
-        "rotation": rotation,
+        "orthogonal": orthogonal,
         "mean": float(slope.mean()),
         "low": float(low),
         "high": float(high),
-        "rotation_mean": float(np.nanmean(rotation)) if np.isfinite(rotation).any() else math.nan,
+        "orthogonal_mean": float(np.nanmean(orthogonal))
+        if np.isfinite(orthogonal).any()
+        else math.nan,
     }
 
 
-def slope_ratio(points_a: list[dict], points_b: list[dict], paired: bool | None = None) -> dict:
+def slope_ratio(points_a, points_b, paired: bool | None = None, checkpoint=None) -> dict:
     """Slope of A over slope of B (``figure2_slopes``), with its 95 % interval.
 
-    Paired by seed when both ran the same seeds (``paired=None`` decides; False forces the
-    unpaired form): seed k of A and of B share the adapter's init and batch order, so the
-    per-seed log-ratio log(slope_a[k] / slope_b[k]) is tested with a one-sample t on n - 1
-    degrees, and its mean and interval are exponentiated (a geometric-mean ratio). Logs make a
-    ratio symmetric (A/B and B/A give reciprocal intervals) and tame its skew. Unpaired: Welch's
-    interval on the difference of mean log-slopes. When a slope is not positive the log does not
-    exist: then the per-seed ratios' arithmetic mean and t-interval (paired only).
+    Paired by seed when both ran the same seeds (``paired=None`` decides): the per-seed
+    log-ratio is tested with a one-sample t, and its mean and interval exponentiated (a
+    geometric-mean ratio, symmetric in A and B). Unpaired: Welch's interval on the difference of
+    mean log-slopes. A slope that is not positive has no log: then the per-seed ratios'
+    arithmetic mean (paired only).
 
     Returns {"ratio", "low", "high", "paired", "scale" ("log" or "linear"), "n", "per_seed"}."""
     from scipy import stats
 
-    a, b = figure2_slopes(points_a), figure2_slopes(points_b)
+    a, b = figure2_slopes(points_a, checkpoint), figure2_slopes(points_b, checkpoint)
     same = a["seeds"] == b["seeds"]
     if paired is None:
         paired = same
@@ -165,14 +165,13 @@ def slope_ratio(points_a: list[dict], points_b: list[dict], paired: bool | None 
         ratio, low, high = math.exp(diff), math.exp(diff - half), math.exp(diff + half)
     else:
         raise ValueError("an unpaired ratio needs positive slopes")
-    n = min(len(sa), len(sb))
     return {
         "ratio": float(ratio),
         "low": float(low),
         "high": float(high),
         "paired": paired,
         "scale": scale,
-        "n": n,
+        "n": min(len(sa), len(sb)),
         "per_seed": per_seed,
     }
 
@@ -180,15 +179,13 @@ def slope_ratio(points_a: list[dict], points_b: list[dict], paired: bool | None 
 def checkpoint_correlations(points: list[dict]) -> dict[int, dict]:
     """The correlation of relative dM with dD across layers, at each checkpoint on its own.
 
-    Per seed and checkpoint, Pearson's r over that checkpoint's layers (no pooling over time:
-    both measures grow during training, a trend that says nothing about layer-to-layer
-    coupling); then, per checkpoint, the mean over seeds and its 95 % interval, computed on
-    Fisher's z = atanh(r) (bounded r is skewed near +-1; z is near normal) and mapped back.
+    Per seed and checkpoint, Pearson's r over that checkpoint's layers (pooling checkpoints
+    would add the training-time trend: both measures grow as training goes on); then, per
+    checkpoint, the mean over seeds and its 95 % interval, on Fisher's z = atanh(r).
 
     Returns {checkpoint: {"r" (per seed), "mean", "low", "high"}}."""
     out = {}
-    checkpoints = sorted({p["checkpoint"] for p in points})
-    for checkpoint in checkpoints:
+    for checkpoint in sorted({p["checkpoint"] for p in points}):
         rs = []
         for seed_points in _by_seed(points).values():
             here = [p for p in seed_points if p["checkpoint"] == checkpoint]
@@ -206,125 +203,102 @@ def checkpoint_correlations(points: list[dict]) -> dict[int, dict]:
     return out
 
 
-def full_ft_pattern_verdict(points: list[dict], paper: float):
-    """(verdict, sentence): does full fine-tuning show the paper's negative dD-dM correlation?
-
-    'negative, as in the paper' when the interval is below 0 at every checkpoint; 'positive,
-    not the paper's pattern' when above 0 at every one; otherwise 'not settled' (checkpoints
-    disagree or an interval covers 0). The sentence adds the slope against the rotation curve."""
-    corr = checkpoint_correlations(points)
-    below = [c for c, v in corr.items() if v["high"] < 0]
-    above = [c for c, v in corr.items() if v["low"] > 0]
-    if len(below) == len(corr):
-        verdict = "negative, as in the paper"
-    elif len(above) == len(corr):
-        verdict = "positive, not the paper's pattern"
-    else:
-        verdict = "not settled"
-    slopes = figure2_slopes(points)
-    cells = "; ".join(
-        f"checkpoint {c}: r {v['mean']:+.2f} (95 % CI {v['low']:+.2f} to {v['high']:+.2f})"
-        for c, v in corr.items()
-    )
-    sentence = (
-        f"Full fine-tuning, correlation of relative magnitude and direction change across layers "
-        f"({len(slopes['seeds'])} seeds), {cells}; paper {paper:+.2f} (section 3.2, Figure 2): "
-        f"{verdict}. Its slope is {slopes['mean']:.2f} (95 % CI {slopes['low']:.2f} to "
-        f"{slopes['high']:.2f}) against {slopes['rotation_mean']:.2f} for a pure rotation over "
-        f"the same direction changes."
-    )
-    return verdict, sentence
-
-
-def decoupling_verdict(points: dict[str, list[dict]], a: str = "DoRA", b: str = "LoRA"):
-    """(verdict, sentence): does A's magnitude change follow its direction change less than B's?
-
-    From ``slope_ratio`` (paired by seed): 'decoupled' when the 95 % interval of slope A / slope
-    B lies below 1, 'more coupled' when above 1, else 'no difference detected'. The sentence
-    gives every other method's ratio too (e.g. DoRA / full FT), as numbers, not verdicts."""
-    ratio = slope_ratio(points[a], points[b])
-    if ratio["high"] < 1:
-        verdict = "decoupled"
-    elif ratio["low"] > 1:
-        verdict = "more coupled"
-    else:
-        verdict = "no difference detected"
-    others = [
-        f"{a} / {name} {r['ratio']:.2f} (95 % CI {r['low']:.2f} to {r['high']:.2f})"
-        for name in points
-        if name not in (a, b)
-        for r in [slope_ratio(points[a], points[name])]
-    ]
-    slopes = {name: figure2_slopes(pts) for name, pts in points.items()}
-    words = ", ".join(f"{name} {s['mean']:.2f}" for name, s in slopes.items())
-    sentence = (
-        f"Slope of relative magnitude change on direction change: {words}. {a} / {b} = "
-        f"{ratio['ratio']:.2f} (95 % CI {ratio['low']:.2f} to {ratio['high']:.2f}, "
-        f"{'paired by seed' if ratio['paired'] else 'unpaired'}, {ratio['n']} seeds): {verdict}"
-        + (f"; {'; '.join(others)}." if others else ".")
-    )
-    return verdict, sentence
-
-
 def figure2_analysis(points: dict[str, list[dict]], paper: dict[str, float]) -> dict:
-    """Everything above as JSON-ready data: per method its slopes and per-checkpoint
-    correlations (with the paper's r), the ratios of DoRA's slope to every other method's
-    (paired), and the two verdicts (when the methods are there)."""
-    out: dict = {"methods": {}, "ratios": {}, "verdicts": {}}
+    """Per method its slope at each checkpoint and its correlation at each checkpoint (with the
+    paper's r); at the last checkpoint the slope ratios DoRA / LoRA, DoRA / full FT and
+    LoRA / full FT (paired by seed); and the conclusions in words (``figure2_conclusions``)."""
+    out: dict = {"methods": {}, "ratios": {}}
     for name, pts in points.items():
+        checkpoints = sorted({p["checkpoint"] for p in pts})
         out["methods"][name] = {
-            "slope": figure2_slopes(pts),
+            "slopes": {str(c): figure2_slopes(pts, c) for c in checkpoints},
             "correlations": {str(c): v for c, v in checkpoint_correlations(pts).items()},
             "paper_r": paper.get(name),
             "turned": sum(p.get("turned", 0) for p in pts),  # rows turned by 90 degrees or more
         }
-    for a in points:
-        for b in points:
-            if a != b and a == "DoRA":
-                out["ratios"][f"{a} / {b}"] = slope_ratio(points[a], points[b])
-    if "full FT" in points:
-        out["verdicts"]["full FT pattern"] = dict(
-            zip(
-                ("verdict", "sentence"),
-                full_ft_pattern_verdict(points["full FT"], paper["full FT"]),
-                strict=True,
-            )
-        )
-    if {"DoRA", "LoRA"} <= set(points):
-        out["verdicts"]["DoRA decoupled vs LoRA"] = dict(
-            zip(("verdict", "sentence"), decoupling_verdict(points), strict=True)
-        )
+    last = max(p["checkpoint"] for pts in points.values() for p in pts)
+    for a, b in (("DoRA", "LoRA"), ("DoRA", "full FT"), ("LoRA", "full FT")):
+        if {a, b} <= set(points):
+            out["ratios"][f"{a} / {b}"] = slope_ratio(points[a], points[b], checkpoint=last)
+    out["conclusions"] = figure2_conclusions(out)
     return out
 
 
+def figure2_conclusions(analysis: dict) -> dict[str, str]:
+    """The analysis in three computed sentences: full fine-tuning's pattern against the paper's;
+    whether DoRA's magnitude follows its direction less than LoRA's; and whether DoRA moves the
+    weights more like full fine-tuning than LoRA does (the paper's claim), on these slopes."""
+    methods, ratios, said = analysis["methods"], analysis["ratios"], {}
+    if "full FT" in methods:
+        corr = methods["full FT"]["correlations"].values()
+        rs = ", ".join(f"{c['mean']:+.2f}" for c in corr)
+        if all(c["low"] > 0 for c in corr):
+            pattern = "every interval above 0: not the paper's negative pattern"
+        elif all(c["high"] < 0 for c in corr):
+            pattern = "every interval below 0: the paper's negative pattern"
+        else:
+            pattern = "the intervals disagree or cover 0: not settled"
+        said["full FT pattern"] = (
+            f"Full fine-tuning: r across layers {rs} at the checkpoints, {pattern} "
+            f"(paper {methods['full FT']['paper_r']:+.2f})."
+        )
+    if "DoRA / LoRA" in ratios:
+        r = ratios["DoRA / LoRA"]
+        if r["high"] < 1 or r["low"] > 1:
+            how = f"{'less' if r['high'] < 1 else 'more'} than LoRA's"
+        else:
+            how = "no differently from LoRA's, as far as these seeds tell"
+        said["DoRA decoupled vs LoRA"] = (
+            f"DoRA's length follows its direction {how} (slope ratio {_ratio(r)} at the last "
+            "checkpoint); by construction, since m alone sets each row's length."
+        )
+    if {"DoRA / full FT", "LoRA / full FT"} <= set(ratios):
+        d, lo = ratios["DoRA / full FT"], ratios["LoRA / full FT"]
+        closer = "DoRA" if abs(d["ratio"] - 1) < abs(lo["ratio"] - 1) else "LoRA"
+        said["closer to full FT"] = (
+            f"Against full fine-tuning's slope, DoRA's is {_ratio(d)} and LoRA's {_ratio(lo)}: "
+            f"on this measure {closer} moves the weights more like full fine-tuning"
+            + (
+                ", not DoRA as the paper reports."
+                if closer == "LoRA"
+                else ", as the paper reports."
+            )
+        )
+    return said
+
+
+def _ratio(r: dict) -> str:
+    return f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+
 def figure2_table(analysis: dict) -> str:
-    """``figure2_analysis``'s numbers as two narrow tables (each line fits a notebook's output
-    column): per method the slope with its interval, the rotation's slope and the paper's r;
-    then r across layers at each checkpoint (mean, 95 % interval); then the ratios."""
+    """``figure2_analysis``'s numbers: per method the slope at each checkpoint [95 % CI], the
+    orthogonal-update slope (last checkpoint) and the paper's r; then r across layers at each
+    checkpoint; then the slope ratios."""
     methods = analysis["methods"]
-    checkpoints = list(next(iter(methods.values()))["correlations"])
-    lines = [f"{'method':<9}{'slope [95 % CI]':>22}{'rotation':>10}{'paper r':>9}"]
+    checkpoints = list(next(iter(methods.values()))["slopes"])
+    head = "".join(f"{'slope at ' + c:>18}" for c in checkpoints)
+    lines = [f"{'method':<9}{head}{'orthogonal':>11}{'paper r':>8}"]
     for name, m in methods.items():
         paper = f"{m['paper_r']:+.2f}" if m["paper_r"] is not None else "-"
-        s = m["slope"]
-        lines.append(f"{name:<9}{_bracket(s, '.2f'):>22}{s['rotation_mean']:>10.2f}{paper:>9}")
-    lines += ["", f"{'method':<9}" + "".join(f"{'r at ' + c:>22}" for c in checkpoints)]
+        cells = "".join(f"{_bracket(s, '.2f'):>18}" for s in m["slopes"].values())
+        orthogonal = m["slopes"][checkpoints[-1]]["orthogonal_mean"]
+        lines.append(f"{name:<9}{cells}{orthogonal:>11.2f}{paper:>8}")
+    lines += ["", f"{'method':<9}" + "".join(f"{'r at ' + c:>21}" for c in checkpoints)]
     for name, m in methods.items():
         lines.append(
-            f"{name:<9}" + "".join(f"{_bracket(v, '+.2f'):>22}" for v in m["correlations"].values())
+            f"{name:<9}" + "".join(f"{_bracket(v, '+.2f'):>21}" for v in m["correlations"].values())
         )
-    lines.append("")
-    for key, r in analysis["ratios"].items():
-        kind = "paired by seed" if r["paired"] else "unpaired"
-        lines.append(f"slope {key}: {r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}] ({kind})")
+    if analysis["ratios"]:
+        lines += ["", "slope ratio at the last checkpoint, paired by seed [95 % CI]:"]
+        lines += [f"  {k:<16}{_ratio(r)}" for k, r in analysis["ratios"].items()]
     turned = {name: m["turned"] for name, m in methods.items() if m.get("turned")}
     if turned:
         counts = ", ".join(f"{name} {n:,}" for name, n in turned.items())
         lines.append(
             wrap(
                 f"rows turned by 90 degrees or more, over all seeds, layers and checkpoints: "
-                f"{counts} (in dD and dM; no pure rotation reaches them, so not in the rotation "
-                "column)"
+                f"{counts} (in dD and dM; no orthogonal update reaches them)"
             )
         )
     return "\n".join(lines)
@@ -342,3 +316,21 @@ def magnitude_moved(model, weights0):
         name: 100 * (layer.m.detach() / weights0[name].norm(dim=1) - 1).abs().mean().item()
         for name, layer in adapter_layers(model).items()
     }
+
+
+def magnitude_table(moved: list[dict[str, float]], weights0) -> str:
+    """``magnitude_moved`` of every seed as a table: per layer, seed 0, the mean ± std over
+    seeds and the least."""
+    lines = [
+        "How far m moved from ||W0[n]||: the mean over rows of |m_n / ||W0[n]|| - 1|, in %",
+        f"{'layer':<7}{'out x in':>10}{'seed 0':>9}"
+        f"{f'{len(moved)} seeds: mean ± std':>26}{'least':>8}",
+    ]
+    for name in moved[0]:
+        per_seed = np.array([m[name] for m in moved])
+        shape = "x".join(map(str, weights0[name].shape))
+        lines.append(
+            f"{name:<7}{shape:>10}{per_seed[0]:>9.2f}{per_seed.mean():>17.2f} ± "
+            f"{per_seed.std(ddof=1):<6.2f}{per_seed.min():>8.2f}"
+        )
+    return "\n".join(lines)

@@ -27,7 +27,7 @@ from torch import nn
 import helpers
 from dora_tutorial.files import write_json
 from dora_tutorial.notebook import import_notebook_definitions, protocol
-from experiments.lr_sweep import choose_rates, fine_tune, pretrain, tasks
+from experiments.common import choose_rates, fine_tune, pretrain, tasks
 
 REPO = Path(__file__).resolve().parents[1]
 

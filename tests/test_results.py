@@ -1,121 +1,128 @@
-"""The saved experiment results belong to the notebook as it is, and the README says what they say.
-
-* ``experiments/lr_sweep.json`` and ``experiments/stability.json`` record the notebook settings
-  they ran with: if a setting changes, these tests fail until the scripts are rerun.
-* The learning rates are the sweep's best on the validation set, and the notebook uses them.
-* The README's results are what ``tools/update_readme.py`` writes from figures/results.json (the
-  notebook's summary cell writes it) and the stability runs: no hand copies, no printed text
-  parsed back. The summary cell's printed output is that file's data, formatted.
-"""
+"""The evidence behind the README: rates chosen at every rank away from the grid's edges, the
+pooled design across pretrained networks, and the README written from the experiments' JSON."""
 
 import json
+from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 
 import helpers
+from dora_tutorial import evidence as ev
 from dora_tutorial.notebook import protocol
+from experiments.common import tune, widen
 from tools import update_readme
 
-REPO = helpers.REPO
-NOTEBOOK = nbformat.read(REPO / "DoRA.ipynb", as_version=4)
-SWEEP = json.loads((REPO / "experiments" / "lr_sweep.json").read_text())
-STABILITY = json.loads((REPO / "experiments" / "stability.json").read_text())
-RESULTS = json.loads((REPO / "figures" / "results.json").read_text())
+REPO = Path(__file__).resolve().parents[1]
+EVIDENCE = ev.load()
 
 
-@pytest.mark.parametrize("saved", [SWEEP, STABILITY], ids=["lr_sweep", "stability"])
-def test_scripts_ran_with_the_notebooks_settings(nb, saved):
-    now = protocol(nb)  # a setting added later cannot have changed what the script did
-    changed = {k for k, v in saved["protocol"].items() if now.get(k) != v}
-    assert not changed, f"rerun the script: the notebook's settings {sorted(changed)} changed"
+def test_the_experiment_ran_with_the_notebooks_settings(nb):
+    assert EVIDENCE["protocol"] == protocol(nb)
 
 
-def test_the_settings_are_defined_once_in_the_notebook(nb):
-    needed = {"SIZES", "RANK", "ALPHA", "BATCH_SIZE", "FT_EPOCHS", "SEEDS", "FT_TRAIN_SIZE"}
-    assert needed <= set(nb.constants)
-    assert len(nb.constants) == len(set(nb.constants)), "a setting is defined twice"
-    assert len(nb.SEEDS) >= 10
+def test_each_configuration_has_its_best_validation_rate_and_none_at_an_edge():
+    ranks = EVIDENCE["protocol"]["RANKS"]
+    assert {f"{m} r{r}" for m in ("LoRA", "DoRA") for r in ranks} <= set(EVIDENCE["chosen"])
+    for name, scores in EVIDENCE["validation"].items():
+        rates = sorted(map(float, scores))
+        chosen = EVIDENCE["chosen"][name]
+        assert scores[f"{chosen:g}"] == max(scores.values()), name
+        assert rates[0] < chosen < rates[-1], f"{name}: {chosen} at the grid's edge"
 
 
-def test_learning_rates_are_the_best_on_the_validation_set_and_the_notebook_uses_them():
-    for method, rates in SWEEP["validation"].items():
-        best = max(rates, key=lambda lr: rates[lr][0])
-        assert SWEEP["chosen"][method] == float(best)
-    source = "\n".join(c.source for c in NOTEBOOK.cells if c.cell_type == "code")
-    assert 'json.loads(open("experiments/lr_sweep.json").read())' in source
-    assert 'learning_rates = lr_sweep["chosen"]' in source
-    assert "learning_rates[method]" in source
+@pytest.mark.parametrize(
+    ("peak", "grid", "tried"),
+    [
+        (1e-2, (1e-3, 2e-3, 5e-3), (1e-3, 2e-3, 5e-3, 1e-2, 2e-2)),  # widened upwards twice
+        (2e-4, (1e-3, 2e-3, 5e-3), (1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3)),  # downwards
+        (2e-3, (1e-3, 2e-3, 5e-3), (1e-3, 2e-3, 5e-3)),  # inside: as it is
+    ],
+)
+def test_a_grid_widens_until_its_best_rate_is_inside(peak, grid, tried):
+    scores = tune(lambda lr: -abs(np.log(lr / peak)), grid)
+    assert tuple(scores) == pytest.approx(tried)
+    assert widen(list(scores), max(scores, key=scores.get)) is None
 
 
-def test_rates_at_rank_1_and_the_top_rank_are_the_best_on_the_validation_set(nb):
-    """by_rank: LoRA's and DoRA's rates chosen again at rank 1 and at RANKS[-1], alpha scaled
-    as the notebook's rank sweep scales it; the validation table covers every rate."""
-    p = protocol(nb)
-    ranks = sorted({1, p["RANKS"][-1]} - {p["RANK"]})
-    assert [int(r) for r in SWEEP["by_rank"]] == ranks
-    for rank, choice in SWEEP["by_rank"].items():
-        assert choice["rank"] == int(rank)
-        assert choice["alpha"] == p["ALPHA"] * int(rank) / p["RANK"]
-        assert set(choice["chosen"]) == set(choice["validation"]) == {"LoRA", "DoRA"}
-        for method, rates in choice["validation"].items():
-            assert set(rates) == {f"{lr:g}" for lr in choice["rates"]}
-            best = max(rates, key=lambda lr: rates[lr][0])
-            assert choice["chosen"][method] == float(best)
-            for lr, (mean, std) in rates.items():
-                assert f"{mean:.2f} ± {std:.2f}" in choice["table"], (rank, method, lr)
-        assert f"rank {rank}, alpha" in choice["table"]
+def synthetic(network_effects, seed_sd=0.5, seeds=10, held_out_effect=0.0):
+    """An evidence dict with DoRA - LoRA = ``network_effects[j]`` on network j (ranks 1 and 4,
+    every other comparison 0), plus a held-out network."""
+    rng = np.random.default_rng(0)
+    accuracy = []
+    for effect in [*network_effects, held_out_effect]:
+        base = 80 + rng.normal(0, 2) + rng.normal(0, seed_sd, seeds)  # network, then seeds
+        net = {"full FT": base, "scaled LoRA r1": base}
+        for r in (1, 4):
+            net[f"LoRA r{r}"] = base + rng.normal(0, 0.1, seeds)
+            net[f"DoRA r{r}"] = base + effect + rng.normal(0, 0.1, seeds)
+        accuracy.append({k: list(v) for k, v in net.items()})
+    trainable = {"full FT": 9999, "scaled LoRA r1": 120, "LoRA r1": 100, "DoRA r1": 120}
+    trainable |= {"LoRA r4": 400, "DoRA r4": 420}
+    return {
+        "protocol": {"RANKS": [1, 4], "RANK": 4, "SEEDS": list(range(seeds))},
+        "networks": len(network_effects),
+        "trainable": trainable,
+        "accuracy": accuracy,
+        "float_noise": {"threads": [2, 1], "accuracy": [[1.0, 2.0, 3.0], [1.5, 2.0, 2.5]]},
+    }
 
 
-def test_every_variant_reports_every_conclusion():
-    committed = RESULTS["conclusions"]
-    assert len(committed) >= 7
-    for name, verdicts in STABILITY["variants"].items():
-        assert set(verdicts) == set(committed), name
-        assert set(STABILITY["sentences"][name]) == set(committed), name
+def test_pooled_is_paired_within_networks_and_tested_across_them():
+    effects = [1.0, 0.2, 1.8, 0.6, 1.4, 1.0]
+    found = ev.pooled(synthetic(effects))
+    c = found["DoRA - LoRA, rank 1"]
+    assert c.n == len(effects) and c.df == len(effects) - 1  # networks are the replicates
+    assert c.diff == pytest.approx(np.mean(effects), abs=0.1)
+    spread = np.std(effects, ddof=1) / np.sqrt(len(effects))
+    assert c.se == pytest.approx(spread, rel=0.2)  # the networks' spread, not the seeds'
+    assert set(found) >= {"DoRA - LoRA at DoRA's budget, rank 1", "full FT - DoRA, rank 4"}
+    assert {"scaled LoRA - LoRA, rank 1", "DoRA - scaled LoRA, rank 1"} <= set(found)
+    assert all(c.family == len(found) for c in found.values())  # one Holm family
 
 
-def test_readme_results_are_written_from_the_results_file():
+def test_the_held_out_network_stays_out_of_the_analysis():
+    a, b = synthetic([1.0] * 4, held_out_effect=0.0), synthetic([1.0] * 4, held_out_effect=9.0)
+    key = "DoRA - LoRA, rank 4"
+    assert ev.pooled(a)[key].diff == ev.pooled(b)[key].diff
+    assert ev.held_out(b)[key].diff == pytest.approx(9.0, abs=0.2)
+
+
+def test_a_result_is_stated_only_when_its_adjusted_interval_excludes_zero():
+    found = ev.pooled(synthetic([1.0, 1.1, 0.9, 1.0, 1.05, 0.95]))
+    for name, c in found.items():
+        low, high = c.verdict_interval
+        assert (c.verdict != "no difference detected") == (low > 0 or high < 0), name
+    said = ev.findings(found)
+    assert said[0].startswith("At rank 1, each method at its own tuned rate: DoRA ahead of LoRA")
+    assert "no difference detected" in said[3] and "rules out" in said[3]
+
+
+def test_float_noise_is_one_number_beside_the_seed_spread():
+    noise, spread = ev.float_noise(synthetic([0.0, 0.0]))
+    assert noise == pytest.approx(np.std([-0.5, 0.0, 0.5], ddof=1) / np.sqrt(2))
+    assert spread == pytest.approx(1.0)
+
+
+def test_the_readme_is_written_from_the_experiments_and_is_short():
     readme = (REPO / "README.md").read_text()
-    section = update_readme.render(RESULTS, STABILITY)
+    vit = json.loads((REPO / "experiments" / "vit.json").read_text())
+    mlp = json.loads((REPO / "figures" / "results.json").read_text())["figure2"]["ratios"]
+    section = update_readme.render(EVIDENCE, mlp, vit)
     assert update_readme.updated_readme(readme, section) == readme, (
         "README.md is out of date: run python -m tools.update_readme"
     )
-
-
-def test_the_printed_summary_is_the_results_file():
-    """The summary cell's stored output is exactly figures/results.json, formatted: a run that
-    printed one thing and saved another, or a stale file, fails here."""
-    cell = next(c for c in NOTEBOOK.cells if "summary" in c.metadata.get("tags", []))
-    printed = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
-    assert printed.rstrip("\n") == helpers.summary_text(RESULTS)
-    assert RESULTS["seeds"] == len(STABILITY["protocol"]["SEEDS"])
-    assert [row["method"] for row in RESULTS["methods"]] == ["full FT", "LoRA", "DoRA"]
+    body = section.removeprefix(update_readme.START).removesuffix(update_readme.END)
+    assert len(body) <= 2500
+    detail = (REPO / "experiments" / "RESULTS.md").read_text()
+    assert detail == update_readme.detail(EVIDENCE)
 
 
 def test_write_results_goes_where_the_environment_says(tmp_path, monkeypatch):
-    summary = {"seeds": 1, "pretrained_accuracy": 50.0, "methods": [], "conclusions": {}}
+    summary = {"seeds": 1, "pretrained_accuracy": 50.0, "methods": [], "comparisons": {}}
     monkeypatch.setenv("DORA_RESULTS", str(tmp_path / "r.json"))
     assert helpers.write_results(summary) == tmp_path / "r.json"
     assert json.loads((tmp_path / "r.json").read_text()) == summary
     monkeypatch.delenv("DORA_RESULTS")
     monkeypatch.setattr("dora_tutorial.summary.RESULTS_FILE", tmp_path / "default.json")
     assert helpers.write_results(summary) == tmp_path / "default.json"
-
-
-def test_summary_round_trips_through_json(nb):
-    """run_summary's data survives JSON unchanged, so the file prints what the run printed."""
-    acc = np.array([[0.5, 0.900], [0.5, 0.915], [0.5, 0.920]])  # (seeds, epochs)
-    runs = helpers.Runs(
-        seeds=(0, 1, 2), models=[], trainable=1234, train_loss=acc, test_acc=acc, seconds=[0.5]
-    )
-    c = helpers.compare_values("a", [91.0, 92.0, 93.5], "b", [90.0, 91.0, 92.0])
-    conclusions = {"a vs b": ("ahead", "a is ahead of b by 1.00 points (...).", [c])}
-    summary = helpers.run_summary({"LoRA": runs}, 0.4276, conclusions)
-    again = json.loads(json.dumps(summary))
-    assert again == summary and helpers.summary_text(again) == helpers.summary_text(summary)
-    text = helpers.summary_text(summary)
-    assert "LoRA" in text and "1,234" in text and "91.17 ± 1.04" in text and "42.76%" in text
-    assert "a vs b                        ahead" not in text  # the verdict column is sized
-    assert "a vs b  ahead" in text and "- a vs b: a is ahead of b" in text

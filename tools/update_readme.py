@@ -1,14 +1,13 @@
-"""Write the README's results from the executed notebook and the stability runs (no hand copies).
+"""Write the README's results and experiments/RESULTS.md from the experiments' JSON.
 
-    .venv/bin/python -m tools.update_readme           # rewrite the marked part of README.md
-    .venv/bin/python -m tools.update_readme --check   # exit 1 if README.md is out of date
+    .venv/bin/python -m tools.update_readme           # rewrite both
+    .venv/bin/python -m tools.update_readme --check   # exit 1 if either is out of date
 
-Reads figures/results.json (what the notebook's summary cell wrote: the results table, each
-conclusion's verdict and sentence; ``helpers.run_summary``) and experiments/stability.json (the
-verdicts of the same notebook run on other seed sets and with other CPU kernels). A
-conclusion is stated as a result only if its verdict is the same in the committed run and in
-every variant; the others are listed as not settled. Everything between the two markers in
-README.md is replaced; nothing else is touched.
+Reads experiments/evidence.json (the pooled analysis, ``dora_tutorial.evidence``),
+experiments/vit.json (Figure 2 on a transformer) and figures/results.json (the committed
+notebook run's Figure 2 conclusions). The README gets the findings and one table; the detail
+page the held-out check, the rates and each network's numbers. Only the README's text between
+the two markers is replaced.
 """
 
 from __future__ import annotations
@@ -18,126 +17,115 @@ import json
 import sys
 from pathlib import Path
 
-import helpers
+from dora_tutorial import evidence as ev
 from dora_tutorial.files import write_atomic
+from dora_tutorial.stats import Comparison
+from dora_tutorial.weights import figure2_analysis
 
 REPO = Path(__file__).resolve().parents[1]
 START = "<!-- results: written by tools/update_readme.py, do not edit by hand -->"
 END = "<!-- end of results -->"
-RESULTS = REPO / "figures" / "results.json"
+DETAIL = REPO / "experiments" / "RESULTS.md"
 
 
-MARGIN = 0.25  # an interval's end within a quarter of its half-width of zero touches zero
+def _p(c: Comparison) -> str:
+    return "<0.001" if c.p_holm < 0.001 else f"{c.p_holm:.3f}"
 
 
-def borderline(comparisons: list[dict]) -> bool:
-    """Whether a verdict's interval, at the level the verdict is decided at, touches zero (the
-    threshold between "ahead", "no difference detected" and "behind"): see
-    ``helpers.Comparison.near_threshold``. The comparisons are rebuilt from their per-seed
-    values (the test rerun, Holm again within the family)."""
-    rebuilt = helpers.pooled([comparisons]) if comparisons else []
-    return any(c.near_threshold(MARGIN) for c in rebuilt)
+def figure2_sentence(mlp: dict, vit: dict) -> str:
+    """Whether DoRA moves the weights more like full fine-tuning than LoRA, on both networks."""
 
+    def part(ratios):
+        d, lo = ratios["DoRA / full FT"], ratios["LoRA / full FT"]
+        closer = "DoRA" if abs(d["ratio"] - 1) < abs(lo["ratio"] - 1) else "LoRA"
+        return f"{closer} (slope / full FT's: DoRA {d['ratio']:.2f}, LoRA {lo['ratio']:.2f})"
 
-def pooled_sentence(key: str, results: dict, stability: dict) -> str:
-    """The estimate pooled over the disjoint seed sets (committed run and stability's POOLED)."""
-    runs = [results["conclusions"][key]["comparisons"]]
-    runs += [stability["comparisons"][name][key] for name in stability["pooled"]]
-    if not runs[0]:
-        return ""
-    pooled = helpers.pooled(runs)
-    n = pooled[0].n
-    if len(pooled) == 1:
-        return f" Pooled over {len(runs)} seed sets ({n} seeds): {pooled[0].sentence()}"
-    ranks = results["conclusions"][key]["labels"] or [str(i) for i in range(len(pooled))]
-    parts = [
-        f"{label}: {c.diff:+.2f} (95 % CI {c.low:+.2f} to {c.high:+.2f}, {c.verdict})"
-        for label, c in zip(ranks, pooled, strict=True)
-    ]
     return (
-        f" Pooled over {len(runs)} seed sets ({n} seeds), Holm over {len(pooled)}: "
-        + "; ".join(parts)
-        + "."
+        f"Figure 2: the method whose magnitude-direction slope is closer to full fine-tuning's is, "
+        f"on the MLP, {part(mlp)}; on the ViT, {part(vit)}."
     )
 
 
-def held_conclusions(results: dict, stability: dict) -> list[str]:
-    """The conclusions whose verdict held: the same in every stability run, and in no run (the
-    committed one included) its interval touched zero."""
-    conclusions, variants = results["conclusions"], stability["variants"]
-    runs = stability["comparisons"]
-
-    def settled(k):
-        same = all(v.get(k) == conclusions[k]["verdict"] for v in variants.values())
-        near = borderline(conclusions[k]["comparisons"]) or any(
-            borderline(runs[name].get(k, [])) for name in runs
-        )
-        return same and not near
-
-    return [k for k in conclusions if settled(k)]
-
-
-def render(results: dict, stability: dict) -> str:
-    """The README's results section, from the notebook's results and the stability runs."""
-    conclusions = results["conclusions"]
-    committed = {k: c["verdict"] for k, c in conclusions.items()}
-    said = {k: c["sentence"] for k, c in conclusions.items()}
-    variants = stability["variants"]
-    seeds = len(stability["protocol"]["SEEDS"])
-    held = held_conclusions(results, stability)
-    unsettled = [k for k in committed if k not in held]
-    pretrained = f"{results['pretrained_accuracy']:.2f}%"
-    out = [
-        START,
-        f"From the committed run of `DoRA.ipynb` (CPU, {seeds} seeds per configuration; the "
-        "notebook's summary cell prints all of this and writes it to `figures/results.json`). "
-        "Test accuracy on the rotated digits after fine-tuning; the pretrained model gets "
-        f"{pretrained}.",
-        "",
-        "| method | trainable parameters | test accuracy (%), mean ± std | 95 % CI of the mean |",
-        "|---|---:|---:|---:|",
-        *(
-            f"| {r['method']} | {r['trainable']:,} | {r['mean']:.2f} ± {r['std']:.2f} | "
-            f"{r['ci'][0]:.2f} to {r['ci'][1]:.2f} |"
-            for r in results["methods"]
-        ),
-        "",
-        f"**Results**: these verdicts held in the committed run and in every variant of "
-        f"`experiments/stability.py` ({', '.join(variants)}), and in no run did the verdict's "
-        "interval touch zero (at the level the verdict is decided at, Holm's inside a family; "
-        f"touching: its end nearest zero within {MARGIN:.0%} of its half-width of zero). Each "
-        f"gives the committed run's sentence, then the estimate pooled over "
-        f"{1 + len(stability['pooled'])} disjoint seed sets.",
-        "",
-        *(f"- **{k}**: {said[k]}{pooled_sentence(k, results, stability)}" for k in held),
-        *(["- none"] if not held else []),
-        "",
-        "**Not settled**: the verdict changed in at least one variant, or its interval touched "
-        "zero in one of them, so it is not a result.",
-        "",
-        *(
-            f"- **{k}**: {said[k]} (verdicts: {_row(k, committed, variants)})"
-            f"{pooled_sentence(k, results, stability)}"
-            for k in unsettled
-        ),
-        *(["- none"] if not unsettled else []),
-        "",
-        "| conclusion | committed run | " + " | ".join(variants) + " |",
-        "|---|---|" + "---|" * len(variants),
-        *(
-            f"| {k} | {committed[k]} | "
-            + " | ".join(v.get(k, "-") for v in variants.values())
-            + " |"
-            for k in committed
-        ),
-        END,
+def render(evidence: dict, mlp_ratios: dict, vit: dict) -> str:
+    found = ev.pooled(evidence)
+    vit_ratios = figure2_analysis(vit["points"], vit["protocol"]["PAPER_CORRELATION"])["ratios"]
+    networks, seeds = evidence["networks"], len(evidence["protocol"]["SEEDS"])
+    rows = [
+        f"| {name} | {c.diff:+.2f} | {c.verdict_interval[0]:+.2f} to "
+        f"{c.verdict_interval[1]:+.2f} | {_p(c)} | {c.verdict} |"
+        for name, c in found.items()
     ]
-    return "\n".join(out)
+    vit_line = "; ".join(
+        f"{c['a']} - {c['b']} {c['diff']:+.2f} ({c['low']:+.2f} to {c['high']:+.2f})"
+        for c in vit["comparisons"]
+    )
+    return "\n".join(
+        [
+            START,
+            f"From `experiments/evidence.py`: {networks} networks, each pretrained from its own "
+            f"seed and fine-tuned on its own rotated digits, {seeds} seeds each, every "
+            "configuration at its own tuned rate. Paired by seed within a network; a t-test over "
+            f"the networks' mean differences; one Holm family of {len(found)}. Points of test "
+            "accuracy; the interval is the one each verdict is decided at. Details: "
+            "[experiments/RESULTS.md](experiments/RESULTS.md).",
+            "",
+            *(f"- {s}" for s in ev.findings(found)),
+            f"- {figure2_sentence(mlp_ratios, vit_ratios)}",
+            "",
+            "| comparison | estimate | adjusted interval | Holm p | verdict |",
+            "|---|---:|---:|---:|---|",
+            *rows,
+            "",
+            f"ViT ({len(vit['final']['LoRA'])} seeds, one network, 95 %): {vit_line}.",
+            END,
+        ]
+    )
 
 
-def _row(key: str, committed: dict, variants: dict) -> str:
-    return "; ".join(
-        [f"committed: {committed[key]}"] + [f"{n}: {v.get(key)}" for n, v in variants.items()]
+def detail(evidence: dict) -> str:
+    found, held = ev.pooled(evidence), ev.held_out(evidence)
+    noise, spread = ev.float_noise(evidence)
+    check = {
+        k: f"{h.diff:+.2f} ({h.low:+.2f} to {h.high:+.2f}), {h.verdict}" for k, h in held.items()
+    }
+    means = [ev.differences(evidence, net) for net in evidence["accuracy"]]
+    per_network = [
+        f"| {name} | "
+        + " | ".join(f"{(a - b).mean():+.2f}" for a, b in (m[name] for m in means))
+        + " |"
+        for name in found
+    ]
+    labels = [str(j) for j in range(evidence["networks"])] + ["held out"]
+    return "\n".join(
+        [
+            "# The pooled results in detail",
+            "",
+            "Written by `python -m tools.update_readme` from `experiments/evidence.json`; the "
+            "design is in `experiments/evidence.py`'s docstring and the notebook's section 12.",
+            "",
+            "## Every comparison, with the held-out network",
+            "",
+            "```",
+            ev.table(found, check, "held-out network (95 %)"),
+            "```",
+            "",
+            f"Float rounding alone (one thread instead of {evidence['float_noise']['threads'][0]}) "
+            f"moved a seed's accuracy by {noise:.2f} points (standard deviation); a new seed moves "
+            f"it by {spread:.2f}.",
+            "",
+            "## Each network's mean difference (points)",
+            "",
+            "| comparison | " + " | ".join(labels) + " |",
+            "|---|" + "---:|" * len(labels),
+            *per_network,
+            "",
+            "## Learning rates, chosen on the validation set of network 0",
+            "",
+            "```",
+            ev.rate_table(evidence["chosen"], evidence["protocol"]["RANKS"]),
+            "```",
+            "",
+        ]
     )
 
 
@@ -152,20 +140,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if out of date")
     args = parser.parse_args()
-    results = json.loads(RESULTS.read_text())
-    stability = json.loads((REPO / "experiments" / "stability.json").read_text())
+    evidence = ev.load()
+    vit = json.loads((REPO / "experiments" / "vit.json").read_text())
+    mlp = json.loads((REPO / "figures" / "results.json").read_text())["figure2"]["ratios"]
     readme_path = REPO / "README.md"
     readme = readme_path.read_text()
-    new = updated_readme(readme, render(results, stability))
+    wanted = {
+        readme_path: updated_readme(readme, render(evidence, mlp, vit)),
+        DETAIL: detail(evidence),
+    }
+    stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
     if args.check:
-        if new != readme:
-            print("README.md's results are out of date: run python -m tools.update_readme")
-            return 1
-        print("README.md's results match DoRA.ipynb and experiments/stability.json")
-        return 0
-    if new != readme:
-        write_atomic(readme_path, [new.encode()])
-    print("README.md's results are up to date")
+        for path in stale:
+            print(f"{path.relative_to(REPO)} is out of date: run python -m tools.update_readme")
+        return 1 if stale else 0
+    for path in stale:
+        write_atomic(path, [wanted[path].encode()])
+    print("README.md and experiments/RESULTS.md are up to date")
     return 0
 
 

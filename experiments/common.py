@@ -1,39 +1,18 @@
-"""Where the notebook's learning rates come from: each method's rate, chosen on held-out data.
-
-    .venv/bin/python -m experiments.lr_sweep
-
-Reads the protocol from DoRA.ipynb (network, pretraining, rotated task, seeds, epochs, batch
-size, rank, alpha: ``dora_tutorial/notebook.py``), pretrains as the notebook does, then
-fine-tunes with full fine-tuning, LoRA and DoRA at each rate in ``RATES``, every seed at once,
-and measures accuracy on the validation set: rotated training digits disjoint from the
-fine-tuning examples and from the test set. Each method gets the rate with the best mean
-validation accuracy; the test set is never looked at. Writes experiments/lr_sweep.json (the
-protocol it ran, the table, the chosen rates), which the notebook reads. Accuracy only.
-
-``validation``, ``chosen`` and ``table`` are at the notebook's ``RANK``. ``by_rank`` holds the
-same choice for LoRA and DoRA at rank 1 and at the top of the notebook's sweep (``RANKS[-1]``),
-with alpha scaled as the rank sweep scales it (alpha / rank = ALPHA / RANK): does the low-rank
-comparison change when each method's rate is tuned at that rank? Full fine-tuning has no rank.
-"""
+"""What the experiments share: the notebook's tasks, and learning-rate grids that widen."""
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
+import math
 
 import helpers
-from dora_tutorial.files import write_json
-from dora_tutorial.notebook import import_notebook_definitions, protocol
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-RATES = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)
-RESULTS = Path(__file__).with_name("lr_sweep.json")
+STEPS = (1, 2, 5)  # a widened grid goes on in 1-2-5 steps
+RATES = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)  # experiments/cnn.py's grid
 
 
-def tasks(p: dict, device):
-    """(MNIST, the rotated task with its validation split), as the notebook builds them."""
+def tasks(p: dict, device, seed: int = 0):
+    """(MNIST, the rotated task with its validation split), as the notebook builds them; ``seed``
+    picks the fine-tuning subset and the validation split."""
     data = helpers.load_mnist()
     mnist = helpers.make_task(*data, device=device)
     rotated = helpers.make_task(
@@ -42,9 +21,35 @@ def tasks(p: dict, device):
         degrees=p["ANGLE"],
         n_train=p["FT_TRAIN_SIZE"],
         n_val=p["VAL_SIZE"],
-        seed=0,
+        seed=seed,
     )
     return mnist, rotated
+
+
+def widen(rates, best: float) -> float | None:
+    """The next 1-2-5 rate beyond the grid's edge where the best one sits, else None."""
+    rates = sorted(rates)
+    if best not in (rates[0], rates[-1]):
+        return None
+    exponent = math.floor(math.log10(best))
+    i = STEPS.index(round(best / 10**exponent))
+    if best == rates[-1]:
+        exponent, i = (exponent + 1, 0) if i == len(STEPS) - 1 else (exponent, i + 1)
+    else:
+        exponent, i = (exponent - 1, len(STEPS) - 1) if i == 0 else (exponent, i - 1)
+    return float(f"{STEPS[i] * 10.0**exponent:.3g}")
+
+
+def tune(score, grid) -> dict[float, float]:
+    """{rate: score(rate)} over ``grid``, widened until the best rate is not at an edge."""
+    scores: dict[float, float] = {}
+    pending = list(grid)
+    while pending:
+        for lr in pending:
+            scores[lr] = score(lr)
+        best = max(scores, key=scores.get)
+        pending = [lr for lr in [widen(scores, best)] if lr is not None]
+    return dict(sorted(scores.items()))
 
 
 def pretrain(model, mnist, p: dict) -> helpers.Runs:
@@ -108,39 +113,3 @@ def choose_rates(pretrained, task, methods: dict, p: dict, rates=RATES, rank=Non
     chosen = {name: float(max(s, key=lambda lr: s[lr][0])) for name, s in scores.items()}
     table = "\n".join([heading, *lines])
     return {"rates": list(rates), "validation": scores, "chosen": chosen, "table": table}
-
-
-def other_ranks(p: dict) -> list[int]:
-    """Where rates are also chosen: rank 1 and the top of the notebook's sweep (not RANK)."""
-    return sorted({1, p["RANKS"][-1]} - {p["RANK"]})
-
-
-def main() -> None:
-    start = time.perf_counter()
-    nb = import_notebook_definitions()
-    p = protocol(nb)  # the notebook's settings, saved with the result
-    mnist, rotated = tasks(p, helpers.pick_device())
-    pretrained = helpers.make_mlp(tuple(p["SIZES"]), seed=0)
-    epochs, lr, batch = p["PRETRAIN_EPOCHS"], p["PRETRAIN_LR"], p["BATCH_SIZE"]
-    nb.train_one_model(pretrained, mnist, epochs, lr, batch)  # the notebook's own loop
-    methods = {"full FT": None, "LoRA": nb.LinearWithLoRA, "DoRA": nb.LinearWithDoRA}
-    result = {"protocol": p, **choose_rates(pretrained, rotated, methods, p)}
-    adapters = {name: wrapper for name, wrapper in methods.items() if wrapper is not None}
-    result["by_rank"] = {
-        str(rank): {
-            "rank": rank,
-            "alpha": alpha_at(rank, p),
-            **choose_rates(pretrained, rotated, adapters, p, rank=rank),
-        }
-        for rank in other_ranks(p)
-    }
-    result["seconds"] = time.perf_counter() - start
-    write_json(RESULTS, result)
-    print("chosen:", result["chosen"])
-    for rank, choice in result["by_rank"].items():
-        print(f"chosen at rank {rank}:", choice["chosen"])
-    print(f"saved {RESULTS.relative_to(REPO)} ({result['seconds'] / 60:.1f} minutes)")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,167 @@
+"""The pooled analysis of experiments/evidence.json: one family of comparisons, Holm-adjusted.
+
+Design: on each pretrained network the configurations are paired by seed (seed k: the same A
+and batch order); a comparison's estimate is the mean over networks of each network's mean
+paired difference, tested with a t-test over those network means (networks - 1 degrees of
+freedom), so the interval covers pretraining and the fine-tuning sample, not only seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dora_tutorial.stats import Comparison, compare_values, holm
+
+EVIDENCE = Path(__file__).resolve().parents[1] / "experiments" / "evidence.json"
+
+
+def load(path: Path = EVIDENCE) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def interpolate_at(counts: dict, accuracy: dict, target: float) -> np.ndarray:
+    """Per-seed accuracy at ``target`` trainable parameters, linear in log(count) between the
+    two configurations ({key: count}, {key: per-seed array}) whose counts bracket it."""
+    keys = sorted(counts, key=counts.get)
+    logs = np.log([counts[k] for k in keys])
+    if not logs[0] <= np.log(target) <= logs[-1]:
+        raise ValueError(f"{target:,} parameters lie outside {counts}: interpolation only")
+    hi = min(int(np.searchsorted(logs, np.log(target))), len(keys) - 1)
+    lo = max(hi - 1, 0)
+    w = 0.0 if hi == lo else (np.log(target) - logs[lo]) / (logs[hi] - logs[lo])
+    return (1 - w) * np.asarray(accuracy[keys[lo]]) + w * np.asarray(accuracy[keys[hi]])
+
+
+def differences(evidence: dict, network: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The family's comparisons on one network: {name: (per-seed A, per-seed B)}."""
+    ranks, counts = evidence["protocol"]["RANKS"], evidence["trainable"]
+    lora = {r: network[f"LoRA r{r}"] for r in ranks}
+    lora_counts = {r: counts[f"LoRA r{r}"] for r in ranks}
+    out = {}
+    for r in ranks:
+        out[f"DoRA - LoRA, rank {r}"] = (network[f"DoRA r{r}"], lora[r])
+    for r in ranks:
+        if counts[f"DoRA r{r}"] <= max(lora_counts.values()):
+            budget = interpolate_at(lora_counts, lora, counts[f"DoRA r{r}"])
+            out[f"DoRA - LoRA at DoRA's budget, rank {r}"] = (network[f"DoRA r{r}"], budget)
+    rank = evidence["protocol"]["RANK"]
+    out[f"full FT - DoRA, rank {rank}"] = (network["full FT"], network[f"DoRA r{rank}"])
+    for key in sorted(k for k in network if k.startswith("scaled LoRA")):
+        r = int(key.rsplit("r", 1)[1])
+        out[f"scaled LoRA - LoRA, rank {r}"] = (network[key], lora[r])
+        out[f"DoRA - scaled LoRA, rank {r}"] = (network[f"DoRA r{r}"], network[key])
+    return {name: (np.asarray(a, float), np.asarray(b, float)) for name, (a, b) in out.items()}
+
+
+def pooled(evidence: dict) -> dict[str, Comparison]:
+    """Every comparison over the analysed networks (not the held-out last one), Holm-adjusted
+    as one family. ``n`` of each comparison counts networks."""
+    analysed = [differences(evidence, net) for net in evidence["accuracy"][: evidence["networks"]]]
+    found = {}
+    for name in analysed[0]:
+        a = [net[name][0].mean() for net in analysed]
+        b = [net[name][1].mean() for net in analysed]
+        found[name] = compare_values(_names(name)[0], a, _names(name)[1], b)
+    return dict(zip(found, holm(list(found.values())), strict=True))
+
+
+def held_out(evidence: dict) -> dict[str, Comparison]:
+    """The same comparisons on the held-out network alone, paired by seed, each at 95 %."""
+    net = differences(evidence, evidence["accuracy"][evidence["networks"]])
+    return {
+        name: compare_values(_names(name)[0], a, _names(name)[1], b) for name, (a, b) in net.items()
+    }
+
+
+def _names(comparison: str) -> list[str]:
+    """'DoRA - LoRA at DoRA's budget, rank 1' -> ['DoRA', "LoRA at DoRA's budget"]."""
+    return comparison.split(",")[0].split(" - ")
+
+
+def float_noise(evidence: dict) -> tuple[float, float]:
+    """(how far float rounding alone moved one seed's accuracy, the seed-to-seed spread): the
+    standard deviation over seeds of the one-thread minus the default-thread run, over sqrt 2,
+    against the spread of the default run, in points."""
+    runs = np.asarray(evidence["float_noise"]["accuracy"], dtype=float)
+    return float((runs[0] - runs[1]).std(ddof=1) / np.sqrt(2)), float(runs[0].std(ddof=1))
+
+
+def table(found: dict[str, Comparison], extra: dict[str, str] | None = None, head: str = "") -> str:
+    """One row per comparison: estimate, the interval its verdict is decided at (Holm's level
+    in a family, else 95 %), the p-value it is decided at, the verdict; ``extra`` adds a column
+    (``head`` its title), e.g. the pooled verdict beside a ten-seed one."""
+    width = max(map(len, found)) + 2
+    rows = [
+        f"{'comparison':<{width}}{'estimate':>8}  {'interval':<16}{'p':>7}  {'verdict':<24}{head}"
+    ]
+    for name, c in found.items():
+        low, high = c.verdict_interval
+        p = c.p if c.p_holm is None else c.p_holm
+        p = "<0.001" if p < 0.001 else f"{p:.3f}"
+        row = f"{name:<{width}}{c.diff:>+8.2f}  {f'{low:+.2f} to {high:+.2f}':<16}{p:>7}  "
+        rows.append((row + f"{c.verdict:<24}{(extra or {}).get(name, '')}").rstrip())
+    return "\n".join(rows)
+
+
+def finding(c: Comparison, what: str) -> str:
+    """One computed sentence: a result when the adjusted interval excludes zero, else the margin
+    the interval rules out."""
+    low, high = c.verdict_interval
+    if c.verdict == "no difference detected":
+        return (
+            f"{what}: no difference detected (estimate {c.diff:+.2f} points; the adjusted "
+            f"interval {low:+.2f} to {high:+.2f} rules out larger differences)."
+        )
+    side = "ahead of" if c.verdict == "ahead" else "behind"
+    return f"{what}: {c.a} {side} {c.b} by {abs(c.diff):.2f} points ({low:+.2f} to {high:+.2f})."
+
+
+def findings(found: dict[str, Comparison]) -> list[str]:
+    """The pooled analysis in four computed sentences: low rank, moderate rank, equal budget,
+    full fine-tuning."""
+    rank = max(int(k.rsplit(" ", 1)[1]) for k in found if k.startswith("full FT"))
+    return [
+        finding(found["DoRA - LoRA, rank 1"], "At rank 1, each method at its own tuned rate"),
+        finding(found[f"DoRA - LoRA, rank {rank}"], f"At rank {rank}"),
+        finding(found["DoRA - LoRA at DoRA's budget, rank 1"], "At DoRA's parameter count, rank 1"),
+        finding(
+            found[f"full FT - DoRA, rank {rank}"], f"Full fine-tuning against DoRA at rank {rank}"
+        ),
+    ]
+
+
+def ablation_line(found: dict[str, Comparison], ranks) -> str:
+    """What the ablation says, rank by rank, from the pooled verdicts: does the extra scale help
+    over LoRA, and does the normalisation help over the extra scale?"""
+    parts = []
+    for r in ranks:
+        scale, norm = found[f"scaled LoRA - LoRA, rank {r}"], found[f"DoRA - scaled LoRA, rank {r}"]
+        parts.append(
+            f"at rank {r}, the per-row scale against LoRA: {scale.verdict} ({scale.diff:+.2f}); "
+            f"the normalisation against the scale alone: {norm.verdict} ({norm.diff:+.2f})"
+        )
+    return "Pooled over the networks, " + "; ".join(parts) + "."
+
+
+def disagreements(ten_seeds: dict[str, Comparison], found: dict[str, Comparison]) -> str:
+    """One line: where this run's ten-seed verdicts differ from the pooled ones."""
+    differ = [k for k, c in ten_seeds.items() if c.verdict != found[k].verdict]
+    if not differ:
+        return "Every ten-seed verdict above is also the pooled one."
+    said = "; ".join(f"{k}: {ten_seeds[k].verdict} here, {found[k].verdict} pooled" for k in differ)
+    return f"This run's ten seeds and the pooled analysis differ at {said}."
+
+
+def rate_table(rates: dict[str, float], ranks) -> str:
+    """The chosen learning rates: one row per method, one column per rank."""
+    methods = sorted({k.rsplit(" r", 1)[0] for k in rates if k != "full FT"}, key=len)
+    lines = [f"{'chosen rate':<13}" + "".join(f"{'rank ' + str(r):>9}" for r in ranks)]
+    for m in methods:
+        cells = "".join(
+            f"{rates[f'{m} r{r}']:>9g}" if f"{m} r{r}" in rates else f"{'-':>9}" for r in ranks
+        )
+        lines.append(f"{m:<13}{cells}")
+    return "\n".join(lines) + f"\n(full FT: {rates['full FT']:g})"
