@@ -1,11 +1,6 @@
-"""The notebook for tests and scripts: its definitions as a module, its protocol, a headless run.
-
-    nb = import_notebook_definitions()      # nb.LinearWithDoRA, nb.merge, nb.FT_EPOCHS, ...
-
-Only the imports, functions, classes and constants of the code cells run (nothing trains or
-plots), so tests and scripts use the very classes the reader builds and the protocol the
-notebook states: nothing is copied.
-"""
+"""The notebook for tests and scripts: its definitions as a module (``nb.DoRALinear``,
+``nb.FT_EPOCHS``: the reader's very classes and settings, never copies), its protocol, a
+headless run."""
 
 from __future__ import annotations
 
@@ -25,16 +20,12 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "DoRA.ipynb"
 
 
 def import_notebook_definitions(path: str | Path = NOTEBOOK, name: str = "dora_notebook"):
-    """Execute only the imports, functions, classes and UPPER_CASE constants of a notebook's
-    code cells, in order, and return them as a module. Cells tagged ``no-import`` are skipped.
-    """
-    import nbformat
-
+    """The imports, functions, classes and UPPER_CASE constants of the code cells (those not
+    tagged ``no-import``), executed in order as a module: nothing trains or plots."""
     keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)
     module = types.ModuleType(name)
     module.__file__ = str(path)
-    # Findable by name, like any imported module: torch.compile (dynamo, torch 2.5 and 2.6)
-    # imports a traced function's module to guard on its globals.
+    # torch.compile imports a traced function's module by name to guard on its globals
     sys.modules[name] = module
     module.constants = []  # the names of the notebook's settings, in order
     for number, cell in enumerate(nbformat.read(str(path), as_version=4).cells, start=1):
@@ -46,20 +37,18 @@ def import_notebook_definitions(path: str | Path = NOTEBOOK, name: str = "dora_n
             for line in cell.source.splitlines()
         )
         tree = ast.parse(source)
-        constants = {node for node in tree.body if is_constant(node)}
+        constants = {node for node in tree.body if _is_constant(node)}
         body = [node for node in tree.body if isinstance(node, keep) or node in constants]
         module.constants += [node.targets[0].id for node in body if node in constants]
-        # A traceback names the cell ("DoRA.ipynb[cell 14]", counting every cell from 1, as
-        # the file lists them) and shows its line, instead of "line 12" of sixty cells.
+        # tracebacks name the cell ("DoRA.ipynb[cell 14]") and show its line
         filename = f"{Path(path).name}[cell {number}]"
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         exec(compile(ast.Module(body=body, type_ignores=[]), filename, "exec"), module.__dict__)
     return module
 
 
-def is_constant(node: ast.AST) -> bool:
-    """``UPPER_CASE = <literal>`` (a number, string, tuple, list or dict of them, or
-    ``range(...)`` of numbers): a notebook-wide setting, one per line."""
+def _is_constant(node: ast.AST) -> bool:
+    """``UPPER_CASE = <literal or range(...)>``: a notebook-wide setting."""
     return (
         isinstance(node, ast.Assign)
         and len(node.targets) == 1
@@ -91,10 +80,8 @@ def _literal(node: ast.AST) -> bool:
 
 
 def protocol(nb=None) -> dict:
-    """The notebook's settings (its UPPER_CASE constants) as JSON-friendly values.
-
-    Scripts that run the notebook's experiment save this beside their results; a test compares
-    it with the notebook, so a changed setting cannot leave a stale result behind."""
+    """The notebook's settings as JSON values: scripts save them beside their results, and a
+    test compares them with the notebook, so no result outlives a changed setting."""
     nb = nb or import_notebook_definitions()
     return {name: _jsonable(getattr(nb, name)) for name in dict.fromkeys(nb.constants)}
 
@@ -108,11 +95,8 @@ def _jsonable(value):
 
 
 def execute(path: Path, results: Path | None = None) -> nbformat.NotebookNode:
-    """Run all cells in a fresh python3 kernel whose working directory is the notebook's.
-
-    The summary cell writes the run's results (``helpers.write_results``) to ``results``; by
-    default to a temporary file, so that only a run asked to (``main``) replaces the committed
-    figures/results.json."""
+    """Run all cells in a fresh kernel in the notebook's folder; the summary cell writes its
+    results to ``results`` (default: a temporary file, never figures/results.json)."""
     with tempfile.TemporaryDirectory() as tmp:
         target = results or Path(tmp) / "results.json"
         saved = os.environ.get("DORA_RESULTS")
@@ -164,10 +148,8 @@ def _execute(path: Path) -> nbformat.NotebookNode:
 
 
 def coalesce_streams(outputs: list) -> list:
-    """Join consecutive stdout (or stderr) chunks into one output, as Jupyter shows them.
-
-    How a kernel splits a cell's printing into messages depends on timing; joined, the stored
-    notebook is the same from run to run."""
+    """Join consecutive chunks of one stream, as Jupyter shows them: how a kernel splits them
+    depends on timing, joined they are the same from run to run."""
     merged = []
     for out in outputs:
         previous = merged[-1] if merged else None

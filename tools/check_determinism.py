@@ -2,13 +2,9 @@
 
     .venv/bin/python -m tools.check_determinism
 
-Executes the notebook in a fresh kernel (on the CPU, like tools/run_notebook.py, which made the
-stored outputs) and compares the text of every code cell's outputs with the stored ones,
-including the cells nbval ignores (training logs, accuracies, tables). Timings are masked with
-the rules of tests/nbval_sanitize.cfg; nothing else is. Exit status 1 lists the cells that differ.
-
-nbval already compares the platform-independent cells on any machine; this check is stricter and
-holds on the machine that produced the stored outputs (another CPU may round differently).
+Stricter than nbval: it compares every code cell, the ones nbval ignores too, with only the
+timings masked (tests/nbval_sanitize.cfg); it holds on the machine that made the stored outputs.
+Exit status 1 lists the cells that differ.
 """
 
 from __future__ import annotations

@@ -3,13 +3,9 @@
     python -m tools.floors requirements.txt requirements-dev.txt   # one "name==floor" per line
     python -m tools.floors requirements.txt torch==2.8.0 ...       # another version of a package
 
-Every requirement must state its floor as ``name>=X``; the floor run installs ``name==X``, so
-the floors that the requirements files promise are exactly the versions
-``tools/check_floors.sh`` tests. An exact pin ``name==X`` (only the linter, in
-requirements-dev.txt) is its own floor; ``-r other.txt`` lines are skipped (name that file
-too). An upper bound on the same line (``name>=X,<Y``) is dropped: X lies below it. A
-requirement without a floor is an error, since nothing would then test its oldest version.
-Arguments replace the pin of the package they name (or add one), to check other combinations.
+Every requirement must state a floor, ``name>=X`` (an exact pin is its own floor; an upper bound
+is dropped; ``-r`` lines are skipped): what the files promise is exactly what is tested.
+Arguments replace the pin of the package they name, to check other combinations.
 """
 
 from __future__ import annotations

@@ -4,19 +4,11 @@
     .venv/bin/python -m tools.run_notebook --regenerate   # maintainers: the committed outputs
     .venv/bin/python -m tools.run_notebook --device cuda --output /tmp/DoRA-cuda.ipynb
 
-1. makes MNIST available (helpers.load_mnist: verified local files, else a download);
-2. runs every cell in a fresh kernel, printing each cell's text output as it finishes, so a
-   long run shows its progress;
-3. writes the executed notebook and saves every figure of a cell tagged ``fig-NAME`` as
-   ``NAME.png``, and the summary cell's results as ``results.json``: by default into ``runs/``
-   (ignored by git, so a reader's run leaves the clone as it was); with ``--regenerate`` over the
-   committed DoRA.ipynb and ``figures/`` (the README's results are written from
-   ``figures/results.json``).
-
-Outputs stay comparable with `pytest --nbval`: the device is the CPU unless ``--device`` says
-otherwise, and nothing else about this machine changes what the compared cells print. A run on
-any other device (``cuda``, ``mps``, or ``auto`` picking one) refuses to write the committed
-notebook or figures/: give it an ``--output`` elsewhere.
+Makes MNIST available, runs every cell in a fresh kernel (printing each cell's output as it
+finishes), then writes the executed notebook, each figure of a cell tagged ``fig-NAME`` as
+``NAME.png`` and the summary's ``results.json``: into ``runs/`` by default, over the committed
+DoRA.ipynb and ``figures/`` with ``--regenerate``. A run on another device than the CPU prints
+other numbers, so it refuses to write the committed files.
 """
 
 from __future__ import annotations
@@ -79,12 +71,8 @@ def main() -> None:
 
 
 def destinations(notebook: Path, output, figures, device) -> tuple[Path | None, Path]:
-    """Where the executed notebook and its figures go; (None, _) if that is not allowed.
-
-    By default runs/DoRA.ipynb and runs/figures/; an --output elsewhere gets its figures beside
-    it. Another device's outputs differ (other kernels, other rounding), so they never replace
-    the committed notebook or figures/ (``--regenerate``, or naming them, is for the CPU only).
-    """
+    """(notebook, figures folder) to write; (None, _) for another device's run that would
+    replace the committed files. An --output elsewhere gets its figures beside it."""
     if output is None:
         output, figures = RUNS / notebook.name, figures or RUNS / "figures"
     figures = figures or output.with_name(f"{output.stem}-figures")
