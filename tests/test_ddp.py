@@ -1,10 +1,6 @@
-"""DistributedDataParallel over the wrapped MLP: two CPU processes, gloo, loopback only.
-
-Each rank trains on its own data. Checked in every step: frozen weights get no gradient and
-DDP registers only adapter parameters; the synchronised adapter gradients equal the average of
-what each rank computes alone (computed here without DDP and all-gathered by hand); after a few
-optimizer steps both replicas hold identical parameters, and the frozen weights never moved.
-"""
+"""DistributedDataParallel over the wrapped MLP: two CPU processes, gloo, loopback only. Each
+rank trains on its own data; DDP registers only the adapters, frozen weights get no gradient and
+never move, the synchronised gradients are the ranks' average, the replicas stay identical."""
 
 import os
 import socket
@@ -21,8 +17,7 @@ WORLD = 2
 STEPS = 3
 
 
-# gloo's own connections go over the loopback interface ("lo" on Linux, "lo0" on macOS), not
-# whatever the hostname resolves to; the rendezvous is a file, so no port is picked and raced for.
+# gloo over the loopback interface; the rendezvous is a file, so no port is raced for
 LOOPBACK = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
 
 
@@ -40,12 +35,8 @@ def worker(rank: int, rendezvous: str, class_name: str) -> None:
         check_replica(rank, class_name)
     finally:
         dist.destroy_process_group()
-    # Passed: leave without interpreter shutdown. DDP's reducer keeps the gloo group alive past
-    # destroy_process_group, and a gloo worker thread may still be dropping a finished
-    # all-reduce, which takes the GIL; during finalisation that aborts the process with
-    # "terminate called without an active exception" (SIGABRT in 5 of 15 runs here; backtrace:
-    # ProcessGroupGloo::runLoop -> ~AsyncAllreduceWork -> gil_scoped_acquire). A failure above
-    # raises before this line, so mp.spawn still reports its traceback.
+    # Passed: skip interpreter shutdown, where a gloo thread still dropping a finished
+    # all-reduce takes the GIL and aborts the process (SIGABRT). A failure raised above.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -99,8 +90,5 @@ def check_replica(rank: int, class_name: str) -> None:
 @pytest.mark.multiprocess
 @pytest.mark.slow
 @pytest.mark.skipif(LOOPBACK is None, reason="no loopback network interface")
-@pytest.mark.parametrize("class_name", ["DoRALinear"])
-def test_ddp_syncs_only_adapters_and_replicas_agree(nb, class_name, tmp_path):
-    assert hasattr(nb, class_name)  # the notebook builds; workers import it themselves
-    rendezvous = str(tmp_path / "rendezvous")
-    mp.spawn(worker, args=(rendezvous, class_name), nprocs=WORLD, join=True)
+def test_ddp_syncs_only_adapters_and_replicas_agree(tmp_path):
+    mp.spawn(worker, args=(str(tmp_path / "rendezvous"), "DoRALinear"), nprocs=WORLD, join=True)
