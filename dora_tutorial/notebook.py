@@ -59,24 +59,13 @@ def _is_constant(node: ast.AST) -> bool:
 
 
 def _literal(node: ast.AST) -> bool:
-    if isinstance(node, ast.Constant):
-        return True
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return _literal(node.operand)
-    if isinstance(node, ast.Tuple | ast.List):
-        return all(_literal(e) for e in node.elts)
-    if isinstance(node, ast.Dict):
-        return all(
-            k is not None and _literal(k) and _literal(v)
-            for k, v in zip(node.keys, node.values, strict=True)
-        )
-    return (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Name)
-        and node.func.id == "range"
-        and not node.keywords
-        and all(_literal(a) for a in node.args)
-    )
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "range":
+        return not node.keywords and all(_literal(a) for a in node.args)
+    try:
+        ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError):
+        return False
+    return True
 
 
 def protocol(nb=None) -> dict:
@@ -97,16 +86,14 @@ def _jsonable(value):
 def execute(path: Path, results: Path | None = None) -> nbformat.NotebookNode:
     """Run all cells in a fresh kernel in the notebook's folder; the summary cell writes its
     results to ``results`` (default: a temporary file, never figures/results.json)."""
+    saved = os.environ.get("DORA_RESULTS")
     with tempfile.TemporaryDirectory() as tmp:
-        target = results or Path(tmp) / "results.json"
-        saved = os.environ.get("DORA_RESULTS")
-        os.environ["DORA_RESULTS"] = str(target)  # the kernel inherits this process's environment
+        os.environ["DORA_RESULTS"] = str(results or Path(tmp) / "results.json")  # the kernel's
         try:
             return _execute(path)
         finally:
-            if saved is None:
-                os.environ.pop("DORA_RESULTS", None)
-            else:
+            os.environ.pop("DORA_RESULTS")
+            if saved is not None:
                 os.environ["DORA_RESULTS"] = saved
 
 
@@ -129,15 +116,15 @@ def _execute(path: Path) -> nbformat.NotebookNode:
         if text.strip():
             print("    " + text.rstrip().replace("\n", "\n    "), flush=True)
 
-    client = NotebookClient(
+    resources = {"metadata": {"path": str(path.parent)}}
+    NotebookClient(
         notebook,
         timeout=1800,
         kernel_name="python3",
-        record_timing=False,  # no per-cell timestamps in the stored notebook
-        resources={"metadata": {"path": str(path.parent)}},
+        record_timing=False,
+        resources=resources,
         on_cell_executed=report,
-    )
-    client.execute()
+    ).execute()
     print("slowest cells:", flush=True)
     for seconds, number, first in sorted(times, reverse=True)[:5]:
         print(f"  {seconds:5.1f} s  [{number}/{n_code}] {first}", flush=True)
@@ -152,14 +139,9 @@ def coalesce_streams(outputs: list) -> list:
     depends on timing, joined they are the same from run to run."""
     merged = []
     for out in outputs:
-        previous = merged[-1] if merged else None
-        if (
-            out.output_type == "stream"
-            and previous is not None
-            and previous.output_type == "stream"
-            and previous.name == out.name
-        ):
-            previous.text += out.text
+        last = merged[-1] if merged else None
+        if out.output_type == "stream" and last and last.get("name") == out.name:
+            last.text += out.text
         else:
             merged.append(out)
     return merged
