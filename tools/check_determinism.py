@@ -35,14 +35,14 @@ def sanitizers(path: Path = REPO / "tests" / "nbval_sanitize.cfg") -> list[tuple
 def cell_texts(notebook, rules) -> list[str]:
     """Every code cell's text outputs (streams, text/plain, errors), with timings masked."""
     texts = []
-    for cell in notebook.cells:
-        if cell.cell_type != "code":
-            continue
-        parts = []
-        for out in cell.get("outputs", []):
-            parts.append(out.get("text", "") + out.get("data", {}).get("text/plain", ""))
-            parts.append(out.get("ename", "") + out.get("evalue", ""))
-        text = "".join(parts)
+    for cell in (c for c in notebook.cells if c.cell_type == "code"):
+        text = "".join(
+            o.get("text", "")
+            + o.get("data", {}).get("text/plain", "")
+            + o.get("ename", "")
+            + o.get("evalue", "")
+            for o in cell.get("outputs", [])
+        )
         for regex, replace in rules:
             text = re.sub(regex, replace, text)
         texts.append(text)

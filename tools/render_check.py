@@ -47,21 +47,11 @@ c.LabApp.news_url = None
 c.LabApp.check_for_updates_class = "jupyterlab.handlers.announcements.NeverCheckForUpdate"
 c.LabApp.extension_manager = "readonly"
 """
-_CHROMIUM_FLAGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-dev-shm-usage",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-extensions",
-    "--no-first-run",
-    "--no-pings",
-    # only 127.0.0.1 resolves; everything else goes to a "proxy" that refuses (see _chromium)
-    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
-    "--window-size=1400,1000",
-]
+_CHROMIUM_FLAGS = (
+    "--headless=new --no-sandbox --disable-dev-shm-usage --disable-gpu --disable-extensions "
+    "--disable-background-networking --disable-component-update --disable-sync --no-pings "
+    "--no-first-run --window-size=1400,1000"
+).split() + ["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]  # only 127.0.0.1
 
 _JS_PRELUDE = """
 const app = window.jupyterapp;
@@ -227,25 +217,22 @@ def _phase(name: str):
 
 def _environment(home: Path) -> dict[str, str]:
     """Throw-away Jupyter directories and settings; the server's environment."""
-    dirs = {name: home / name for name in ("config", "data", "runtime", "home", "settings", "ws")}
-    for path in dirs.values():
+    d = {name: home / name for name in ("config", "data", "runtime", "home", "settings", "ws")}
+    for path in d.values():
         path.mkdir(parents=True)
-    (dirs["config"] / "jupyter_server_config.py").write_text(_SERVER_CONFIG)
+    (d["config"] / "jupyter_server_config.py").write_text(_SERVER_CONFIG)
     for plugin, values in _SETTINGS.items():
         package, name = plugin.rsplit("/", 1)
-        target = dirs["settings"] / package / f"{name}.jupyterlab-settings"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(values))
+        (d["settings"] / package).mkdir(parents=True, exist_ok=True)
+        (d["settings"] / package / f"{name}.jupyterlab-settings").write_text(json.dumps(values))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JUPYTER", "JPY_"))}
+    env |= {f"JUPYTER_{k.upper()}_DIR": str(d[k]) for k in ("config", "data", "runtime")}
     return env | {
-        "JUPYTER_CONFIG_DIR": str(dirs["config"]),
-        "JUPYTER_DATA_DIR": str(dirs["data"]),
-        "JUPYTER_RUNTIME_DIR": str(dirs["runtime"]),
-        "HOME": str(dirs["home"]),
-        "IPYTHONDIR": str(dirs["home"] / ".ipython"),
-        "MPLCONFIGDIR": str(dirs["home"] / ".matplotlib"),
+        "HOME": str(d["home"]),
+        "IPYTHONDIR": str(d["home"] / ".ipython"),
+        "MPLCONFIGDIR": str(d["home"] / ".matplotlib"),
         "DORA_DEVICE": "cpu",
-        "DORA_RESULTS": str(dirs["home"] / "results.json"),  # Run All must not touch figures/
+        "DORA_RESULTS": str(d["home"] / "results.json"),  # Run All must not touch figures/
         "JUPYTER_PLATFORM_DIRS": "1",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
         "JUPYTER_TOKEN": secrets.token_hex(24),  # not on the command line, where `ps` shows it
@@ -510,11 +497,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     with _phase("total"):
         problems = check(args.notebook, not args.no_run, args.screenshots, args.timeout)
-    if problems:
-        _log(f"render check: FAILED, {len(problems)} problem(s) in {args.notebook.name}")
-        return 1
-    _log(f"render check: OK ({args.notebook.name})")
-    return 0
+    name = args.notebook.name
+    _log(
+        f"render check: FAILED, {len(problems)} problem(s) in {name}"
+        if problems
+        else f"render check: OK ({name})"
+    )
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -32,17 +32,9 @@ RUNS = REPO / "runs"  # a reader's run goes here (.gitignore), never over the co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--notebook", type=Path, default=REPO / "DoRA.ipynb")
-    parser.add_argument(
-        "--output", type=Path, help="where to write the notebook (default: runs/DoRA.ipynb)"
-    )
-    parser.add_argument(
-        "--figures", type=Path, help="folder for the PNGs (default: beside the notebook written)"
-    )
-    parser.add_argument(
-        "--regenerate",
-        action="store_true",
-        help="maintainers: write over the committed DoRA.ipynb and figures/ (CPU only)",
-    )
+    parser.add_argument("--output", type=Path, help="the notebook (default: runs/DoRA.ipynb)")
+    parser.add_argument("--figures", type=Path, help="PNGs (default: beside the notebook)")
+    parser.add_argument("--regenerate", action="store_true", help="write the committed files")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     args = parser.parse_args()
     device = helpers.pick_device(None if args.device == "auto" else args.device)
@@ -89,12 +81,14 @@ def save_figures(notebook: nbformat.NotebookNode, folder: Path) -> list[Path]:
     saved = []
     for cell in notebook.cells:
         names = [t[4:] for t in cell.metadata.get("tags", []) if t.startswith("fig-")]
-        outputs = cell.get("outputs", [])
-        pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+        pngs = [
+            o["data"]["image/png"]
+            for o in cell.get("outputs", [])
+            if "image/png" in o.get("data", {})
+        ]
         for name, png in zip(names, pngs, strict=False):
-            path = folder / f"{name}.png"
-            write_atomic(path, [base64.b64decode(png)])
-            saved.append(path)
+            saved.append(folder / f"{name}.png")
+            write_atomic(saved[-1], [base64.b64decode(png)])
     return saved
 
 
