@@ -34,18 +34,10 @@ def methods(nb) -> dict:
 
 
 def finetune(nb, pretrained, task, wrapper, seeds, epochs=1):
-    return helpers.finetune(
-        pretrained,
-        task,
-        seeds=seeds,
-        wrapper=wrapper,
-        rank=nb.RANK,
-        alpha=nb.ALPHA,
-        lr=1e-3,
-        epochs=epochs,
-        batch_size=nb.BATCH_SIZE,
-        log=None,
+    kw = dict(
+        rank=nb.RANK, alpha=nb.ALPHA, lr=1e-3, epochs=epochs, batch_size=nb.BATCH_SIZE, log=None
     )
+    return helpers.finetune(pretrained, task, seeds=seeds, wrapper=wrapper, **kw)
 
 
 def step(nb, device, args) -> None:

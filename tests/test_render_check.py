@@ -50,48 +50,44 @@ def stdout(text):
     return new_output("stream", name="stdout", text=text)
 
 
-def test_an_over_wide_formula_fails_and_names_its_cell(tmp_path):
+def test_what_a_reader_trips_over_is_named_with_its_cell(tmp_path):
     wide = " + ".join(f"a_{{{i}}} b_{{{i}}}" for i in range(60))
-    cells = [
-        new_markdown_cell(f"A sum too long for any column:\n\n$$y = {wide}$$"),
-        new_markdown_cell("A normal cell: $y = x W^\\top + b$, and\n\n$$V = W_0 + s\\,BA.$$"),
-    ]
-    code, output = render_check(tmp_path, cells, "--no-run")
-    assert code == 1 and len(fails(output)) == 1, output
-    assert fails(output)[0].startswith("FAIL cell 0: markdown overflow: display math is ")
-    for part in ("px wide in a", "(formula 1: y = a_{0} b_{0}", "scrollbar on the markdown area"):
-        assert part in fails(output)[0]
-
-
-def test_tex_errors_wrapped_lines_stderr_broken_images_and_raw_tex_fail(tmp_path):
-    printed = new_code_cell("print(...)")
+    printed, warned, broken = (new_code_cell("...") for _ in range(3))
     printed.outputs = [stdout("short line\n" + "word " * 60 + "\n")]
-    warned = new_code_cell("warn()")
     warned.outputs = [stdout("ok\n"), new_output("stream", name="stderr", text="UserWarning: x\n")]
-    broken = new_code_cell("show()")
     not_png = base64.b64encode(b"not a png").decode()
     broken.outputs = [new_output("display_data", data={"image/png": not_png, "text/plain": "<F>"})]
     cells = [
-        new_markdown_cell("Fine: $x^2$."),
+        new_markdown_cell(f"A sum too long for any column:\n\n$$y = {wide}$$"),
         new_markdown_cell(
             "A typo: $\\nosuchmacro{x}$, and $$\\begin{nosuchenv} x \\end{nosuchenv}$$"
         ),
         printed,
         warned,
         broken,
-        new_markdown_cell("An unclosed formula: $x^{2}."),
+        new_markdown_cell("Fine: $x^2$, $$V = W_0 + s\\,BA.$$ An unclosed formula: $x^{2}."),
     ]
     code, output = render_check(tmp_path, cells, "--no-run")
-    assert code == 1, output
     problems = fails(output)
-    cells_named = [p.split(":")[0] for p in problems]
-    assert cells_named == [f"FAIL cell {i}" for i in (1, 1, 2, 3, 4, 5)], output
-    assert "MathJax error: Unknown environment 'nosuchenv'" in output
-    assert "MathJax error: undefined control sequence \\nosuchmacro (shown in red)" in output
-    assert "output line wraps: line 2 (300 chars)" in problems[2]
-    assert "stderr output (open): UserWarning: x" in problems[3]
-    assert "image did not load" in problems[4]
-    assert "TeX not typeset" in problems[5] and "$x^{2}." in problems[5]
+    assert code == 1 and [p.split(":")[0] for p in problems] == [
+        f"FAIL cell {i}" for i in (0, 1, 1, 2, 3, 4, 5)
+    ], output
+    expected = [
+        (
+            "markdown overflow: display math is ",
+            "px wide in a",
+            "(formula 1: y = a_{0} b_{0}",
+            "horizontal scrollbar on the markdown area",
+        ),
+        ("MathJax error: Unknown environment 'nosuchenv'",),
+        ("MathJax error: undefined control sequence \\nosuchmacro (shown in red)",),
+        ("output line wraps: line 2 (300 chars)",),
+        ("stderr output (open): UserWarning: x",),
+        ("image did not load",),
+        ("TeX not typeset", "$x^{2}."),
+    ]
+    for problem, parts in zip(problems, expected, strict=True):
+        assert all(part in problem for part in parts), problem
 
 
 def test_a_clean_notebook_passes_and_leaves_screenshots(tmp_path):
