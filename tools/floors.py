@@ -14,20 +14,20 @@ import re
 import sys
 from pathlib import Path
 
-REQUIREMENT = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?P<spec>[<>=!~,.\s\w*+]*)")
+_REQUIREMENT = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)\s*(?P<spec>[<>=!~,.\s\w*+]*)")
 
 
-def canonical(name: str) -> str:
+def _canonical(name: str) -> str:
     """PEP 503 name: pip treats ``huggingface_hub`` and ``Huggingface-Hub`` as one package."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def parse(line: str) -> tuple[str, str] | None:
+def _parse(line: str) -> tuple[str, str] | None:
     """(name, specifier) of one requirements line, None for a blank or comment line."""
     text = line.split("#", 1)[0].strip()
     if not text or text.startswith("-r "):
         return None
-    match = REQUIREMENT.fullmatch(text)
+    match = _REQUIREMENT.fullmatch(text)
     if match is None:  # extras, markers, URLs, options: not needed here, so not supported
         raise ValueError(f"unsupported requirement line: {line.strip()!r}")
     return match["name"], match["spec"].replace(" ", "")
@@ -37,19 +37,19 @@ def floor_pins(lines: list[str], overrides: list[str] = ()) -> list[str]:
     """``name==floor`` for every requirement, in file order, then the overrides applied."""
     pins: dict[str, str] = {}
     for line in lines:
-        parsed = parse(line)
+        parsed = _parse(line)
         if parsed is None:
             continue
         name, spec = parsed
         floors = re.findall(r">=([^,]+)", spec) or re.findall(r"^==([^,]+)$", spec)
         if len(floors) != 1:
             raise ValueError(f"{name}: needs exactly one '>=' floor, got {line.strip()!r}")
-        pins[canonical(name)] = f"{name}=={floors[0]}"
+        pins[_canonical(name)] = f"{name}=={floors[0]}"
     for override in overrides:
-        parsed = parse(override)
+        parsed = _parse(override)
         if parsed is None or not parsed[1]:
             raise ValueError(f"an override needs a version, e.g. torch==2.8.0: {override!r}")
-        pins[canonical(parsed[0])] = "".join(parsed)
+        pins[_canonical(parsed[0])] = "".join(parsed)
     return list(pins.values())
 
 
