@@ -1,5 +1,4 @@
-"""MNIST as tensors (the download itself: mnist_files) and the rotated-digits task built from
-it."""
+"""MNIST as tensors and the rotated-digits task built from it."""
 
 from __future__ import annotations
 
@@ -14,15 +13,9 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of pixel / 255 over the training set
 
 
 def load_mnist(root: str | Path = REPO / "data", *, allow_download: bool = True, verbose=True):
-    """MNIST as (train_images, train_labels, test_images, test_labels) tensors.
-
-    Images are uint8 (N, 28, 28), labels int64 (N,). Verified files in ROOT/MNIST/raw are used
-    as they are; otherwise they are fetched and checked against the official SHA-256
-    (``dora_tutorial/mnist_files.py`` says how). ``allow_download=False`` never touches the network.
-    """
-    from dora_tutorial.mnist_files import (
-        load_mnist as fetch,  # the download machinery, out of the way
-    )
+    """MNIST as (train_images, train_labels, test_images, test_labels): uint8 (N, 28, 28) and
+    int64 (N,). Verified files are used as they are; ``mnist_files`` says how others are fetched."""
+    from dora_tutorial.mnist_files import load_mnist as fetch  # the download machinery
 
     return fetch(root, allow_download=allow_download, verbose=verbose)
 
@@ -67,13 +60,11 @@ def make_task(
     n_val=0,
     seed=0,
 ) -> Task:
-    """A classification task as tensors on ``device``, optionally rotated and subsampled.
+    """A classification task on ``device``, rotated by ``degrees`` and subsampled.
 
-    One random permutation of the training images (``seed``) gives ``n_train`` training
-    examples and the next ``n_val`` as a validation set, disjoint from them and from the test
-    set (the whole test set is kept, rotated the same way). Asking for a validation set does
-    not change which examples are used for training.
-    """
+    One permutation (``seed``) gives ``n_train`` training examples and the next ``n_val`` as a
+    validation set, so asking for one does not change the training examples; the whole test set
+    is kept, rotated the same way."""
     if n_train is not None or n_val:
         n_train = len(train_images) - n_val if n_train is None else n_train
         if n_train < 1 or n_val < 0 or n_train + n_val > len(train_images):

@@ -10,10 +10,8 @@ from pathlib import Path
 
 
 def write_atomic(path: Path, chunks) -> None:
-    """Write byte ``chunks`` to a temp file beside ``path``, fsync, then rename over ``path``.
-
-    Readers see the old file or the whole new one, never a half-written file; on any error
-    (Ctrl-C included) the temp file is removed."""
+    """Write byte ``chunks`` to a temp file beside ``path``, fsync, rename over ``path``; on any
+    error (Ctrl-C included) the temp file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -36,13 +34,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_atomic_dir(path: Path, files: dict[str, bytes], replaceable=frozenset()) -> None:
-    """Write a directory holding ``files`` ({name: bytes}) so that readers never see half of it.
-
-    The files go into a temp directory beside ``path``, which then takes ``path``'s place:
-    readers see the old directory (or none) or the whole new one. An existing ``path`` is
-    replaced only if it holds nothing but names in ``replaceable`` (an earlier save); anything
-    else in it raises ``ValueError`` before a byte is written. On any error the temp directory
-    is removed and the old directory stays."""
+    """Write a directory of ``files`` ({name: bytes}) beside ``path``, then swap it in. An
+    existing ``path`` is replaced only if it holds nothing but ``replaceable`` names."""
     path = Path(path)
     if path.exists():
         others = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]

@@ -1,11 +1,6 @@
-"""The notebook for tests and scripts: its definitions as a module, its protocol, a headless run.
-
-    nb = import_notebook_definitions()      # nb.LinearWithDoRA, nb.merge, nb.FT_EPOCHS, ...
-
-Only the imports, functions, classes and constants of the code cells run (nothing trains or
-plots), so tests and scripts use the very classes the reader builds and the protocol the
-notebook states: nothing is copied.
-"""
+"""The notebook for tests and scripts: its definitions as a module (``nb.DoRALinear``,
+``nb.FT_EPOCHS``: the reader's very classes and settings, never copies), its protocol, a
+headless run."""
 
 from __future__ import annotations
 
@@ -25,16 +20,12 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "DoRA.ipynb"
 
 
 def import_notebook_definitions(path: str | Path = NOTEBOOK, name: str = "dora_notebook"):
-    """Execute only the imports, functions, classes and UPPER_CASE constants of a notebook's
-    code cells, in order, and return them as a module. Cells tagged ``no-import`` are skipped.
-    """
-    import nbformat
-
+    """The imports, functions, classes and UPPER_CASE constants of the code cells (those not
+    tagged ``no-import``), executed in order as a module: nothing trains or plots."""
     keep = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef)
     module = types.ModuleType(name)
     module.__file__ = str(path)
-    # Findable by name, like any imported module: torch.compile (dynamo, torch 2.5 and 2.6)
-    # imports a traced function's module to guard on its globals.
+    # torch.compile imports a traced function's module by name to guard on its globals
     sys.modules[name] = module
     module.constants = []  # the names of the notebook's settings, in order
     for number, cell in enumerate(nbformat.read(str(path), as_version=4).cells, start=1):
@@ -46,20 +37,18 @@ def import_notebook_definitions(path: str | Path = NOTEBOOK, name: str = "dora_n
             for line in cell.source.splitlines()
         )
         tree = ast.parse(source)
-        constants = {node for node in tree.body if is_constant(node)}
+        constants = {node for node in tree.body if _is_constant(node)}
         body = [node for node in tree.body if isinstance(node, keep) or node in constants]
         module.constants += [node.targets[0].id for node in body if node in constants]
-        # A traceback names the cell ("DoRA.ipynb[cell 14]", counting every cell from 1, as
-        # the file lists them) and shows its line, instead of "line 12" of sixty cells.
+        # tracebacks name the cell ("DoRA.ipynb[cell 14]") and show its line
         filename = f"{Path(path).name}[cell {number}]"
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
         exec(compile(ast.Module(body=body, type_ignores=[]), filename, "exec"), module.__dict__)
     return module
 
 
-def is_constant(node: ast.AST) -> bool:
-    """``UPPER_CASE = <literal>`` (a number, string, tuple, list or dict of them, or
-    ``range(...)`` of numbers): a notebook-wide setting, one per line."""
+def _is_constant(node: ast.AST) -> bool:
+    """``UPPER_CASE = <literal or range(...)>``: a notebook-wide setting."""
     return (
         isinstance(node, ast.Assign)
         and len(node.targets) == 1
@@ -70,31 +59,18 @@ def is_constant(node: ast.AST) -> bool:
 
 
 def _literal(node: ast.AST) -> bool:
-    if isinstance(node, ast.Constant):
-        return True
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return _literal(node.operand)
-    if isinstance(node, ast.Tuple | ast.List):
-        return all(_literal(e) for e in node.elts)
-    if isinstance(node, ast.Dict):
-        return all(
-            k is not None and _literal(k) and _literal(v)
-            for k, v in zip(node.keys, node.values, strict=True)
-        )
-    return (
-        isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Name)
-        and node.func.id == "range"
-        and not node.keywords
-        and all(_literal(a) for a in node.args)
-    )
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "range":
+        return not node.keywords and all(_literal(a) for a in node.args)
+    try:
+        ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError):
+        return False
+    return True
 
 
 def protocol(nb=None) -> dict:
-    """The notebook's settings (its UPPER_CASE constants) as JSON-friendly values.
-
-    Scripts that run the notebook's experiment save this beside their results; a test compares
-    it with the notebook, so a changed setting cannot leave a stale result behind."""
+    """The notebook's settings as JSON values: scripts save them beside their results, and a
+    test compares them with the notebook, so no result outlives a changed setting."""
     nb = nb or import_notebook_definitions()
     return {name: _jsonable(getattr(nb, name)) for name in dict.fromkeys(nb.constants)}
 
@@ -108,21 +84,16 @@ def _jsonable(value):
 
 
 def execute(path: Path, results: Path | None = None) -> nbformat.NotebookNode:
-    """Run all cells in a fresh python3 kernel whose working directory is the notebook's.
-
-    The summary cell writes the run's results (``helpers.write_results``) to ``results``; by
-    default to a temporary file, so that only a run asked to (``main``) replaces the committed
-    figures/results.json."""
+    """Run all cells in a fresh kernel in the notebook's folder; the summary cell writes its
+    results to ``results`` (default: a temporary file, never figures/results.json)."""
+    saved = os.environ.get("DORA_RESULTS")
     with tempfile.TemporaryDirectory() as tmp:
-        target = results or Path(tmp) / "results.json"
-        saved = os.environ.get("DORA_RESULTS")
-        os.environ["DORA_RESULTS"] = str(target)  # the kernel inherits this process's environment
+        os.environ["DORA_RESULTS"] = str(results or Path(tmp) / "results.json")  # the kernel's
         try:
             return _execute(path)
         finally:
-            if saved is None:
-                os.environ.pop("DORA_RESULTS", None)
-            else:
+            os.environ.pop("DORA_RESULTS")
+            if saved is not None:
                 os.environ["DORA_RESULTS"] = saved
 
 
@@ -145,15 +116,15 @@ def _execute(path: Path) -> nbformat.NotebookNode:
         if text.strip():
             print("    " + text.rstrip().replace("\n", "\n    "), flush=True)
 
-    client = NotebookClient(
+    resources = {"metadata": {"path": str(path.parent)}}
+    NotebookClient(
         notebook,
         timeout=1800,
         kernel_name="python3",
-        record_timing=False,  # no per-cell timestamps in the stored notebook
-        resources={"metadata": {"path": str(path.parent)}},
+        record_timing=False,
+        resources=resources,
         on_cell_executed=report,
-    )
-    client.execute()
+    ).execute()
     print("slowest cells:", flush=True)
     for seconds, number, first in sorted(times, reverse=True)[:5]:
         print(f"  {seconds:5.1f} s  [{number}/{n_code}] {first}", flush=True)
@@ -164,20 +135,13 @@ def _execute(path: Path) -> nbformat.NotebookNode:
 
 
 def coalesce_streams(outputs: list) -> list:
-    """Join consecutive stdout (or stderr) chunks into one output, as Jupyter shows them.
-
-    How a kernel splits a cell's printing into messages depends on timing; joined, the stored
-    notebook is the same from run to run."""
+    """Join consecutive chunks of one stream, as Jupyter shows them: how a kernel splits them
+    depends on timing, joined they are the same from run to run."""
     merged = []
     for out in outputs:
-        previous = merged[-1] if merged else None
-        if (
-            out.output_type == "stream"
-            and previous is not None
-            and previous.output_type == "stream"
-            and previous.name == out.name
-        ):
-            previous.text += out.text
+        last = merged[-1] if merged else None
+        if out.output_type == "stream" and last and last.get("name") == out.name:
+            last.text += out.text
         else:
             merged.append(out)
     return merged

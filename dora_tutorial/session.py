@@ -19,10 +19,8 @@ WIDTH = 96  # printed sentences are wrapped to fit a notebook's output area
 
 
 def require_version(release: str) -> None:
-    """Stop with a clear message unless this helpers.py is from ``release`` (e.g. "v0.2.0").
-
-    The notebook calls this right after ``import helpers``: a notebook from one release next to
-    a helpers.py from another (on Colab, say) would otherwise fail later, far from the cause."""
+    """Stop with a clear message unless this helpers.py is from ``release`` (e.g. "v0.2.0"):
+    a mismatch would otherwise fail later, far from the cause."""
     if release.removeprefix("v") != __version__:
         raise ImportError(
             f"helpers.py is version {__version__} ({REPO / 'helpers.py'}) but this notebook needs "
@@ -32,10 +30,7 @@ def require_version(release: str) -> None:
 
 
 def pick_device(prefer: str | None = None) -> torch.device:
-    """CUDA if present, else Apple MPS if it really works, else CPU.
-
-    ``prefer`` (or the environment variable ``DORA_DEVICE``) forces a choice, e.g. "cpu".
-    """
+    """CUDA, else MPS if it really works, else CPU; ``prefer`` or ``DORA_DEVICE`` forces one."""
     choice = prefer or os.environ.get("DORA_DEVICE")
     if choice:
         return torch.device(choice)
@@ -57,9 +52,7 @@ def _mps_works() -> bool:
 
 
 def sync(device: torch.device | str) -> None:
-    """Wait until ``device`` has finished its queued work (CUDA and MPS run asynchronously), so
-    that a clock read afterwards measures work done, not work queued. The one sync every timer
-    here and in ``benchmarks/`` uses."""
+    """Wait for ``device``'s queued work, so a clock read measures work done, not queued."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,5 +1,4 @@
-"""Training: one loop for one model or many seeds of one configuration at once, the
-optimisers, accuracy, and fine-tuning copies of a pretrained model with paired seeds."""
+"""Training: one loop for many seeds of one configuration at once, optimisers, accuracy."""
 
 from __future__ import annotations
 
@@ -20,11 +19,8 @@ from dora_tutorial.session import seed_everything, sync
 
 @dataclass
 class Runs:
-    """One configuration trained with one or more seeds, everything in seed order.
-
-    ``test_acc`` and ``train_loss`` are (seeds, epochs) arrays; ``seconds`` the time of each
-    epoch for all seeds together; ``weights[k][e]`` the effective weight of every linear layer
-    of seed k after epoch e+1 (when recorded); ``models[k]`` seed k's trained model."""
+    """One configuration trained with several seeds, in seed order: ``test_acc`` and
+    ``train_loss`` are (seeds, epochs); ``weights[k][e]``: seed k's weights after epoch e+1."""
 
     seeds: tuple[int, ...]
     models: list[nn.Module]
@@ -41,8 +37,8 @@ class Runs:
 
 
 def batch_orders(seeds, n: int):
-    """For each epoch, an (S, n) tensor: row k is a random order of the n examples drawn from
-    seed k's own generator, so seed k sees the same batches whatever else trains beside it."""
+    """Per epoch an (S, n) tensor, row k from seed k's own generator: seed k sees the same
+    batches whatever trains beside it."""
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     while True:
         yield torch.stack([torch.randperm(n, generator=g) for g in generators])
@@ -62,17 +58,12 @@ def train(
     log=print,
     name: str = "",
 ) -> Runs:
-    """Adam on cross-entropy: one model, or several copies of one architecture at once.
+    """Adam on cross-entropy for a module or a list of modules that differ only in their
+    trainable parameters (``seeds[k]`` sets model k's batch order).
 
-    ``models`` is a module or a list of modules that differ only in their trainable
-    parameters (seeds of one configuration); ``seeds[k]`` sets model k's batch order. All are
-    moved to the task's device, trained in one batched computation (``torch.func.vmap`` over
-    their stacked trainable parameters, one Adam over the stacks: Adam works element by
-    element, so this is the algorithm of separate runs), and written back when done.
-    After each epoch: mean training loss, and accuracy on ``task.<evaluate_on>_x`` (eval mode).
-    ``curves=False`` evaluates after the last epoch only (the earlier epochs' accuracies are
-    NaN): for runs whose learning curves are not drawn, it saves one evaluation per epoch and
-    changes nothing else (evaluation draws no random numbers and trains nothing).
+    All train in one ``vmap`` over their stacked parameters with one Adam over the stacks: Adam
+    is element-wise, so this is the algorithm of separate runs. ``curves=False`` evaluates after
+    the last epoch only (earlier accuracies are NaN); evaluation draws no random numbers.
     """
     models = [models] if isinstance(models, nn.Module) else list(models)
     seeds = tuple(seeds)
@@ -135,15 +126,12 @@ def train(
 
 
 def _gather(data: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``data[idx]`` for an (S, batch) index: the same rows, copied by ``index_select`` (whole
-    rows at a time: cheaper than ``data[idx]``)."""
+    """``data[idx]`` for an (S, batch) index; ``index_select`` copies whole rows, faster."""
     return data.index_select(0, idx.reshape(-1)).view(*idx.shape, *data.shape[1:])
 
 
 def _stack_parameters(models):
-    """({name: (S, ...) leaf tensor} of the trainable parameters, {name: tensor} of the rest).
-
-    The frozen parameters and buffers must be the same in every model: they are shared."""
+    """({name: (S, ...) leaf} of the trainable parameters, {name: tensor} of the shared rest)."""
     template = models[0]
     names = [n for n, p in template.named_parameters() if p.requires_grad]
     if not names:
@@ -173,12 +161,8 @@ def _write_back(stacked: dict, models: list) -> None:
 
 @torch.no_grad()
 def _accuracies(logits, stacked, x, y, chunk: int = 2048) -> np.ndarray:
-    """Accuracy of every model on (x, y), evaluated in chunks, as a (S,) numpy array.
-
-    Every model gets the same inputs: unbatched (``in_dims=None``), so that what does not
-    depend on the trained parameters (the first layer's frozen ``x W0^T``) is computed once for
-    all models. A layer that updates such an activation in place with a batched one is refused
-    by vmap; then every model gets the inputs as a batched view (``expand``) instead."""
+    """(S,) accuracies on (x, y). Inputs go in unbatched, so the frozen ``x W0^T`` is computed
+    once for all models; a layer vmap refuses that way (an in-place update) gets them expanded."""
     count = len(next(iter(stacked.values())))
     shared = torch.func.vmap(logits, in_dims=(0, None))
     each = torch.func.vmap(logits)
@@ -200,8 +184,7 @@ def _accuracies(logits, stacked, x, y, chunk: int = 2048) -> np.ndarray:
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 4096) -> float:
-    """Fraction of rows of ``x`` whose arg-max logit equals ``y`` (model in eval mode, moved to
-    ``x``'s device)."""
+    """Fraction of rows of ``x`` whose arg-max logit equals ``y`` (in eval mode)."""
     was_training = model.training
     model.to(x.device).eval()
     correct = sum(
@@ -213,10 +196,8 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters, with DoRA's magnitudes and the biases left out of
-    the weight decay: decoupled decay pulls a parameter toward 0, and on m that shrinks each
-    row's length instead of leaving it where the data put it (PEFT's ``lora_magnitude_vector``
-    is found by its name too)."""
+    """AdamW without weight decay on DoRA's magnitudes (ours and PEFT's) and biases: decay
+    would shrink each row's length instead of leaving it where the data put it."""
     decay, keep = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -228,8 +209,7 @@ def adamw(model: nn.Module, lr: float, weight_decay: float = 0.01) -> torch.opti
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam, with the fused kernel (one update op for all tensors) where torch and the device
-    have it. Same algorithm either way."""
+    """Adam, fused where torch and the device have the kernel (the same algorithm)."""
     params = list(params)
     fused = all(_fused_adam_works(p.device, p.dtype) for p in params)
     return torch.optim.Adam(params, lr=lr, **({"fused": True} if fused else {}))
@@ -237,9 +217,7 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
 
 @functools.cache
 def _fused_adam_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether fused Adam runs on this device and dtype. torch checks some of that when the
-    optimizer is built and the rest at its first ``step()``, so try one step on a scratch tensor
-    (older torch, a device or dtype without the kernel: fall back to plain Adam)."""
+    """Whether fused Adam runs here: torch checks part of that only at ``step()``, so try one."""
     try:
         p = torch.zeros(1, device=device, dtype=dtype, requires_grad=True)
         p.grad = torch.ones_like(p)
@@ -250,13 +228,9 @@ def _fused_adam_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def finetune(pretrained, task, *, seeds, wrapper=None, rank=4, alpha=8, layer_kwargs=None, **kw):
-    """Fine-tune copies of ``pretrained``, one per seed, all at once (see ``train``).
-
-    ``wrapper=None`` trains every weight; otherwise ``add_adapters(pretrained, wrapper, ...)``.
-    Seed k sets the adapter's random init (A) and the batch order, so two configurations run
-    with the same seeds are paired: seed k of LoRA and of DoRA start from the same A and see
-    the same batches. The pretrained model and the task do not depend on the seed.
-    """
+    """Fine-tune copies of ``pretrained`` (every weight if ``wrapper`` is None, else adapters),
+    one per seed, at once. Seed k sets A's init and the batch order: configurations run with
+    the same seeds are paired."""
     models = []
     for seed in seeds:
         seed_everything(seed)

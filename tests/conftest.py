@@ -1,17 +1,9 @@
-"""Shared fixtures: the notebook's layer classes, imported from DoRA.ipynb (never copied).
+"""Shared fixtures: the notebook's classes, imported from DoRA.ipynb (never copied).
 
-The whole test command runs on the CPU, even on a GPU machine: the stored outputs that
-`pytest --nbval` compares come from the CPU, and the kernel nbval starts inherits this setting
-(read by helpers.pick_device). Likewise every notebook run inside the tests writes its results
-to a temporary file (DORA_RESULTS, read by helpers.write_results), never figures/results.json.
-
-``DORA_BLOCK_PEFT=1`` runs the suite as on a machine without PEFT: ``import peft`` then raises
-ImportError, the PEFT comparisons skip, and every other test must still catch the bugs that
-matter (``DORA_BLOCK_PEFT=1 python -m pytest tests -q``).
-
-Markers (pyproject.toml): slow, browser, multiprocess, network. The README's test command runs
-them all; ``-m "not slow"`` is a quick pass. Helpers that several test files share live in
-tests/support.py: test modules never import each other."""
+Tests run on the CPU (the outputs nbval compares come from it; its kernel inherits this), and
+notebook runs write their results to a temporary file, never figures/results.json.
+``DORA_BLOCK_PEFT=1`` makes ``import peft`` fail: the suite as on a machine without PEFT.
+Helpers several test files share live in tests/support.py."""
 
 import atexit
 import os

@@ -46,17 +46,17 @@ def test_the_result_stays_paired_with_dora():
     np.testing.assert_allclose(again.final, at.final[[1, 0, 2, 3]])
 
 
-def test_outside_loras_range_is_an_error():
-    with pytest.raises(ValueError, match="outside LoRA's range"):
-        helpers.lora_at_budget(lora_linear_in_log(), runs([90] * 4, 20_000))
-    with pytest.raises(ValueError, match="outside LoRA's range"):
-        helpers.lora_at_budget(lora_linear_in_log(), runs([90] * 4, 1_000))
-
-
-def test_other_bad_input_is_an_error():
-    with pytest.raises(ValueError, match="same seeds"):
-        helpers.lora_at_budget(lora_linear_in_log(), runs([90] * 3, 2_158, seeds=(0, 1, 2)))
-    with pytest.raises(ValueError, match="two ranks"):
-        helpers.lora_at_budget({1: runs(A, 1_700)}, runs([90] * 4, 1_700))
-    with pytest.raises(ValueError, match="same trainable count"):
-        helpers.lora_at_budget({1: runs(A, 1_700), 2: runs(A, 1_700)}, runs([90] * 4, 1_700))
+@pytest.mark.parametrize(
+    "lora, dora, message",
+    [
+        (None, ([90] * 4, 20_000), "outside LoRA's range"),
+        (None, ([90] * 4, 1_000), "outside LoRA's range"),
+        (None, ([90] * 3, 2_158, (0, 1, 2)), "same seeds"),
+        ({1: (A, 1_700)}, ([90] * 4, 1_700), "two ranks"),
+        ({1: (A, 1_700), 2: (A, 1_700)}, ([90] * 4, 1_700), "same trainable count"),
+    ],
+)
+def test_bad_input_is_an_error(lora, dora, message):
+    lora = lora_linear_in_log() if lora is None else {r: runs(*x) for r, x in lora.items()}
+    with pytest.raises(ValueError, match=message):
+        helpers.lora_at_budget(lora, runs(*dora))

@@ -1,8 +1,5 @@
 """tools/render_check.py against tiny notebooks: it must name what a reader would trip over.
-
-Each test starts JupyterLab and headless Chromium (about 10 s). Skipped where Debian's chromium
-and chromium-driver are not installed; CI (.ci/run) installs them before the tests.
-"""
+Each test starts JupyterLab and headless Chromium; skipped without Debian's chromium."""
 
 import base64
 import json
@@ -46,7 +43,6 @@ def render_check(tmp_path, cells, *args):
 
 
 def fails(output):
-    """The problem lines, with the cell they name."""
     return [line for line in output.splitlines() if line.startswith("FAIL ")]
 
 
@@ -54,50 +50,44 @@ def stdout(text):
     return new_output("stream", name="stdout", text=text)
 
 
-def test_an_over_wide_formula_fails_and_names_its_cell(tmp_path):
+def test_what_a_reader_trips_over_is_named_with_its_cell(tmp_path):
     wide = " + ".join(f"a_{{{i}}} b_{{{i}}}" for i in range(60))
-    cells = [
-        new_markdown_cell(f"A sum too long for any column:\n\n$$y = {wide}$$"),
-        new_markdown_cell("A normal cell: $y = x W^\\top + b$, and\n\n$$V = W_0 + s\\,BA.$$"),
-    ]
-    code, output = render_check(tmp_path, cells, "--no-run")
-    assert code == 1, output
-    problems = fails(output)
-    assert len(problems) == 1, output
-    assert problems[0].startswith("FAIL cell 0: markdown overflow: display math is "), output
-    assert "px wide in a" in problems[0] and "(formula 1: y = a_{0} b_{0}" in problems[0]
-    assert "horizontal scrollbar on the markdown area" in problems[0]
-
-
-def test_tex_errors_wrapped_lines_stderr_broken_images_and_raw_tex_fail(tmp_path):
-    printed = new_code_cell("print(...)")
+    printed, warned, broken = (new_code_cell("...") for _ in range(3))
     printed.outputs = [stdout("short line\n" + "word " * 60 + "\n")]
-    warned = new_code_cell("warn()")
     warned.outputs = [stdout("ok\n"), new_output("stream", name="stderr", text="UserWarning: x\n")]
-    broken = new_code_cell("show()")
     not_png = base64.b64encode(b"not a png").decode()
     broken.outputs = [new_output("display_data", data={"image/png": not_png, "text/plain": "<F>"})]
     cells = [
-        new_markdown_cell("Fine: $x^2$."),
+        new_markdown_cell(f"A sum too long for any column:\n\n$$y = {wide}$$"),
         new_markdown_cell(
             "A typo: $\\nosuchmacro{x}$, and $$\\begin{nosuchenv} x \\end{nosuchenv}$$"
         ),
         printed,
         warned,
         broken,
-        new_markdown_cell("An unclosed formula: $x^{2}."),
+        new_markdown_cell("Fine: $x^2$, $$V = W_0 + s\\,BA.$$ An unclosed formula: $x^{2}."),
     ]
     code, output = render_check(tmp_path, cells, "--no-run")
-    assert code == 1, output
     problems = fails(output)
-    cells_named = [p.split(":")[0] for p in problems]
-    assert cells_named == [f"FAIL cell {i}" for i in (1, 1, 2, 3, 4, 5)], output
-    assert "MathJax error: Unknown environment 'nosuchenv'" in output
-    assert "MathJax error: undefined control sequence \\nosuchmacro (shown in red)" in output
-    assert "output line wraps: line 2 (300 chars)" in problems[2]
-    assert "stderr output (open): UserWarning: x" in problems[3]
-    assert "image did not load" in problems[4]
-    assert "TeX not typeset" in problems[5] and "$x^{2}." in problems[5]
+    assert code == 1 and [p.split(":")[0] for p in problems] == [
+        f"FAIL cell {i}" for i in (0, 1, 1, 2, 3, 4, 5)
+    ], output
+    expected = [
+        (
+            "markdown overflow: display math is ",
+            "px wide in a",
+            "(formula 1: y = a_{0} b_{0}",
+            "horizontal scrollbar on the markdown area",
+        ),
+        ("MathJax error: Unknown environment 'nosuchenv'",),
+        ("MathJax error: undefined control sequence \\nosuchmacro (shown in red)",),
+        ("output line wraps: line 2 (300 chars)",),
+        ("stderr output (open): UserWarning: x",),
+        ("image did not load",),
+        ("TeX not typeset", "$x^{2}."),
+    ]
+    for problem, parts in zip(problems, expected, strict=True):
+        assert all(part in problem for part in parts), problem
 
 
 def test_a_clean_notebook_passes_and_leaves_screenshots(tmp_path):
@@ -115,11 +105,8 @@ def test_a_clean_notebook_passes_and_leaves_screenshots(tmp_path):
     ]
     shots = tmp_path / "shots"
     code, output = render_check(tmp_path, cells, "--no-run", "--screenshots", str(shots))
-    assert code == 0, output
-    assert "render check: OK" in output
-    assert "[time] total:" in output
-    names = sorted(p.name for p in shots.iterdir())
-    assert names == [
+    assert code == 0 and "render check: OK" in output, output
+    assert sorted(p.name for p in shots.iterdir()) == [
         "open-01-top.png",
         "open-02-section-2.png",
         "open-03-results-table.png",
@@ -134,9 +121,9 @@ def test_run_all_reports_an_error_the_stored_outputs_do_not_show(tmp_path):
         new_code_cell("print('never reached')"),
     ]
     code, output = render_check(tmp_path, cells)
-    assert code == 1, output
-    problems = fails(output)
-    assert "FAIL cell 1: error output (run): ValueError: boom" in problems, output
-    assert "FAIL cell 1: stderr output (run): to stderr" in problems, output
-    assert any(p.startswith("FAIL page: run-all stopped: 1 of 2 code cells ran") for p in problems)
-    assert "open: no problems" in output
+    assert code == 1 and "open: no problems" in output, output
+    assert fails(output) == [
+        "FAIL page: run-all stopped: 1 of 2 code cells ran; the rest did not",
+        "FAIL cell 1: error output (run): ValueError: boom",
+        "FAIL cell 1: stderr output (run): to stderr",
+    ]

@@ -1,9 +1,7 @@
-"""helpers.make_task rotates every split by the requested angle: the fine-tuning task is the
-rotated one, not the pretraining task again (a make_task that ignored ``degrees`` would fine-tune
-on the data the model was pretrained on, and every method would look the same).
-
-Synthetic images only; each training and test image's label is its index, so a task's labels say
-which image each of its rows came from, whatever the subsampling picked."""
+"""helpers.make_task: every split rotated by the angle asked for (a make_task that ignored it
+would fine-tune on the pretraining data again, and every method would look the same), subsets
+drawn by seed, a validation set disjoint from them. Synthetic images whose label is their index,
+so a task's labels say which image each row came from."""
 
 import pytest
 import torch
@@ -12,83 +10,72 @@ import helpers
 
 
 def images(n, seed):
-    """n uint8 images (n, 28, 28) of random strokes on black, and labels 0..n-1."""
+    """n uint8 images, each an off-centre bar on noise (rotating it changes the image)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.zeros(n, 28, 28)
     for k in range(n):
         r, c = torch.randint(3, 20, (2,), generator=g).tolist()
-        x[k, r : r + 6, c : c + 3] = 1.0  # an off-centre bar: rotating it changes the image
-    x = (x * 200 + torch.randint(0, 40, x.shape, generator=g)).clamp(0, 255)
-    return x.to(torch.uint8), torch.arange(n)
+        x[k, r : r + 6, c : c + 3] = 1.0
+    return (x * 200 + torch.randint(0, 40, x.shape, generator=g)).to(torch.uint8), torch.arange(n)
 
 
-def task(degrees, **kw):
-    train, train_labels = images(40, seed=0)
-    test, test_labels = images(12, seed=1)
-    return (
-        train,
-        test,
-        helpers.make_task(train, train_labels, test, test_labels, degrees=degrees, **kw),
-    )
+TRAIN, TEST = images(40, seed=0), images(12, seed=1)
+
+
+def task(degrees=0, train=TRAIN, test=TEST, **kw):
+    return helpers.make_task(*train, *test, degrees=degrees, **kw)
 
 
 @pytest.mark.parametrize("degrees", [45, -30])
 @pytest.mark.parametrize("subsample", [{}, {"n_train": 25, "n_val": 10, "seed": 3}])
 def test_every_split_is_rotated_by_the_requested_angle(degrees, subsample):
-    train, test, rotated = task(degrees, **subsample)
-    _, _, upright = task(0, **subsample)
-    splits = [
-        (rotated.train_x, rotated.train_y, upright.train_x, train),
-        (rotated.test_x, rotated.test_y, upright.test_x, test),
-    ]
-    if subsample:
-        assert len(rotated.val_y) == 10
-        splits.append((rotated.val_x, rotated.val_y, upright.val_x, train))
-    for x, y, x_upright, source in splits:
-        expected = helpers.to_inputs(helpers.rotate(source[y], degrees))  # rotate, then convert
-        assert torch.equal(x, expected)
-        assert (x - x_upright).abs().mean() > 0.1  # not the task at angle 0
+    rotated, upright = task(degrees, **subsample), task(0, **subsample)
+    splits = [("train", TRAIN[0]), ("test", TEST[0])] + [("val", TRAIN[0])] * bool(subsample)
+    for split, source in splits:
+        x, y = getattr(rotated, f"{split}_x"), getattr(rotated, f"{split}_y")
+        assert torch.equal(x, helpers.to_inputs(helpers.rotate(source[y], degrees)))
+        assert (x - getattr(upright, f"{split}_x")).abs().mean() > 0.1  # not the upright task
 
 
 def test_a_quarter_turn_is_torch_rot90():
-    """Independent of helpers.rotate: 90 degrees counter-clockwise moves pixel (r, c) to
-    (27 - c, r), which is what torch.rot90 does over (rows, columns)."""
-    train, test, rotated = task(90)
-    turned = helpers.make_task(
-        torch.rot90(train, 1, dims=(1, 2)),
-        torch.arange(40),
-        torch.rot90(test, 1, dims=(1, 2)),
-        torch.arange(12),
-    )
-    assert torch.equal(rotated.train_x, turned.train_x)
-    assert torch.equal(rotated.test_x, turned.test_x)
-    assert not torch.equal(
-        rotated.test_x, helpers.make_task(train, torch.arange(40), test, torch.arange(12)).test_x
-    )
+    """Independent of helpers.rotate: 90 degrees counter-clockwise is torch.rot90."""
+    turned = [(torch.rot90(x, 1, dims=(1, 2)), y) for x, y in (TRAIN, TEST)]
+    rotated, expected = task(90), task(0, *turned)
+    assert torch.equal(rotated.train_x, expected.train_x)
+    assert torch.equal(rotated.test_x, expected.test_x)
 
 
 def centroids(inputs):
-    """Each image's centre of mass as (x, y) about the image centre (y up), read back from
-    normalised inputs (N, 784)."""
+    """Each image's centre of mass (x, y) about the image centre, y up, from its inputs."""
     pixels = (inputs * helpers.MNIST_STD + helpers.MNIST_MEAN).reshape(-1, 28, 28)
-    pixels = torch.where(pixels > 0.5, pixels, 0.0)  # the bar, not the background noise
+    pixels = torch.where(pixels > 0.5, pixels, 0.0)  # the bar, not the noise
     rows, cols = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
     mass = pixels.sum((1, 2))
-    x = (pixels * (cols - 13.5)).sum((1, 2)) / mass
-    y = (pixels * (13.5 - rows)).sum((1, 2)) / mass  # rows grow downwards
-    return x, y
+    return (pixels * (cols - 13.5)).sum((1, 2)) / mass, (pixels * (13.5 - rows)).sum((1, 2)) / mass
 
 
-@pytest.mark.parametrize("degrees", [30, 45, -60])
+@pytest.mark.parametrize("degrees", [30, -60])
 def test_the_images_turn_by_the_angle_asked_for(degrees):
-    """Each test image's centre of mass turns about the centre by ``degrees`` (bilinear
-    rounding blurs the bar a little: within 3 degrees), and keeps its distance from it."""
-    _, _, rotated = task(degrees)
-    _, _, upright = task(0)
-    (x0, y0), (x1, y1) = centroids(upright.test_x), centroids(rotated.test_x)
-    off_centre = torch.hypot(x0, y0) > 3  # a bar near the centre has no angle to speak of
-    assert off_centre.sum() >= 8
+    """Each bar's centre of mass turns by ``degrees`` (within 3: bilinear blur) at its distance."""
+    (x0, y0), (x1, y1) = centroids(task(0).test_x), centroids(task(degrees).test_x)
+    off_centre = torch.hypot(x0, y0) > 3  # a bar at the centre has no angle
     turned = torch.rad2deg(torch.atan2(y1, x1) - torch.atan2(y0, x0))[off_centre]
-    turned = (turned + 180) % 360 - 180  # into [-180, 180)
-    assert (turned - degrees).abs().max() < 3, turned
+    assert off_centre.sum() >= 8 and ((turned + 180) % 360 - 180 - degrees).abs().max() < 3
     torch.testing.assert_close(torch.hypot(x1, y1), torch.hypot(x0, y0), atol=0.5, rtol=0)
+
+
+def test_subsets_are_drawn_by_seed_and_the_validation_set_is_disjoint():
+    a, b, c = task(n_train=20, seed=1), task(n_train=20, seed=1), task(n_train=20, seed=2)
+    assert a.train_x.shape == (20, 784) and a.test_x.shape == (12, 784) and len(a.val_y) == 0
+    assert torch.equal(a.train_y, b.train_y) and not torch.equal(a.train_y, c.train_y)
+    split = task(n_train=20, n_val=10, seed=1)
+    assert torch.equal(split.train_x, a.train_x)  # asking for validation changes nothing
+    assert len(split.val_y) == 10 and set(split.val_y.tolist()).isdisjoint(split.train_y.tolist())
+    with pytest.raises(ValueError, match="n_train"):
+        task(n_train=35, n_val=10)
+
+
+def test_inputs_are_normalised_rows_and_full_turns_are_exact():
+    x = helpers.to_inputs(torch.full((3, 28, 28), 255, dtype=torch.uint8))
+    assert x.shape == (3, 784) and torch.allclose(x, torch.full_like(x, (1 - 0.1307) / 0.3081))
+    assert torch.equal(helpers.rotate(helpers.rotate(TRAIN[0], 90), -90), TRAIN[0])

@@ -2,13 +2,9 @@
 
     .venv/bin/python -m tools.check_determinism
 
-Executes the notebook in a fresh kernel (on the CPU, like tools/run_notebook.py, which made the
-stored outputs) and compares the text of every code cell's outputs with the stored ones,
-including the cells nbval ignores (training logs, accuracies, tables). Timings are masked with
-the rules of tests/nbval_sanitize.cfg; nothing else is. Exit status 1 lists the cells that differ.
-
-nbval already compares the platform-independent cells on any machine; this check is stricter and
-holds on the machine that produced the stored outputs (another CPU may round differently).
+Stricter than nbval: it compares every code cell, the ones nbval ignores too, with only the
+timings masked (tests/nbval_sanitize.cfg); it holds on the machine that made the stored outputs.
+Exit status 1 lists the cells that differ.
 """
 
 from __future__ import annotations
@@ -39,14 +35,14 @@ def sanitizers(path: Path = REPO / "tests" / "nbval_sanitize.cfg") -> list[tuple
 def cell_texts(notebook, rules) -> list[str]:
     """Every code cell's text outputs (streams, text/plain, errors), with timings masked."""
     texts = []
-    for cell in notebook.cells:
-        if cell.cell_type != "code":
-            continue
-        parts = []
-        for out in cell.get("outputs", []):
-            parts.append(out.get("text", "") + out.get("data", {}).get("text/plain", ""))
-            parts.append(out.get("ename", "") + out.get("evalue", ""))
-        text = "".join(parts)
+    for cell in (c for c in notebook.cells if c.cell_type == "code"):
+        text = "".join(
+            o.get("text", "")
+            + o.get("data", {}).get("text/plain", "")
+            + o.get("ename", "")
+            + o.get("evalue", "")
+            for o in cell.get("outputs", [])
+        )
         for regex, replace in rules:
             text = re.sub(regex, replace, text)
         texts.append(text)

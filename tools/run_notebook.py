@@ -4,19 +4,11 @@
     .venv/bin/python -m tools.run_notebook --regenerate   # maintainers: the committed outputs
     .venv/bin/python -m tools.run_notebook --device cuda --output /tmp/DoRA-cuda.ipynb
 
-1. makes MNIST available (helpers.load_mnist: verified local files, else a download);
-2. runs every cell in a fresh kernel, printing each cell's text output as it finishes, so a
-   long run shows its progress;
-3. writes the executed notebook and saves every figure of a cell tagged ``fig-NAME`` as
-   ``NAME.png``, and the summary cell's results as ``results.json``: by default into ``runs/``
-   (ignored by git, so a reader's run leaves the clone as it was); with ``--regenerate`` over the
-   committed DoRA.ipynb and ``figures/`` (the README's results are written from
-   ``figures/results.json``).
-
-Outputs stay comparable with `pytest --nbval`: the device is the CPU unless ``--device`` says
-otherwise, and nothing else about this machine changes what the compared cells print. A run on
-any other device (``cuda``, ``mps``, or ``auto`` picking one) refuses to write the committed
-notebook or figures/: give it an ``--output`` elsewhere.
+Makes MNIST available, runs every cell in a fresh kernel (printing each cell's output as it
+finishes), then writes the executed notebook, each figure of a cell tagged ``fig-NAME`` as
+``NAME.png`` and the summary's ``results.json``: into ``runs/`` by default, over the committed
+DoRA.ipynb and ``figures/`` with ``--regenerate``. A run on another device than the CPU prints
+other numbers, so it refuses to write the committed files.
 """
 
 from __future__ import annotations
@@ -40,17 +32,9 @@ RUNS = REPO / "runs"  # a reader's run goes here (.gitignore), never over the co
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--notebook", type=Path, default=REPO / "DoRA.ipynb")
-    parser.add_argument(
-        "--output", type=Path, help="where to write the notebook (default: runs/DoRA.ipynb)"
-    )
-    parser.add_argument(
-        "--figures", type=Path, help="folder for the PNGs (default: beside the notebook written)"
-    )
-    parser.add_argument(
-        "--regenerate",
-        action="store_true",
-        help="maintainers: write over the committed DoRA.ipynb and figures/ (CPU only)",
-    )
+    parser.add_argument("--output", type=Path, help="the notebook (default: runs/DoRA.ipynb)")
+    parser.add_argument("--figures", type=Path, help="PNGs (default: beside the notebook)")
+    parser.add_argument("--regenerate", action="store_true", help="write the committed files")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
     args = parser.parse_args()
     device = helpers.pick_device(None if args.device == "auto" else args.device)
@@ -79,12 +63,8 @@ def main() -> None:
 
 
 def destinations(notebook: Path, output, figures, device) -> tuple[Path | None, Path]:
-    """Where the executed notebook and its figures go; (None, _) if that is not allowed.
-
-    By default runs/DoRA.ipynb and runs/figures/; an --output elsewhere gets its figures beside
-    it. Another device's outputs differ (other kernels, other rounding), so they never replace
-    the committed notebook or figures/ (``--regenerate``, or naming them, is for the CPU only).
-    """
+    """(notebook, figures folder) to write; (None, _) for another device's run that would
+    replace the committed files. An --output elsewhere gets its figures beside it."""
     if output is None:
         output, figures = RUNS / notebook.name, figures or RUNS / "figures"
     figures = figures or output.with_name(f"{output.stem}-figures")
@@ -101,12 +81,14 @@ def save_figures(notebook: nbformat.NotebookNode, folder: Path) -> list[Path]:
     saved = []
     for cell in notebook.cells:
         names = [t[4:] for t in cell.metadata.get("tags", []) if t.startswith("fig-")]
-        outputs = cell.get("outputs", [])
-        pngs = [o["data"]["image/png"] for o in outputs if "image/png" in o.get("data", {})]
+        pngs = [
+            o["data"]["image/png"]
+            for o in cell.get("outputs", [])
+            if "image/png" in o.get("data", {})
+        ]
         for name, png in zip(names, pngs, strict=False):
-            path = folder / f"{name}.png"
-            write_atomic(path, [base64.b64decode(png)])
-            saved.append(path)
+            saved.append(folder / f"{name}.png")
+            write_atomic(saved[-1], [base64.b64decode(png)])
     return saved
 
 
