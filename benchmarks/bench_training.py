@@ -22,7 +22,7 @@ import torch
 import helpers
 from benchmarks.common import interleaved, setup
 from dora_tutorial.notebook import protocol
-from experiments.lr_sweep import tasks
+from experiments.common import tasks
 
 
 def methods(nb) -> dict:

@@ -8,7 +8,7 @@ the MLP: two 3x3 convolutions with stride 2, then two linear layers. LoRA and Do
 four, with the notebook's classes (``Conv2dWithLoRA`` / ``Conv2dWithDoRA`` next to the linear
 ones, through ``helpers.add_adapters`` with a dict). The CNN is pretrained on MNIST as the
 notebook pretrains its MLP; each method's learning rate is chosen on the validation split exactly
-as ``experiments/lr_sweep.py`` chooses the MLP's (the test set plays no part); then each method
+as the MLP's are chosen (the test set plays no part); then each method
 trains at its rate, every seed at once, and the methods are compared on the test set with
 section 5's paired tests (DoRA vs LoRA, full FT vs DoRA). Writes experiments/cnn.json: the
 protocol it ran, the CNN, the validation table and chosen rates, the results table, the
