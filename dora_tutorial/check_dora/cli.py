@@ -70,8 +70,7 @@ class _UsageError(Exception):
 
 
 def _import_file(path: Path):
-    """Import a Python file as a module; its own imports are found where Python finds them
-    (nothing here edits ``sys.path``)."""
+    """Import a Python file as a module (its imports found as Python finds them)."""
     name = path.stem if path.stem not in sys.modules else f"_check_dora_target_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -118,16 +117,12 @@ def _load_factory(target: str):
 
 def _suggest(module, attr):
     """The classes and functions a module defines, the closest to attr first."""
-    defined = sorted(
-        n
-        for n, v in vars(module).items()
-        if callable(v) and getattr(v, "__module__", None) == module.__name__
-    )
+    own = (n for n, v in vars(module).items() if getattr(v, "__module__", 0) == module.__name__)
+    defined = sorted(n for n in own if callable(getattr(module, n)))
     if not defined:
         return "; it defines no class or function"
     close = difflib.get_close_matches(attr, defined, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} It defines: {', '.join(defined)}"
+    return (f"; did you mean {close[0]!r}?" if close else "") + f" It defines: {', '.join(defined)}"
 
 
 def _where_failed(e: BaseException) -> str:
@@ -143,30 +138,28 @@ def _parser():
         epilog=_MANUAL,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
+    add = parser.add_argument
+    add(
         "target",
         nargs="?",
-        help="FILE.py:NAME or package.module:NAME, a class or function called as "
-        "NAME(linear, rank, alpha)",
+        help="FILE.py:NAME or package.module:NAME, called as NAME(linear, rank, alpha)",
     )
-    parser.add_argument("--peft", action="store_true", help="also check Hugging Face PEFT's DoRA")
-    parser.add_argument(
+    add("--peft", action="store_true", help="also check Hugging Face PEFT's DoRA")
+    add(
         "--conv2d",
         action="store_true",
-        help="the layers wrap an nn.Conv2d: NAME(conv, rank, alpha) (and PEFT's on a Conv2d)",
+        help="the layers wrap an nn.Conv2d: NAME(conv, rank, alpha)",
     )
-    parser.add_argument(
+    add(
         "--dtype",
         choices=list(DTYPES),
         default="float64",
-        help="build the layers and inputs in this dtype; below float64 the tolerances follow "
-        "its rounding (default: float64)",
+        help="build layers and inputs in this dtype (tolerances follow its rounding)",
     )
-    parser.add_argument(
+    add(
         "--json",
         action="store_true",
-        help="print one JSON object: a list of reports, each with every check's kind, result "
-        "and numbers, and the exit status",
+        help="print one JSON object: every check's kind, result and numbers, and the exit status",
     )
     return parser
 
