@@ -5,8 +5,8 @@ These functions use only what every adapter layer of the notebook has: the froze
 ``lora.scaling`` (alpha / rank), ``m`` (out,) for DoRA, and ``merged_weight()``.
 
 Our file is a plain dict that ``torch.load(..., weights_only=True)`` accepts (no pickled code
-runs): {"format": ADAPTER_FORMAT, "layers": {name: {class, kind, rank, alpha, sizes, dropout}},
-"tensors": {model state_dict key: tensor}}, so the file names the layers it fits.
+runs): {"format": "dora-tutorial-adapter/1", "layers": {name: {class, kind, rank, alpha, sizes,
+dropout}}, "tensors": {model state_dict key: tensor}}, so the file names the layers it fits.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from dora_tutorial.files import write_atomic, write_atomic_dir
 
-ADAPTER_FORMAT = "dora-tutorial-adapter/1"
+_FORMAT = "dora-tutorial-adapter/1"
 _BASE_LAYERS = ("linear", "conv")  # what an adapter layer calls the frozen layer it wraps
 
 
@@ -84,7 +84,7 @@ def adapter_state_dict(model: nn.Module) -> dict:
     if not layers:
         raise ValueError("the model has no adapter layers (modules with merged_weight())")
     return {
-        "format": ADAPTER_FORMAT,
+        "format": _FORMAT,
         "layers": {name: _layer_info(layer) for name, layer in layers.items()},
         "tensors": {k: p.detach().to("cpu", copy=True) for k, p in _adapter_params(layers).items()},
     }
@@ -176,11 +176,11 @@ def _read_adapter(source) -> dict:
                 "save_pretrained writes) use load_peft_adapter"
             )
         source = _torch_load(source, where)
-    if not isinstance(source, dict) or source.get("format") != ADAPTER_FORMAT:
+    if not isinstance(source, dict) or source.get("format") != _FORMAT:
         found = source.get("format") if isinstance(source, dict) else type(source).__name__
         raise ValueError(
             f"{where} is not an adapter saved by save_adapter (format {found!r}, expected "
-            f"{ADAPTER_FORMAT!r}); for a PEFT state dict use from_peft_state_dict first"
+            f"{_FORMAT!r}); for a PEFT state dict use from_peft_state_dict first"
         )
     _check_finite(source.get("tensors", {}), where)
     return source
@@ -345,7 +345,7 @@ def from_peft_state_dict(state_dict: dict, config, adapter_name: str = "default"
         tensors.update({(f"{name}." if name else "") + k: v for k, v in parts.items()})
     if problems:
         raise ValueError("the PEFT adapter contradicts its config:\n  " + "\n  ".join(problems))
-    return {"format": ADAPTER_FORMAT, "layers": info, "tensors": tensors}
+    return {"format": _FORMAT, "layers": info, "tensors": tensors}
 
 
 # LoraConfig options these layers implement, or that only say how PEFT found or initialised the

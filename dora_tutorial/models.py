@@ -69,7 +69,7 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return model
 
 
-OPTIONAL_PACKAGES = ("peft", "transformers", "torchao", "accelerate")  # PEFT and what it loads
+_OPTIONAL_PACKAGES = ("peft", "transformers", "torchao", "accelerate")  # PEFT and what it loads
 
 
 class optional_part:  # noqa: N801  (used as a statement: with helpers.optional_part(...):)
@@ -77,7 +77,7 @@ class optional_part:  # noqa: N801  (used as a statement: with helpers.optional_
     optional package (PEFT imports but fails in use) ends the block with one line; any other
     exception (this project's code) goes on up."""
 
-    def __init__(self, what: str, packages=OPTIONAL_PACKAGES):
+    def __init__(self, what: str, packages=_OPTIONAL_PACKAGES):
         self.what, self.packages = what, tuple(packages)
         self.skipped: BaseException | None = None
 

@@ -22,7 +22,7 @@ _SHAPES = [
 
 
 @check(CHECKS, 1, "base function at init", CONVENTION, needs_adapter=False)
-def check_identity_at_init(run: Run):
+def _check_identity_at_init(run: Run):
     """At initialisation W' = W0 and the same bias: isolates the initial values (B = 0,
     m = ||W0||), since with B = 0 every other convention leaves W' = W0."""
     base = run.base()
@@ -45,7 +45,7 @@ def check_identity_at_init(run: Run):
 
 
 @check(CHECKS, 2, "magnitude axis", PAPER)
-def check_magnitude_axis(run: Run):
+def _check_magnitude_axis(run: Run):
     """One magnitude per output row: multiplying m by c multiplies each row n of W' by c_n."""
     axis = run.adapter.axis
     _, layer, (A, B, m) = run.trained_layer()
@@ -74,7 +74,7 @@ def check_magnitude_axis(run: Run):
 
 
 @check(CHECKS, 3, "normalisation", PAPER)
-def check_norm_is_m(run: Run):
+def _check_norm_is_m(run: Run):
     """The merged weight's rows (along m's own axis) have norm m, whatever B is."""
     axis, worst = run.adapter.axis, 0.0
     for b_scale in (0.1, 10.0):
@@ -106,7 +106,7 @@ def _measure_scaling(W0, D, W, axis):
 
 
 @check(CHECKS, 4, "scaling", CONVENTION)
-def check_scaling(run: Run):
+def _check_scaling(run: Run):
     """V = W0 + (alpha / r) B A: s measured from the direction of each row of W', which lies
     along W0 + s B A whatever the magnitude, axis, bias or detach convention."""
     base, layer, (A, B, _) = run.trained_layer()
@@ -144,7 +144,7 @@ def check_scaling(run: Run):
 
 
 @check(CHECKS, 5, "bias", PAPER)
-def check_bias(run: Run):
+def _check_bias(run: Run):
     """y = x W'^T + b, the bias not rescaled: the output at x = 0 is b after B and m moved (the
     usual bug: an efficient forward rescaling base_layer(x), bias included)."""
     base, layer, (A, B, m) = run.trained_layer()
@@ -170,7 +170,7 @@ def check_bias(run: Run):
 
 
 @check(CHECKS, 6, "norm detached", CONVENTION)
-def check_detached(run: Run):
+def _check_detached(run: Run):
     """||V|| is a constant in backward (paper section 4.3, PEFT): the gradients of A and B,
     the only ones the detach changes, compared with the reference with and without it."""
     x = run.inputs((6,), IN, seed=5)
@@ -205,7 +205,7 @@ def check_detached(run: Run):
 
 
 @check(CHECKS, 7, "reference formula", PAPER)
-def check_reference(run: Run):
+def _check_reference(run: Run):
     """Forward and gradients of A, B, m and the input match the formula under the conventions
     checks 2-6 measured, on _SHAPES: what no convention check catches (a wrong gradient of m,
     a rank or shape handled wrongly, a layer taking only 2-D inputs)."""

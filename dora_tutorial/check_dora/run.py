@@ -34,7 +34,7 @@ from .tolerances import LOW_PRECISION, tolerance
 
 
 @dataclass
-class Conventions:
+class _Conventions:
     """The layer's conventions where the checks measured them; the paper's until then."""
 
     axis: int = 1
@@ -63,7 +63,7 @@ class Run:
     factory: Factory
     kind: LayerKind = LINEAR
     adapter: Adapter | None = None
-    conventions: Conventions = field(default_factory=Conventions)
+    conventions: _Conventions = field(default_factory=_Conventions)
     dtype: torch.dtype = torch.float64
     precision: torch.dtype = torch.float64
 

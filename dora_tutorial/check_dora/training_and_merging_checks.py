@@ -37,7 +37,7 @@ def _non_finite(run, layer, x):
 
 
 @check(CHECKS, 8, "zero rows, low precision", ROBUSTNESS)
-def check_robustness(run: Run):
+def _check_robustness(run: Run):
     """No NaN or inf from an all-zero weight row or column (a per-column layer meets its 0 / 0
     on the column), at initialisation and after B and m moved; the layer converted with
     .to(bfloat16) / .to(float16) stays finite and within that dtype's rounding of float32's."""
@@ -99,7 +99,7 @@ _P_DROP = 0.5  # the dropout probability check 9 gives a factory that takes drop
 
 
 @check(CHECKS, 9, "dropout", CONVENTION)
-def check_dropout(run: Run):
+def _check_dropout(run: Run):
     """PEFT's placement of dropout=p in training, y = x W0^T + b + x_d (W' - W0)^T with x_d the
     mask F.dropout(x, p) draws from the same random state; none in eval mode. Not applicable
     to a factory without ``dropout`` (PEFT's ``lora_dropout``)."""
@@ -212,7 +212,7 @@ def _merge_problems(run, layer, base, x, y, tol):
 
 
 @check(CHECKS, 10, "merge and unmerge", PAPER)
-def check_merge(run: Run):
+def _check_merge(run: Run):
     """Where the layer offers a merge (merged_weight(), merge_and_unload(), merge() returning a
     layer or in place), the merged function is the layer's; unmerge() / unmerge_adapter()
     restores W0. Merging is where PEFT's recent DoRA bugs were (PEFT #3608, #3532)."""
@@ -235,7 +235,7 @@ def check_merge(run: Run):
 
 
 @check(CHECKS, 11, "magnitude trains in low precision", ROBUSTNESS)
-def check_low_precision_training(run: Run):
+def _check_low_precision_training(run: Run):
     """On a frozen bfloat16 and float16 base, 20 Adam steps at lr 1e-4 move m and leave it
     finite: an m kept in bfloat16 never moves (its spacing near 0.6 is 2^-8, an Adam step about
     the learning rate), and in float16 Adam's epsilon rounds to 0 (0 / 0 on a zero gradient)."""
@@ -286,7 +286,7 @@ def _merged_matrix(run, layer, n_in):
 
 
 @check(CHECKS, 12, "merge precision", ROBUSTNESS)
-def check_merge_precision(run: Run):
+def _check_merge_precision(run: Run):
     """On a bfloat16 base, a merge loses no more of a small update (||merged - W'|| / ||W' -
     W0||) than rounding the exact W' once does, within 25 %: computing W' in bfloat16 rounds V,
     the norm and the product along the way."""
