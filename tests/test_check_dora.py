@@ -29,35 +29,23 @@ P, C, R = checker.PAPER, checker.CONVENTION, checker.ROBUSTNESS
 
 
 class ReferenceDoRA(nn.Module):
-    """The paper's DoRA; each keyword plants one difference."""
+    """The paper's DoRA on an nn.Linear or an nn.Conv2d; ``plant`` names one difference."""
 
-    def __init__(
-        self,
-        base,
-        rank,
-        alpha,
-        *,
-        axis=1,
-        scale_by_alpha=False,
-        detach=True,
-        rescale_bias=False,
-        random_b=False,
-        m_shape=None,
-        adapters_in_base_dtype=False,
-    ):
+    def __init__(self, base, rank, alpha, plant=None):
         super().__init__()
-        self.base = base.requires_grad_(False)
-        w = base.weight
-        low = w.dtype in (torch.bfloat16, torch.float16) and not adapters_in_base_dtype
+        self.base, self.plant = base.requires_grad_(False), plant
+        w, kernel = base.weight, tuple(base.weight.shape[2:])
+        low = w.dtype in (torch.bfloat16, torch.float16) and plant != "adapters in bfloat16"
         dtype = torch.float32 if low else w.dtype  # float32 adapters on a half base, as PEFT
-        kernel = tuple(w.shape[2:])
         self.A = nn.Parameter(torch.empty(rank, w.shape[1], *kernel, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        B = torch.randn(w.shape[0], rank) if random_b else torch.zeros(w.shape[0], rank)
-        self.B = nn.Parameter(B.to(dtype).reshape(w.shape[0], rank, *(1 for _ in kernel)))
-        self.m = nn.Parameter(w.detach().to(dtype).flatten(1).norm(dim=axis).reshape(m_shape or -1))
-        self.scaling = alpha if scale_by_alpha else alpha / rank
-        self.axis, self.detach, self.rescale_bias = axis, detach, rescale_bias
+        B = torch.randn if plant == "non-zero initial B" else torch.zeros
+        self.B = nn.Parameter(B(w.shape[0], rank, *(1 for _ in kernel)).to(dtype))
+        self.axis = 0 if plant == "norm per column" else 1
+        m = w.detach().to(dtype).flatten(1).norm(dim=self.axis)
+        self.m = nn.Parameter(m.reshape(-1, 1) if plant == "m as (out, 1)" else m)
+        self.m.requires_grad_(plant != "m not trained")
+        self.scaling = alpha if plant == "scaling alpha" else alpha / rank
 
     def V(self):
         """W0 + s B A as a matrix, in the adapters' dtype."""
@@ -78,8 +66,8 @@ class ReferenceDoRA(nn.Module):
     def forward(self, x):
         V = self.V()
         norm = V.norm(dim=self.axis, keepdim=True).clamp_min(1e-12)
-        k = self.m.reshape(norm.shape) / (norm.detach() if self.detach else norm)
-        if self.rescale_bias:  # the efficient-forward bug: rescale base_layer(x), bias included
+        k = self.m.reshape(norm.shape) / (norm if self.plant == "no detach" else norm.detach())
+        if self.plant == "rescaled bias":  # the efficient forward's bug: base_layer(x) rescaled
             k = k.reshape(-1, *(1 for _ in self.A.shape[2:]))
             return k * self.apply(x, V)
         return self.apply(x, k * V)
@@ -94,23 +82,15 @@ class MatrixInputsOnly(ReferenceDoRA):
         return super().forward(x)
 
 
-def tweaked(change):
-    """A factory: ReferenceDoRA changed by ``change(layer)``."""
-
-    def factory(linear, rank, alpha):
-        layer = ReferenceDoRA(linear, rank, alpha)
-        change(layer)
-        return layer
-
-    return factory
-
-
-frozen_magnitude = tweaked(lambda layer: layer.m.requires_grad_(False))
-log_magnitude = tweaked(lambda layer: layer.m.data.log_())  # m kept as log ||W0||
+def log_magnitude(linear, rank, alpha):
+    """Keeps log m: its magnitude cannot be identified by value."""
+    layer = ReferenceDoRA(linear, rank, alpha)
+    layer.m.data.log_()
+    return layer
 
 
 def scaled_by_alpha(linear, rank, alpha):
-    return ReferenceDoRA(linear, rank, alpha, scale_by_alpha=True)
+    return ReferenceDoRA(linear, rank, alpha, "scaling alpha")
 
 
 class LoRA(ReferenceDoRA):
@@ -135,15 +115,15 @@ class Float32Norm(ReferenceDoRA):
 class DropoutDoRA(ReferenceDoRA):
     """Takes dropout=p: PEFT's placement, or one of two common mistakes."""
 
-    def __init__(self, linear, rank, alpha, dropout=0.0, placement="peft"):
-        super().__init__(linear, rank, alpha)
-        self.p, self.placement = dropout, placement
+    def __init__(self, linear, rank, alpha, dropout=0.0, plant=None):
+        super().__init__(linear, rank, alpha, plant)
+        self.p = dropout
 
     def forward(self, x):
-        if not self.training or self.placement == "ignored":
+        if not self.training or self.plant == "dropout ignored":
             return super().forward(x)
         x_d = F.dropout(x, self.p)
-        if self.placement == "base too":  # y = DoRA(dropout(x))
+        if self.plant == "dropout on the base path too":  # y = DoRA(dropout(x))
             return super().forward(x_d)
         V = self.V()
         W = self.m[:, None] * V / V.norm(dim=1, keepdim=True).clamp_min(1e-12).detach()
@@ -153,13 +133,17 @@ class DropoutDoRA(ReferenceDoRA):
 class MergingDoRA(ReferenceDoRA):
     """With merged_weight() and an in-place merge() / unmerge()."""
 
-    def __init__(self, linear, rank, alpha, bug=None):
-        super().__init__(linear, rank, alpha)
-        self.bug, self.delta = bug, None
+    def __init__(self, linear, rank, alpha, plant=None):
+        super().__init__(linear, rank, alpha, plant)
+        self.delta = None
 
     def merged_weight(self):
         V = self.V()
-        return V if self.bug == "V" else self.m[:, None] * V / V.norm(dim=1, keepdim=True)
+        return (
+            V
+            if self.plant == "merged_weight() is V"
+            else self.m[:, None] * V / V.norm(dim=1, keepdim=True)
+        )
 
     def merge(self):
         with torch.no_grad():
@@ -168,7 +152,7 @@ class MergingDoRA(ReferenceDoRA):
 
     def unmerge(self):
         with torch.no_grad():
-            if self.bug != "keep":
+            if self.plant != "unmerge keeps W'":
                 self.base.weight -= self.delta
             self.delta = None
 
@@ -176,35 +160,32 @@ class MergingDoRA(ReferenceDoRA):
         return self.base(x) if self.delta is not None else super().forward(x)
 
 
-def ref(cls=None, **options):
-    return functools.partial(cls or ReferenceDoRA, **options)
-
-
 L, CV = "linear", "conv2d"
-# id: (factory, layer kind, {failing check: its kind}, what the first failing check says)
+# id (the plant, "conv " in front for a Conv2d): (layer class or factory, {failing check: its
+# kind}, what the first failing check says)
 CASES = {
-    "reference": (ReferenceDoRA, L, {}, None),
-    "m as (out, 1)": (ref(m_shape=(-1, 1)), L, {}, None),  # the official code's shape
-    "norm per column": (ref(axis=0), L, {2: P}, "INPUT column"),
-    "scaling alpha": (scaled_by_alpha, L, {4: C}, "scaled by alpha (= 5)"),
-    "rescaled bias": (ref(rescale_bias=True), L, {5: P}, "rescaled by m / ||V||"),
-    "no detach": (ref(detach=False), L, {6: C}, "not detached"),
-    "non-zero initial B": (ref(random_b=True), L, {1: C}, "B is not zero at init"),
-    "2-D inputs only": (MatrixInputsOnly, L, {7: P}, "the layer raised ValueError"),
-    "m not trained": (frozen_magnitude, L, {7: P, 11: R}, "gradient of m"),
-    "adapters in bfloat16": (ref(adapters_in_base_dtype=True), L, {11: R}, "m (bfloat16)"),
-    "dropout as in PEFT": (DropoutDoRA, L, {}, None),
-    "dropout on base too": (ref(DropoutDoRA, placement="base too"), L, {9: C}, "base path sees"),
-    "dropout ignored": (ref(DropoutDoRA, placement="ignored"), L, {9: C}, "fsdp_qlora #68"),
-    "merge and unmerge": (MergingDoRA, L, {}, None),
+    "reference": (ReferenceDoRA, {}, None),
+    "m as (out, 1)": (ReferenceDoRA, {}, None),  # the official code's shape
+    "norm per column": (ReferenceDoRA, {2: P}, "INPUT column"),
+    "scaling alpha": (ReferenceDoRA, {4: C}, "scaled by alpha (= 5)"),
+    "rescaled bias": (ReferenceDoRA, {5: P}, "rescaled by m / ||V||"),
+    "no detach": (ReferenceDoRA, {6: C}, "not detached"),
+    "non-zero initial B": (ReferenceDoRA, {1: C}, "B is not zero at init"),
+    "2-D inputs only": (MatrixInputsOnly, {7: P}, "the layer raised ValueError"),
+    "m not trained": (ReferenceDoRA, {7: P, 11: R}, "gradient of m"),
+    "adapters in bfloat16": (ReferenceDoRA, {11: R}, "m (bfloat16)"),
+    "dropout as in PEFT": (DropoutDoRA, {}, None),
+    "dropout on the base path too": (DropoutDoRA, {9: C}, "base path sees"),
+    "dropout ignored": (DropoutDoRA, {9: C}, "fsdp_qlora #68"),
+    "merge and unmerge": (MergingDoRA, {}, None),
     # + 12: W' = V misses the magnitude, so a bfloat16 merge loses more than rounding does
-    "merged_weight() is V": (ref(MergingDoRA, bug="V"), L, {10: P, 12: R}, "merged_weight() is"),
-    "unmerge keeps W'": (ref(MergingDoRA, bug="keep"), L, {10: P}, "after unmerge() the base"),
-    "conv reference": (ReferenceDoRA, CV, {}, None),
-    "conv norm per column": (ref(axis=0), CV, {2: P}, "INPUT column"),
-    "conv scaling alpha": (ref(scale_by_alpha=True), CV, {4: C}, "scaled by alpha"),
-    "conv no detach": (ref(detach=False), CV, {6: C}, "not detached"),
-    "conv rescaled bias": (ref(rescale_bias=True), CV, {5: P}, "rescaled by m / ||V||"),
+    "merged_weight() is V": (MergingDoRA, {10: P, 12: R}, "merged_weight() is"),
+    "unmerge keeps W'": (MergingDoRA, {10: P}, "after unmerge() the base"),
+    "conv reference": (ReferenceDoRA, {}, None),
+    "conv norm per column": (ReferenceDoRA, {2: P}, "INPUT column"),
+    "conv scaling alpha": (ReferenceDoRA, {4: C}, "scaled by alpha"),
+    "conv no detach": (ReferenceDoRA, {6: C}, "not detached"),
+    "conv rescaled bias": (ReferenceDoRA, {5: P}, "rescaled by m / ||V||"),
 }
 DTYPES = [torch.float64, torch.float32]
 
@@ -218,12 +199,15 @@ def exit_status(failing):
 
 
 @pytest.mark.parametrize(
-    "case, dtype", [(c, d) for c in CASES for d in DTYPES if CASES[c][1] == L or d == DTYPES[0]]
+    "case, dtype", [(c, d) for c in CASES for d in DTYPES if "conv" not in c or d == DTYPES[0]]
 )
 def test_a_planted_difference_fails_its_own_check_with_its_kind(case, dtype):
     """In float64 and, with tolerances from float32's rounding, in float32."""
-    factory, kind, expected, says = CASES[case]
-    report = check_dora(factory, kind=kind, dtype=dtype)
+    cls, expected, says = CASES[case]
+    kind = CV if case.startswith("conv ") else L
+    report = check_dora(
+        functools.partial(cls, plant=case.removeprefix("conv ")), kind=kind, dtype=dtype
+    )
     assert report.identified, report.problem
     assert failures(report) == expected, str(report)
     assert report.passed == (not expected) and report.exit_status == exit_status(expected)
