@@ -1,5 +1,5 @@
-"""Argument checks of the practitioners' layers: a clear error that says what to change, raised
-when the layer is built rather than deep inside a forward pass."""
+"""Argument checks of the practitioners' layers: a clear error when the layer is built, not deep
+inside a forward pass."""
 
 import torch
 from torch import nn
@@ -37,8 +37,7 @@ def check_linear(module):
 def choose_adapter_dtype(weight, adapter_dtype=None):
     """The dtype of A, B and m: float32 on a bfloat16 or float16 base (as PEFT), else the base's."""
     if adapter_dtype is None:
-        low = weight.dtype in (torch.bfloat16, torch.float16)
-        return torch.float32 if low else weight.dtype
+        return torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
     if not isinstance(adapter_dtype, torch.dtype) or not adapter_dtype.is_floating_point:
         raise ValueError(f"adapter_dtype must be a floating torch.dtype, got {adapter_dtype!r}")
     return adapter_dtype

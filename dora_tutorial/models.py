@@ -1,6 +1,5 @@
-"""The MLP and its adapters: wrapping layers, counting parameters, reading effective weights,
-merging adapters back, timing inference; and the guard around the notebook's optional PEFT
-parts."""
+"""The MLP and its adapters: wrapping, counting, effective weights, merging, inference time;
+and the guard around the notebook's optional PEFT parts."""
 
 from __future__ import annotations
 
@@ -25,16 +24,9 @@ def make_mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
 
 
 def add_adapters(model: nn.Module, wrapper, rank: int, alpha: float, **kwargs) -> nn.Module:
-    """A copy of ``model`` with every ``nn.Linear`` wrapped and only the adapters trainable.
-
-    ``wrapper`` is a layer class from the notebook, called as ``wrapper(linear, rank, alpha,
-    **kwargs)``, or a dict of them by layer type: ``{nn.Linear: LinearWithDoRA, nn.Conv2d:
-    Conv2dWithDoRA}`` wraps both types. All parameters of the copy are frozen first, so
-    the only trainable parameters are the ones the wrappers create (A, B and, for DoRA, m).
-    A layer cannot hold more than full rank: a layer with fewer than ``rank`` inputs or outputs
-    gets rank ``min(in_features, out_features)`` (e.g. a 10-class head at rank 16 gets 10; a
-    kernel counts in_channels / groups * kh * kw inputs).
-    """
+    """A copy of ``model`` with every ``nn.Linear`` wrapped as ``wrapper(linear, rank, alpha,
+    **kwargs)`` (or a dict of wrappers by layer type) and only the adapters trainable. A layer
+    gets at most full rank, min(in, out) (a kernel counts in / groups * kh * kw inputs)."""
     wrappers = wrapper if isinstance(wrapper, dict) else {nn.Linear: wrapper}
     model = copy.deepcopy(model)
     model.requires_grad_(False)
@@ -56,11 +48,8 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def layer_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The effective weight of every linear or conv layer, keyed by module name (detached copies).
-
-    Adapter layers report ``merged_weight()`` (W0 + sBA for LoRA, m V/||V|| for DoRA); plain
-    ``nn.Linear`` and ``nn.Conv2d`` layers their weight. A layer inside an adapter is not reported.
-    """
+    """{module name: detached copy of its effective weight}: ``merged_weight()`` of adapter
+    layers, the weight of other nn.Linear and nn.Conv2d layers (not those inside adapters)."""
     adapters = adapter_layers(model)
     weights = {}
     for name, module in model.named_modules():
@@ -80,17 +69,15 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return model
 
 
-OPTIONAL_PACKAGES = ("peft", "transformers", "torchao", "accelerate")  # PEFT and what it loads
+_OPTIONAL_PACKAGES = ("peft", "transformers", "torchao", "accelerate")  # PEFT and what it loads
 
 
 class optional_part:  # noqa: N801  (used as a statement: with helpers.optional_part(...):)
-    """``with optional_part("the comparison with PEFT"): ...`` runs an optional part of the
-    notebook; an exception raised inside an optional package (PEFT imports fine but fails in
-    use, e.g. an older torchao makes get_peft_model raise ImportError) ends the block with one
-    line and the notebook goes on. Exceptions from anywhere else (this project's code) are
-    not swallowed."""
+    """``with optional_part("the comparison with PEFT"): ...``: an exception raised inside an
+    optional package (PEFT imports but fails in use) ends the block with one line; any other
+    exception (this project's code) goes on up."""
 
-    def __init__(self, what: str, packages=OPTIONAL_PACKAGES):
+    def __init__(self, what: str, packages=_OPTIONAL_PACKAGES):
         self.what, self.packages = what, tuple(packages)
         self.skipped: BaseException | None = None
 
@@ -114,12 +101,8 @@ class optional_part:  # noqa: N801  (used as a statement: with helpers.optional_
 
 
 def merge_adapters(model: nn.Module, merge) -> nn.Module:
-    """A copy of ``model`` in which every adapter layer is replaced by ``merge(layer)``.
-
-    ``merge`` is the notebook's function that turns one adapter layer into a plain
-    ``nn.Linear``, or a dict of them by adapter class, e.g. ``{LinearWithDoRA: merge,
-    Conv2dWithDoRA: merge_conv}``; this helper only finds the layers and swaps them. ``model``
-    is not modified."""
+    """A copy of ``model`` with every adapter layer replaced by ``merge(layer)`` (the notebook's
+    merge, or a dict of them by adapter class)."""
     merges = merge if isinstance(merge, dict) else {nn.Module: merge}
     model = copy.deepcopy(model)
     for name, layer in adapter_layers(model).items():

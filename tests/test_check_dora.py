@@ -1,9 +1,8 @@
-"""dora_tutorial/check_dora: each broken DoRA variant fails exactly its own checks.
+"""dora_tutorial/check_dora: a layer with one planted difference fails its own check only, with
+its kind; the notebook's layers and PEFT's pass; the command line and its exit statuses.
 
-The variants are written here, small and on purpose: ReferenceDoRA is the paper's layer with
-one switch per convention, RasbtStyleDoRA the widely copied from-scratch layer (norm over dim=0,
-scaling alpha, no detach, A and B stored transposed), LogMagnitudeDoRA a correct layer whose
-magnitude the check cannot identify.
+ReferenceDoRA is the paper's layer on an nn.Linear or an nn.Conv2d (A and B as kernels, PEFT's
+layout), with one switch per convention; the other variants are small subclasses.
 """
 
 import functools
@@ -12,7 +11,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 import time
 import types
 from pathlib import Path
@@ -22,91 +20,61 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dora_tutorial.check_dora as check_dora_module
-from dora_tutorial.check_dora import (
-    CHECKS,
-    CONVENTION,
-    PAPER,
-    ROBUSTNESS,
-    check_dora,
-    main,
-    peft_dora_factory,
-    peft_unavailable_reason,
-)
+import dora_tutorial.check_dora as checker
+from dora_tutorial.check_dora import CHECKS, check_dora, main, peft_unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
-ALL = {c.number for c in CHECKS}
 KIND = {c.number: c.kind for c in CHECKS}
-
-
-def expected_status(failing):
-    """The exit status the failing checks' kinds give: 1 paper, 3 convention, 4 robustness."""
-    kinds = {KIND[n] for n in failing}
-    return next((s for k, s in ((PAPER, 1), (CONVENTION, 3), (ROBUSTNESS, 4)) if k in kinds), 0)
+P, C, R = checker.PAPER, checker.CONVENTION, checker.ROBUSTNESS
 
 
 class ReferenceDoRA(nn.Module):
-    """The paper's DoRA layer; each keyword breaks one convention."""
+    """The paper's DoRA on an nn.Linear or an nn.Conv2d; ``plant`` names one difference."""
 
-    def __init__(
-        self,
-        linear,
-        rank,
-        alpha,
-        *,
-        axis=1,
-        scale_by_alpha=False,
-        detach=True,
-        rescale_bias=False,
-        random_b=False,
-        m_shape=None,
-        adapters_in_base_dtype=False,
-    ):
+    def __init__(self, base, rank, alpha, plant=None):
         super().__init__()
-        self.linear = linear.requires_grad_(False)
-        w = linear.weight
-        low = w.dtype in (torch.bfloat16, torch.float16) and not adapters_in_base_dtype
+        self.base, self.plant = base.requires_grad_(False), plant
+        w, kernel = base.weight, tuple(base.weight.shape[2:])
+        low = w.dtype in (torch.bfloat16, torch.float16) and plant != "adapters in bfloat16"
         dtype = torch.float32 if low else w.dtype  # float32 adapters on a half base, as PEFT
-        self.A = nn.Parameter(torch.empty(rank, w.shape[1], dtype=dtype))
+        self.A = nn.Parameter(torch.empty(rank, w.shape[1], *kernel, dtype=dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-        B = torch.randn(w.shape[0], rank) if random_b else torch.zeros(w.shape[0], rank)
-        self.B = nn.Parameter(B.to(dtype))
-        self.m = nn.Parameter(w.detach().to(dtype).norm(dim=axis).reshape(m_shape or -1))
-        self.scaling = alpha if scale_by_alpha else alpha / rank
-        self.axis, self.detach, self.rescale_bias = axis, detach, rescale_bias
+        B = torch.randn if plant == "non-zero initial B" else torch.zeros
+        self.B = nn.Parameter(B(w.shape[0], rank, *(1 for _ in kernel)).to(dtype))
+        self.axis = 0 if plant == "norm per column" else 1
+        m = w.detach().to(dtype).flatten(1).norm(dim=self.axis)
+        self.m = nn.Parameter(m.reshape(-1, 1) if plant == "m as (out, 1)" else m)
+        self.m.requires_grad_(plant != "m not trained")
+        self.scaling = alpha if plant == "scaling alpha" else alpha / rank
 
     def V(self):
-        """W0 + s B A, in the adapters' dtype."""
-        return self.linear.weight.to(self.A.dtype) + self.scaling * self.B @ self.A
+        """W0 + s B A as a matrix, in the adapters' dtype."""
+        W0 = self.base.weight.flatten(1).to(self.A.dtype)
+        return W0 + self.scaling * self.B.flatten(1) @ self.A.flatten(1)
 
     def apply(self, x, W, bias=True):
-        """x W^T (+ b), computed in W's dtype and answered in x's."""
-        b = self.linear.bias if bias else None
-        return F.linear(x.to(W.dtype), W, None if b is None else b.to(W.dtype)).to(x.dtype)
+        """The base layer's function with weight matrix W, in W's dtype, answered in x's."""
+        b = self.base.bias if bias else None
+        b = None if b is None else b.to(W.dtype)
+        if isinstance(self.base, nn.Conv2d):
+            c = self.base
+            y = F.conv2d(x.to(W.dtype), W.reshape(c.weight.shape), b, c.stride, c.padding)
+        else:
+            y = F.linear(x.to(W.dtype), W, b)
+        return y.to(x.dtype)
 
     def forward(self, x):
         V = self.V()
         norm = V.norm(dim=self.axis, keepdim=True).clamp_min(1e-12)
-        if self.detach:
-            norm = norm.detach()
-        k = self.m.reshape(norm.shape) / norm
-        if self.rescale_bias:  # the efficient-forward bug: rescale base_layer(x), bias included
-            return k.flatten() * self.apply(x, V)
+        k = self.m.reshape(norm.shape) / (norm if self.plant == "no detach" else norm.detach())
+        if self.plant == "rescaled bias":  # the efficient forward's bug: base_layer(x) rescaled
+            k = k.reshape(-1, *(1 for _ in self.A.shape[2:]))
+            return k * self.apply(x, V)
         return self.apply(x, k * V)
 
 
-class MergesInBaseDtype(ReferenceDoRA):
-    """A correct layer whose merged_weight() computes W' in the base's dtype, step by step."""
-
-    def merged_weight(self):
-        W0 = self.linear.weight
-        V = W0 + (self.scaling * self.B @ self.A).to(W0.dtype)
-        k = self.m.to(W0.dtype) / V.norm(dim=1)
-        return k[:, None] * V
-
-
 class MatrixInputsOnly(ReferenceDoRA):
-    """A correct layer that rejects (batch, seq, in) inputs, which nn.Linear accepts."""
+    """Correct, but rejects (batch, seq, in) inputs, which nn.Linear accepts."""
 
     def forward(self, x):
         if x.dim() != 2:
@@ -114,469 +82,310 @@ class MatrixInputsOnly(ReferenceDoRA):
         return super().forward(x)
 
 
-def frozen_magnitude(linear, rank, alpha):
-    """A factory function: the reference layer with m left out of training."""
+def log_magnitude(linear, rank, alpha):
+    """Keeps log m: its magnitude cannot be identified by value."""
     layer = ReferenceDoRA(linear, rank, alpha)
-    layer.m.requires_grad_(False)
+    layer.m.data.log_()
     return layer
 
 
-class Float32Norm(ReferenceDoRA):
-    """Takes the norm in float32 whatever its dtype: float64 cannot tell conventions apart."""
-
-    def forward(self, x):
-        V = self.V()
-        norm = V.float().norm(dim=1, keepdim=True).detach()  # an "upcast", a downcast here
-        return self.apply(x, self.m[:, None] * V / norm)
+def scaled_by_alpha(linear, rank, alpha):
+    return ReferenceDoRA(linear, rank, alpha, "scaling alpha")
 
 
-class LoRA(nn.Module):  # the rasbt-style adapter: A (in, r), B (r, out), scaling alpha
-    def __init__(self, in_dim, out_dim, rank, alpha):
-        super().__init__()
-        self.A = nn.Parameter(torch.randn(in_dim, rank) / rank**0.5)
-        self.B = nn.Parameter(torch.zeros(rank, out_dim))
-        self.alpha = alpha
-
-
-class RasbtStyleDoRA(nn.Module):
-    """As widely copied: norm over dim=0 (per input column), scaling alpha, no detach."""
-
-    def __init__(self, linear, rank, alpha):
-        super().__init__()
-        self.linear = linear
-        self.lora = LoRA(linear.in_features, linear.out_features, rank, alpha)
-        self.m = nn.Parameter(linear.weight.norm(p=2, dim=0, keepdim=True))
-
-    def forward(self, x):
-        V = self.linear.weight + self.lora.alpha * (self.lora.A @ self.lora.B).T
-        return F.linear(x, self.m * V / V.norm(p=2, dim=0, keepdim=True), self.linear.bias)
-
-
-class LogMagnitudeDoRA(ReferenceDoRA):
-    """A correct DoRA that keeps log m: its magnitude cannot be identified by value."""
+class LoRA(ReferenceDoRA):
+    """No magnitude at all."""
 
     def __init__(self, linear, rank, alpha):
         super().__init__(linear, rank, alpha)
-        self.log_m = nn.Parameter(self.m.detach().log())
         del self.m
 
     def forward(self, x):
+        return self.apply(x, self.V())
+
+
+class Float32Norm(ReferenceDoRA):
+    """Takes the norm in float32 whatever its dtype (and no floor on it)."""
+
+    def forward(self, x):
         V = self.V()
-        norm = V.norm(dim=1, keepdim=True).clamp_min(1e-12).detach()
-        return self.apply(x, self.log_m.exp()[:, None] * V / norm)
+        return self.apply(x, self.m[:, None] * V / V.float().norm(dim=1, keepdim=True).detach())
 
 
-VARIANTS = {  # factory, the checks it must fail
-    "reference": (ReferenceDoRA, set()),
-    "m as (out, 1)": (functools.partial(ReferenceDoRA, m_shape=(-1, 1)), set()),  # official code
-    "norm per column": (functools.partial(ReferenceDoRA, axis=0), {2}),
-    "scaling alpha": (functools.partial(ReferenceDoRA, scale_by_alpha=True), {4}),
-    "no detach": (functools.partial(ReferenceDoRA, detach=False), {6}),
-    "rescaled bias": (functools.partial(ReferenceDoRA, rescale_bias=True), {5}),
-    "non-zero initial B": (functools.partial(ReferenceDoRA, random_b=True), {1}),
-    # check 7 catches what no convention check does
-    "2-D inputs only": (MatrixInputsOnly, {7}),
-    "m not trained": (frozen_magnitude, {7, 11}),
-    # + 8: no floor on the norm, so an all-zero weight column gives 0 / 0 = NaN; + 11: A and B
-    # in float32, m in the base's dtype: on a bfloat16 base the layer does not even run
-    "rasbt style": (RasbtStyleDoRA, {2, 4, 6, 8, 11}),
-    "adapters in bfloat16": (functools.partial(ReferenceDoRA, adapters_in_base_dtype=True), {11}),
-    "merges in bfloat16": (MergesInBaseDtype, {12}),
+class DropoutDoRA(ReferenceDoRA):
+    """Takes dropout=p: PEFT's placement, or one of two common mistakes."""
+
+    def __init__(self, linear, rank, alpha, dropout=0.0, plant=None):
+        super().__init__(linear, rank, alpha, plant)
+        self.p = dropout
+
+    def forward(self, x):
+        if not self.training or self.plant == "dropout ignored":
+            return super().forward(x)
+        x_d = F.dropout(x, self.p)
+        if self.plant == "dropout on the base path too":  # y = DoRA(dropout(x))
+            return super().forward(x_d)
+        V = self.V()
+        W = self.m[:, None] * V / V.norm(dim=1, keepdim=True).clamp_min(1e-12).detach()
+        return self.base(x) + self.apply(x_d, W - self.base.weight.to(W.dtype), bias=False)
+
+
+class MergingDoRA(ReferenceDoRA):
+    """With merged_weight() and an in-place merge() / unmerge()."""
+
+    def __init__(self, linear, rank, alpha, plant=None):
+        super().__init__(linear, rank, alpha, plant)
+        self.delta = None
+
+    def merged_weight(self):
+        V = self.V()
+        return (
+            V
+            if self.plant == "merged_weight() is V"
+            else self.m[:, None] * V / V.norm(dim=1, keepdim=True)
+        )
+
+    def merge(self):
+        with torch.no_grad():
+            self.delta = self.merged_weight() - self.base.weight
+            self.base.weight += self.delta
+
+    def unmerge(self):
+        with torch.no_grad():
+            if self.plant != "unmerge keeps W'":
+                self.base.weight -= self.delta
+            self.delta = None
+
+    def forward(self, x):
+        return self.base(x) if self.delta is not None else super().forward(x)
+
+
+L, CV = "linear", "conv2d"
+# id (the plant, "conv " in front for a Conv2d): (layer class or factory, {failing check: its
+# kind}, what the first failing check says)
+CASES = {
+    "reference": (ReferenceDoRA, {}, None),
+    "m as (out, 1)": (ReferenceDoRA, {}, None),  # the official code's shape
+    "norm per column": (ReferenceDoRA, {2: P}, "INPUT column"),
+    "scaling alpha": (ReferenceDoRA, {4: C}, "scaled by alpha (= 5)"),
+    "rescaled bias": (ReferenceDoRA, {5: P}, "rescaled by m / ||V||"),
+    "no detach": (ReferenceDoRA, {6: C}, "not detached"),
+    "non-zero initial B": (ReferenceDoRA, {1: C}, "B is not zero at init"),
+    "2-D inputs only": (MatrixInputsOnly, {7: P}, "the layer raised ValueError"),
+    "m not trained": (ReferenceDoRA, {7: P, 11: R}, "gradient of m"),
+    "adapters in bfloat16": (ReferenceDoRA, {11: R}, "m (bfloat16)"),
+    "dropout as in PEFT": (DropoutDoRA, {}, None),
+    "dropout on the base path too": (DropoutDoRA, {9: C}, "base path sees"),
+    "dropout ignored": (DropoutDoRA, {9: C}, "fsdp_qlora #68"),
+    "merge and unmerge": (MergingDoRA, {}, None),
+    # + 12: W' = V misses the magnitude, so a bfloat16 merge loses more than rounding does
+    "merged_weight() is V": (MergingDoRA, {10: P, 12: R}, "merged_weight() is"),
+    "unmerge keeps W'": (MergingDoRA, {10: P}, "after unmerge() the base"),
+    "conv reference": (ReferenceDoRA, {}, None),
+    "conv norm per column": (ReferenceDoRA, {2: P}, "INPUT column"),
+    "conv scaling alpha": (ReferenceDoRA, {4: C}, "scaled by alpha"),
+    "conv no detach": (ReferenceDoRA, {6: C}, "not detached"),
+    "conv rescaled bias": (ReferenceDoRA, {5: P}, "rescaled by m / ||V||"),
 }
+DTYPES = [torch.float64, torch.float32]
 
 
-def failed(report):
-    return set(report.failed)
+def failures(report):
+    return {r.number: r.kind for r in report.results if r.status == "fail"}
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_each_variant_fails_exactly_its_own_checks(variant, dtype):
+def exit_status(failing):
+    return next((s for k, s in ((P, 1), (C, 3), (R, 4)) if k in failing.values()), 0)
+
+
+@pytest.mark.parametrize(
+    "case, dtype", [(c, d) for c in CASES for d in DTYPES if "conv" not in c or d == DTYPES[0]]
+)
+def test_a_planted_difference_fails_its_own_check_with_its_kind(case, dtype):
     """In float64 and, with tolerances from float32's rounding, in float32."""
-    factory, expected = VARIANTS[variant]
-    report = check_dora(factory, dtype=dtype)
+    cls, expected, says = CASES[case]
+    kind = CV if case.startswith("conv ") else L
+    report = check_dora(
+        functools.partial(cls, plant=case.removeprefix("conv ")), kind=kind, dtype=dtype
+    )
     assert report.identified, report.problem
-    assert failed(report) == expected, str(report)
-    assert report.passed == (not expected)
-    assert report.exit_status == expected_status(expected)
+    assert failures(report) == expected, str(report)
+    assert report.passed == (not expected) and report.exit_status == exit_status(expected)
+    if says:
+        detail = next(r.detail for r in report.results if r.number == min(expected))
+        assert says in " ".join(detail.split())
 
 
-def test_report_lines_say_what_a_failure_means():
-    report = check_dora(RasbtStyleDoRA)
+def test_report_says_one_line_per_check_and_the_verdict(nb):
+    """The notebook prints this report: its layout and the wording of its verdict."""
+    report = check_dora(nb.RasbtStyleDoRA)
     lines = str(report).splitlines()
     assert lines[0] == "DoRA conformance: RasbtStyleDoRA"
-    assert lines[1] == "  found A = lora.A (11, 3), B = lora.B (3, 7), m = m (1, 11)"
+    assert lines[1] == "  found A = A (11, 3), B = B (3, 7), m = m (1, 11)"
     checks = [line for line in lines[2:-2] if not line.startswith(" " * 4)]  # wrapped: indented
-    assert len(checks) == len(CHECKS)  # one entry per check, then the verdict
-    assert all(len(line) <= 96 for line in lines)  # fits a notebook's output area
-    by_number = {r.number: r for r in report.results}
-    assert "INPUT column" in by_number[2].detail and "norm(dim=0)" in by_number[2].detail
-    assert "scaled by alpha (= 5), not alpha / rank" in by_number[4].detail
-    assert "not detached" in by_number[6].detail
-    assert "all-zero weight column" in by_number[8].detail
-    # check 7 passes only under the conventions the other checks measured, and says so
-    assert "magnitude per input column, scaling alpha, norm not detached" in by_number[7].detail
-    # the wrong variant is named for what it does, and where it is found
-    for n in (2, 4):
-        assert "catid/dora and rasbt/dora-from-scratch's merged layer" in by_number[n].detail
-    assert "per-input-column norm" in by_number[2].detail
-    assert (
-        " ".join(lines[-2:]).split()
-        == (
-            "5 of 12 checks fail: not DoRA as the paper defines it (2); differs from the official "
-            "code and PEFT (4, 6); robustness (8, 11), 3 not applicable (9, 10, 12)"
-        ).split()
-    )
-    assert checks[0].startswith("  pass 1. base function at init [convention]: ")
+    marks = "pass FAIL pass FAIL pass FAIL pass FAIL skip skip FAIL skip".split()
+    assert [line.split(".")[0] for line in checks] == [f"  {s} {n}" for n, s in enumerate(marks, 1)]
     assert checks[1].startswith("  FAIL 2. magnitude axis [paper]: ")
-    assert checks[7].startswith("  FAIL 8. zero rows, low precision [robustness]: ")
-    assert all(line.startswith(("  pass ", "  FAIL ", "  skip ")) for line in checks)
+    assert all(len(line) <= 96 for line in lines)  # fits a notebook's output area
+    assert (
+        "magnitude per input column, scaling alpha, norm not detached" in report.results[6].detail
+    )
+    assert report.summary() == (
+        "5 of 12 checks fail: not DoRA as the paper defines it (2); differs from the official "
+        "code and PEFT (4, 6); robustness (8, 11), 3 not applicable (9, 10, 12)"
+    )
     assert report.exit_status == 1  # the most serious kind decides
-
-
-def test_messages_name_the_variant():
-    details = {
-        v: {r.number: r.detail for r in check_dora(VARIANTS[v][0]).results}
-        for v in ("rescaled bias", "non-zero initial B")
-    }
-    assert "rescaled by m / ||V||" in details["rescaled bias"][5]
-    assert "B is not zero at initialisation" in details["non-zero initial B"][1]
 
 
 @pytest.mark.parametrize(
     "factory, says, check_1",
     [
-        (LogMagnitudeDoRA, "neither the row norms of W0 nor its column norms", "pass"),
+        (log_magnitude, "neither the row norms of W0 nor its column norms", "fail"),
         ("LinearWithLoRA", "this looks like LoRA, not DoRA", "pass"),
         (lambda linear: linear, "must take (linear, rank, alpha)", "fail"),
     ],
     ids=["log-magnitude", "lora", "wrong-signature"],
 )
 def test_unidentifiable_layers_run_check_1_only_and_say_why(nb, factory, says, check_1):
-    if isinstance(factory, str):
-        factory = getattr(nb, factory)
-    report = check_dora(factory)
+    report = check_dora(getattr(nb, factory) if isinstance(factory, str) else factory)
     assert not report.identified and says in report.problem
     assert report.exit_status == 2 and not report.passed
-    status = {r.number: r.status for r in report.results}
-    assert all(status[n] == "skip" for n in ALL - {1})
-    assert status[1] == check_1
+    assert [r.status for r in report.results] == [check_1] + ["skip"] * (len(CHECKS) - 1)
     assert f"cannot check this layer: {report.problem}" in " ".join(str(report).split())
 
 
-NOTEBOOK_LAYERS = {
-    "LinearWithDoRA": {},
-    "DoRALinear-factored": {"factored_norm": True},
-    "DoRALinear-dense": {"factored_norm": False},
-}
-LOW_PRECISION = [torch.float64, torch.float32, torch.bfloat16]
-
-
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-@pytest.mark.parametrize("key", list(NOTEBOOK_LAYERS))
-def test_notebook_layers_pass_every_check(nb, key, dtype):
-    """Dropout (9) and merged_weight() (10) included; below float64 within rounding, said so.
-    Part I's LinearWithDoRA is the definition alone: no floor on the norm (robustness, 8) and
-    no dropout argument (9 does not apply), and it keeps A, B and m in the base's dtype, so on a
-    bfloat16 base m does not train (11) and its merge rounds along the way (12); everything the
-    paper and PEFT define passes."""
-    factory = functools.partial(getattr(nb, key.split("-")[0]), **NOTEBOOK_LAYERS[key])
-    report = check_dora(factory, dtype=dtype)
-    if key == "LinearWithDoRA":
-        assert failed(report) == {8, 11, 12} and report.exit_status == 4, str(report)
-        assert [r.number for r in report.results if r.status == "skip"] == [9]
-        return
-    assert report.passed, str(report)
-    assert all(r.status == "pass" for r in report.results), str(report)
-    assert report.adapter == "A = lora.A (3, 11), B = lora.B (7, 3), m = m (7,)"
-    rounding = [r for r in report.results if r.within_rounding]
-    assert bool(rounding) == (dtype != torch.float64)
-    name = str(dtype).removeprefix("torch.")
-    assert all(f"(within {name} rounding: " in " ".join(str(r).split()) for r in rounding)
-
-
-def test_notebook_layer_without_detach_fails_check_6_only(nb):
-    report = check_dora(functools.partial(nb.DoRALinear, detach_norm=False))
-    assert failed(report) == {6}, str(report)
-    assert report.exit_status == 3
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "name, options, expected",
+    [
+        # the definition alone: no floor on the norm (8), no dropout (9 skips), and A, B, m in
+        # the base's dtype, so on a bfloat16 base m does not train (11) and its merge rounds (12)
+        ("LinearWithDoRA", {}, {8: R, 11: R, 12: R}),
+        ("DoRALinear", {"factored_norm": True}, {}),
+        ("DoRALinear", {"factored_norm": False}, {}),
+        ("DoRALinear", {"detach_norm": False}, {6: C}),
+    ],
+    ids=["LinearWithDoRA", "factored", "dense", "no-detach"],
+)
+def test_notebook_layers(nb, name, options, expected, dtype):
+    if not options.get("detach_norm", True) and dtype != torch.float64:
+        pytest.skip("float64 tells the detach apart")
+    report = check_dora(functools.partial(getattr(nb, name), **options), dtype=dtype)
+    assert failures(report) == expected, str(report)
+    skipped = [r.number for r in report.results if r.status == "skip"]
+    assert skipped == ([9] if name == "LinearWithDoRA" else [])
+    if name == "DoRALinear" and not expected:
+        assert report.adapter == "A = lora.A (3, 11), B = lora.B (7, 3), m = m (7,)"
+        within = f"(within {str(dtype).removeprefix('torch.')} rounding: "
+        assert (within in " ".join(str(report).split())) == (dtype != torch.float64)
 
 
 def test_a_layer_computing_in_float32_is_checked_with_float32_tolerances():
-    """Built in float64, it takes the norm in float32: checked, not refused, and it says so."""
-    report = check_dora(Float32Norm)
+    report = check_dora(Float32Norm)  # built in float64
     assert report.identified and report.precision == "float32"
-    assert failed(report) == {8}, str(report)  # and it has no floor on the norm
+    assert failures(report) == {8: R}, str(report)  # it has no floor on the norm
     assert "computes in float32 with float64 parameters" in " ".join(str(report).split())
 
 
-@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_peft_dora_passes_all_but_8_on_zero_rows(dtype):
-    """PEFT 0.21.2 divides by the raw row norm: an all-zero row of W0 gives 0 / 0 = NaN at init.
-
-    A robustness finding only (exit status 4). If a later PEFT floors the norm, this test fails
-    and should then expect all checks to pass. PEFT's dropout (9) and merge_and_unload / merge /
-    unmerge (10) pass, in float64 exactly and in float32 and bfloat16 within rounding; on a
-    bfloat16 base PEFT 0.15 cannot merge its float32 adapters (10 fails there).
-    """
+@pytest.mark.parametrize(
+    "kind, dtype", [*((L, d) for d in [*DTYPES, torch.bfloat16]), (CV, DTYPES[0])]
+)
+def test_peft_dora_passes_all_but_8_on_zero_rows(kind, dtype):
+    """PEFT divides by the raw row norm: an all-zero row gives 0 / 0 = NaN (a robustness
+    finding; if a later PEFT floors it, expect every check to pass)."""
     reason = peft_unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    report = check_dora(peft_dora_factory, dtype=dtype)
-    assert report.adapter == (
-        "A = model.base_model.model.0.lora_A.default.weight (3, 11), "
-        "B = model.base_model.model.0.lora_B.default.weight (7, 3), "
-        "m = model.base_model.model.0.lora_magnitude_vector.default.weight (7,)"
-    )
-    detail = {r.number: r.detail for r in report.results}
-    assert "all-zero weight row gives NaN or inf in the output at initialisation" in detail[8]
     import peft
 
+    report = check_dora(checker.peft_dora_factory, kind=kind, dtype=dtype)
+    m = "(1, 7, 1, 1)" if kind == "conv2d" else "(7,)"
+    assert report.adapter.endswith(f"lora_magnitude_vector.default.weight {m}")
+    detail = {r.number: r.detail for r in report.results}
+    assert "all-zero weight row gives NaN or inf in the output at initialisation" in detail[8]
     old_peft = tuple(int(p) for p in peft.__version__.split(".")[:2]) < (0, 21)
-    if dtype == torch.bfloat16 and old_peft and 10 in failed(report):
-        # PEFT 0.15 (requirements.txt's floor) keeps the adapters in float32 on a bfloat16 base,
-        # as 0.21 does, but its merge then multiplies the two dtypes and raises
-        assert failed(report) == {8, 10}, str(report)
-        assert "must have the same dtype" in detail[10]
+    if dtype == torch.bfloat16 and old_peft and 10 in failures(report):
+        # PEFT 0.15 keeps float32 adapters on a bfloat16 base but cannot merge them into it
+        assert failures(report) == {8: R, 10: P} and "must have the same dtype" in detail[10]
         return
-    assert failed(report) == {8}, str(report)
-    assert report.exit_status == 4
-    assert "merge_and_unload(), merge() in place, unmerge()" in detail[10]
-    assert report.summary().startswith("1 of 12 checks fail: robustness (8)")
-
-
-# ---- dropout (9) and merging (10): variants that fail exactly that check ---------------------
-
-
-class DropoutDoRA(ReferenceDoRA):
-    """The reference layer with dropout=p: PEFT's placement, or one of two common mistakes."""
-
-    def __init__(self, linear, rank, alpha, dropout=0.0, placement="peft"):
-        super().__init__(linear, rank, alpha)
-        self.p, self.placement = dropout, placement
-
-    def forward(self, x):
-        if not self.training or self.placement == "ignored":
-            return super().forward(x)
-        x_d = F.dropout(x, self.p)
-        if self.placement == "base too":  # y = DoRA(dropout(x))
-            return super().forward(x_d)
-        V = self.V()
-        W = self.m[:, None] * V / V.norm(dim=1, keepdim=True).clamp_min(1e-12).detach()
-        delta = W - self.linear.weight.to(W.dtype)
-        return self.linear(x) + self.apply(x_d, delta, bias=False)  # PEFT's semantics
-
-
-class MergingDoRA(ReferenceDoRA):
-    """The reference layer with merged_weight() and an in-place merge() / unmerge()."""
-
-    def __init__(self, linear, rank, alpha, bug=None):
-        super().__init__(linear, rank, alpha)
-        self.bug, self.merged_delta = bug, None
-
-    def merged_weight(self):
-        V = self.V()
-        if self.bug == "merged_weight is V":
-            return V
-        return self.m[:, None] * V / V.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-    def merge(self):
-        with torch.no_grad():
-            self.merged_delta = self.merged_weight() - self.linear.weight
-            self.linear.weight += self.merged_delta
-
-    def unmerge(self):
-        with torch.no_grad():
-            if self.bug != "unmerge keeps W'":
-                self.linear.weight -= self.merged_delta
-            self.merged_delta = None
-
-    def forward(self, x):
-        return self.linear(x) if self.merged_delta is not None else super().forward(x)
-
-
-ADAPTER_VARIANTS = {  # factory, the checks it must fail
-    "dropout as in PEFT": (DropoutDoRA, set()),
-    "dropout on the base path too": (functools.partial(DropoutDoRA, placement="base too"), {9}),
-    "dropout ignored": (functools.partial(DropoutDoRA, placement="ignored"), {9}),
-    "merge and unmerge": (MergingDoRA, set()),
-    # + 12: W' = V misses the whole magnitude change, so on a bfloat16 base the merge loses more
-    # of the update than rounding does
-    "merged_weight() returns V": (
-        functools.partial(MergingDoRA, bug="merged_weight is V"),
-        {10, 12},
-    ),
-    "unmerge keeps W'": (functools.partial(MergingDoRA, bug="unmerge keeps W'"), {10}),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("variant", list(ADAPTER_VARIANTS))
-def test_dropout_and_merge_variants_fail_exactly_their_check(variant, dtype):
-    factory, expected = ADAPTER_VARIANTS[variant]
-    report = check_dora(factory, dtype=dtype)
-    assert failed(report) == expected, str(report)
-    status = {r.number: r.status for r in report.results}
-    applicable = 9 if "dropout" in variant else 10
-    assert status[applicable] == ("fail" if expected else "pass")
-    assert status[19 - applicable] == "skip"  # the other one does not apply
-    detail = {r.number: r.detail for r in report.results}[applicable]
-    says = {
-        "dropout on the base path too": "the base path sees the dropped input too",
-        "dropout ignored": "the layer ignores p (the divergence reported as fsdp_qlora #68",
-        "merged_weight() returns V": "merged_weight() is off by",
-        "unmerge keeps W'": "after unmerge() the base weight is off by",
-    }
-    assert variant not in says or says[variant] in " ".join(detail.split())
+    assert failures(report) == {8: R}, str(report)
+    if kind == "linear":
+        assert "merge_and_unload(), merge() in place, unmerge()" in detail[10]
 
 
 def test_fast_and_leaves_the_global_random_state_alone(nb):
     torch.manual_seed(123)
     state = torch.get_rng_state()
     start = time.perf_counter()
-    report = check_dora(nb.DoRALinear)
-    seconds = time.perf_counter() - start
-    assert report.passed
-    assert seconds < 15, seconds  # about 0.3 s on a 2-core CPU
+    assert check_dora(nb.DoRALinear).passed
+    assert time.perf_counter() - start < 15  # about 0.3 s on a 2-core CPU
     assert torch.equal(torch.get_rng_state(), state)
 
 
-# --------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------
-
-USER_MODULE = textwrap.dedent(
-    """
-    import functools
-    import math
-
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
+def test_checks_are_numbered_once_each_in_order():
+    """Reports, exit statuses and the docs name checks by number: 1..N, each once."""
+    assert [c.number for c in CHECKS] == list(range(1, len(CHECKS) + 1))
 
 
-    class MyDoRA(nn.Module):
-        def __init__(self, linear, rank, alpha, scaling=None):
-            super().__init__()
-            self.linear = linear
-            w = linear.weight  # float32 adapters on a bfloat16 or float16 base, as PEFT
-            dtype = torch.float32 if w.dtype in (torch.bfloat16, torch.float16) else w.dtype
-            self.A = nn.Parameter(torch.empty(rank, linear.in_features, dtype=dtype))
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
-            self.B = nn.Parameter(torch.zeros(linear.out_features, rank, dtype=dtype))
-            self.m = nn.Parameter(w.detach().to(dtype).norm(dim=1))
-            self.scaling = alpha / rank if scaling is None else scaling
-
-        def forward(self, x):
-            V = self.linear.weight.to(self.A.dtype) + self.scaling * self.B @ self.A
-            norm = V.norm(dim=1, keepdim=True).clamp_min(1e-12).detach()
-            b = self.linear.bias
-            b = None if b is None else b.to(V.dtype)
-            return F.linear(x.to(V.dtype), self.m[:, None] * V / norm, b).to(x.dtype)
+# ----------------------------------------------------------------------------- command line
 
 
-    def alpha_scaled(linear, rank, alpha):
-        return MyDoRA(linear, rank, alpha, scaling=alpha)
-
-
-    class PerColumn(MyDoRA):
-        def __init__(self, linear, rank, alpha):
-            super().__init__(linear, rank, alpha)
-            self.m = nn.Parameter(linear.weight.detach().norm(dim=0))
-
-        def forward(self, x):
-            V = self.linear.weight + self.scaling * self.B @ self.A
-            norm = V.norm(dim=0, keepdim=True).clamp_min(1e-12).detach()
-            return F.linear(x, self.m * V / norm, self.linear.bias)
-
-
-    class Unfloored(MyDoRA):
-        def forward(self, x):
-            V = self.linear.weight + self.scaling * self.B @ self.A
-            return F.linear(x, self.m[:, None] * V / V.norm(dim=1, keepdim=True).detach(),
-                            self.linear.bias)
-
-
-    class MyLoRA(nn.Module):
-        def __init__(self, linear, rank, alpha):
-            super().__init__()
-            self.linear = linear
-            self.A = nn.Parameter(torch.randn(rank, linear.in_features))
-            self.B = nn.Parameter(torch.zeros(linear.out_features, rank))
-
-        def forward(self, x):
-            return self.linear(x) + x @ self.A.T @ self.B.T
-    """
-)
-
-
-def run_cli(*args, cwd):
-    """``python -m dora_tutorial.check_dora ARGS`` from ``cwd``, this repository importable."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run(
-        [sys.executable, "-m", "dora_tutorial.check_dora", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-@pytest.fixture(scope="module")
-def user_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("user")
-    (folder / "my_layers.py").write_text(USER_MODULE)
-    return folder
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    """The working directory, holding layers.py: this file's layers as a user's module."""
+    (tmp_path / "layers.py").write_text(Path(__file__).read_text())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    sys.modules.pop("layers", None)
 
 
 @pytest.mark.parametrize(
-    "target, status, says",
+    "args, status, says",
     [
-        ("my_layers.py:MyDoRA", 0, "9 of 12 checks pass, 3 not applicable (9, 10, 12)"),
-        ("my_layers:alpha_scaled", 3, "FAIL 4. scaling"),  # module.path:factory_function
-        ("my_layers.py:PerColumn", 1, "FAIL 2. magnitude axis [paper]"),
-        ("my_layers.py:Unfloored", 4, "FAIL 8. zero rows, low precision [robustness]"),
-        ("my_layers.py:MyLoRA", 2, "this looks like LoRA, not DoRA"),
+        (["layers.py:ReferenceDoRA"], 0, "9 of 12 checks pass, 3 not applicable (9, 10, 12)"),
+        (["layers:scaled_by_alpha"], 3, "FAIL 4. scaling"),  # module.path:factory_function
+        (["layers.py:MatrixInputsOnly"], 1, "FAIL 7. reference formula [paper]"),
+        (["layers.py:Float32Norm"], 4, "FAIL 8. zero rows, low precision [robustness]"),
+        (["layers.py:LoRA"], 2, "this looks like LoRA, not DoRA"),
+        (["--conv2d", "layers.py:ReferenceDoRA"], 0, "ReferenceDoRA on nn.Conv2d"),
     ],
 )
-def test_cli_exit_status(user_dir, target, status, says):
-    result = run_cli(target, cwd=user_dir)
-    assert result.returncode == status, result.stdout + result.stderr
-    assert says in result.stdout and not result.stderr
+def test_cli_exit_status(user_dir, capsys, args, status, says):
+    assert main(args) == status
+    out = capsys.readouterr()
+    assert says in out.out and not out.err
 
 
-def test_cli_help_documents_the_exit_status_per_kind(capsys):
+def test_cli_runs_as_a_module_and_import_does_not_load_peft(user_dir):
+    code = (
+        "import runpy, sys; import dora_tutorial.check_dora; assert 'peft' not in sys.modules; "
+        "sys.argv[1:] = ['layers.py:MatrixInputsOnly']; "
+        "runpy.run_module('dora_tutorial.check_dora', run_name='__main__')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.returncode == 1 and "FAIL 7. reference formula" in result.stdout, result.stderr
+
+
+def test_cli_help_is_the_manual_with_the_exit_statuses(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for says in (
-        "0 every check passes",
-        "1 a check of kind 'paper' fails",
-        "3 a check of kind",
-        "4 only checks of kind 'robustness' fail",
-        "2 usage error",
-    ):
-        assert says in out
+    assert "V = W0 + (alpha / r) B A" in out  # the reference formula
+    assert "0 every check passes; 1 a check of kind 'paper' fails; 3 a check of kind" in out
+    assert "4 only checks of kind 'robustness' fail; 2 usage error" in out
 
 
-def test_cli_json_gives_every_check_kind_result_and_numbers(user_dir, monkeypatch, capsys):
-    monkeypatch.chdir(user_dir)
-    try:
-        status = main(["--json", "--dtype", "float32", "my_layers.py:alpha_scaled"])
-    finally:
-        sys.modules.pop("my_layers", None)
-    out = capsys.readouterr().out
-    data = json.loads(out)  # nothing but the JSON on stdout
+def test_cli_json_gives_every_check_kind_result_and_numbers(user_dir, capsys):
+    status = main(["--json", "--dtype", "float32", "layers.py:scaled_by_alpha"])
+    data = json.loads(capsys.readouterr().out)  # nothing but the JSON on stdout
     assert status == data["exit_status"] == 3
     (report,) = data["reports"]
-    assert report["dtype"] == "float32" and report["failed"] == {
-        "paper": [],
-        "convention": [4],
-        "robustness": [],
-    }
+    assert report["dtype"] == "float32"
+    assert report["failed"] == {"paper": [], "convention": [4], "robustness": []}
     checks = {c["number"]: c for c in report["checks"]}
-    assert set(checks) == ALL
-    assert checks[4]["kind"] == "convention" and checks[4]["result"] == "fail"
+    assert set(checks) == set(KIND)
     assert checks[4]["kind_meaning"] == "differs from the official code and PEFT"
     assert math.isclose(checks[4]["numbers"]["scaling"], 5, rel_tol=1e-5)
     assert checks[3]["result"] == "pass" and checks[3]["within_rounding"]
@@ -588,38 +397,18 @@ def test_cli_json_gives_every_check_kind_result_and_numbers(user_dir, monkeypatc
     "target, says",
     [
         ("missing.py:MyDoRA", "no such file: missing.py"),
-        (
-            "my_layers.py:MyDora",
-            "my_layers.py has no 'MyDora'; did you mean 'MyDoRA'? "
-            "It defines: MyDoRA, MyLoRA, PerColumn, Unfloored, alpha_scaled",
-        ),
-        ("my_layers.py", "expected FILE.py:NAME or module:NAME, got 'my_layers.py'"),
+        ("layers.py:ReferenceDora", "has no 'ReferenceDora'; did you mean 'ReferenceDoRA'? It"),
+        ("layers.py", "expected FILE.py:NAME or module:NAME, got 'layers.py'"),
         ("no_such_module:MyDoRA", "no module named 'no_such_module'"),
     ],
 )
-def test_cli_usage_errors_say_what_is_wrong(user_dir, monkeypatch, capsys, target, says):
-    monkeypatch.chdir(user_dir)
-    try:
-        assert main([target]) == 2
-    finally:
-        sys.modules.pop("my_layers", None)
+def test_cli_usage_errors_say_what_is_wrong(user_dir, capsys, target, says):
+    assert main([target]) == 2
     out = capsys.readouterr()
     assert out.err.startswith("check_dora.py: error: ") and says in out.err and not out.out
-
-
-def test_cli_without_a_target_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit, match="2"):
         main([])
-    assert exit_info.value.code == 2
     assert "give FILE.py:NAME or module:NAME, or --peft" in capsys.readouterr().err
-
-
-def test_import_has_no_side_effects():
-    code = "import sys; import dora_tutorial.check_dora; print(sorted({'peft'} & set(sys.modules)))"
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0 and result.stdout == "[]\n" and not result.stderr
 
 
 # ---- PEFT that imports but fails in use ----------------------------------------------------
@@ -627,26 +416,29 @@ def test_import_has_no_side_effects():
 STAND_IN_PEFT = """
 __version__ = "0.0-stand-in"
 
-
 class LoraConfig:
     def __init__(self, **kwargs):
         self.kwargs = kwargs
 
-
 def get_peft_model(model, config):
     raise ImportError("Found an incompatible version of torchao (stand-in)")
+
+class PeftModel:
+    @classmethod
+    def from_pretrained(cls, model, directory):
+        raise ImportError("Found an incompatible version of torchao (stand-in)")
 """
 
 
 @pytest.fixture
 def broken_peft(monkeypatch):
     """A stand-in peft that imports fine and raises ImportError when used (an old torchao)."""
-    module = types.ModuleType("peft")
+    module = types.ModuleType("peft")  # its code runs as the package "peft"
     exec(STAND_IN_PEFT, module.__dict__)
     monkeypatch.setitem(sys.modules, "peft", module)
-    check_dora_module.peft_unavailable_reason.cache_clear()
+    checker.peft_unavailable_reason.cache_clear()
     yield module
-    check_dora_module.peft_unavailable_reason.cache_clear()
+    checker.peft_unavailable_reason.cache_clear()
 
 
 def test_peft_that_fails_in_use_is_reported_not_crashed(broken_peft, capsys):
@@ -655,80 +447,47 @@ def test_peft_that_fails_in_use_is_reported_not_crashed(broken_peft, capsys):
     assert main(["--peft"]) == 2  # nothing was checked
     out = capsys.readouterr()
     assert out.err == f"PEFT's DoRA: skipped: {reason}\n" and not out.out
-
-
-def test_peft_that_fails_in_use_does_not_stop_the_other_check(broken_peft, capsys):
     status = main(["--json", "--peft", f"{Path(__file__)}:ReferenceDoRA"])
     out = capsys.readouterr()
     data = json.loads(out.out)
     assert status == 0 == data["exit_status"]  # the layer that was checked decides
     assert [r["name"] for r in data["reports"]] == ["ReferenceDoRA"]
-    assert data["skipped"] == [out.err.strip()] and "fails in use" in out.err
+    assert data["skipped"] == [out.err.strip()]
 
 
-STAND_IN_PEFT_MODEL = """
-class PeftModel:
-    @classmethod
-    def from_pretrained(cls, model, directory):
-        raise ImportError("Found an incompatible version of torchao (stand-in)")
-"""
-
-
-def notebook_cell(holding):
-    """The source of the notebook's one code cell that contains ``holding``."""
+def test_notebook_peft_section_goes_on_when_peft_fails_in_use(nb, broken_peft, tmp_path, capsys):
+    """The notebook's PEFT comparison cell with a PEFT that fails in use: one line, no crash."""
     import nbformat
 
-    cells = nbformat.read(REPO / "DoRA.ipynb", as_version=4).cells
-    (source,) = [c.source for c in cells if c.cell_type == "code" and holding in c.source]
-    return source
-
-
-def test_notebook_peft_section_goes_on_when_peft_fails_in_use(nb, tmp_path, capsys):
-    """Section 16's cell with a PEFT that imports and raises ImportError when used: one line."""
     import helpers
 
-    peft = types.ModuleType("peft")  # its code runs as the package "peft"
-    exec(STAND_IN_PEFT_MODEL, peft.__dict__)
+    cells = nbformat.read(REPO / "DoRA.ipynb", as_version=4).cells
+    code = [c.source for c in cells if c.cell_type == "code"]
+    (cell,) = [s for s in code if 'optional_part("the comparison with PEFT")' in s]
+    assert any('optional_part("the PEFT round trip")' in s for s in code)
     pretrained = helpers.make_mlp((6, 5, 3), seed=0)
-    dora_model = helpers.add_adapters(pretrained, nb.LinearWithDoRA, 2, 4)
     namespace = {
-        "helpers": helpers,
-        "torch": torch,
-        "Path": Path,
-        "PeftModel": peft.PeftModel,
-        "tmp": types.SimpleNamespace(name=str(tmp_path)),
-        "dora_model": dora_model,
-        "pretrained": pretrained,
+        **{"helpers": helpers, "torch": torch, "Path": Path, "PeftModel": broken_peft.PeftModel},
+        **{"tmp": types.SimpleNamespace(name=str(tmp_path)), "pretrained": pretrained},
+        "dora_model": helpers.add_adapters(pretrained, nb.LinearWithDoRA, 2, 4),
         "rotated": types.SimpleNamespace(test_x=torch.randn(4, 6)),
-        "LinearWithDoRA": nb.LinearWithDoRA,
-        "RANK": 2,
-        "ALPHA": 4,
+        **{"LinearWithDoRA": nb.LinearWithDoRA, "RANK": 2, "ALPHA": 4},
     }
-    cell = notebook_cell('optional_part("the comparison with PEFT")')
     exec(cell, namespace)  # raises if the guard is missing
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "ours -> PEFT directory: adapter_config.json, adapter_model.safetensors"
     assert " ".join(lines[1:]).startswith(
         "Skipping the comparison with PEFT: PEFT fails in use (ImportError: Found an incompatible"
     )
-    assert notebook_cell('optional_part("the PEFT round trip")')  # section 18's round trip
 
 
-def test_optional_part_swallows_only_errors_raised_inside_peft(capsys):
+def test_optional_part_swallows_only_errors_raised_inside_peft(broken_peft, capsys):
     import helpers
 
-    peft = types.ModuleType("peft")
-    exec(STAND_IN_PEFT, peft.__dict__)
     with helpers.optional_part("the stand-in") as part:
-        peft.get_peft_model(nn.Linear(2, 2), peft.LoraConfig())
-        raise AssertionError("not reached")
+        broken_peft.get_peft_model(nn.Linear(2, 2), broken_peft.LoraConfig())
     assert isinstance(part.skipped, ImportError)
     assert capsys.readouterr().out.startswith("Skipping the stand-in: PEFT fails in use")
     with pytest.raises(ValueError, match="our own bug"):
         with helpers.optional_part("the stand-in"):
             raise ValueError("our own bug")  # this project's errors are not hidden
-
-
-def test_checks_are_numbered_once_each_in_order():
-    """Reports, exit statuses and the docs name checks by number: 1..N, each once."""
-    assert [c.number for c in CHECKS] == list(range(1, len(CHECKS) + 1))

@@ -11,9 +11,10 @@ class NotIdentified(Exception):
     """The layer's A, B and m could not be found; the message says why."""
 
 
-def _canonical(t, transposed: bool):
-    """A or B (or its gradient) in the canonical layout: A (r, in), B (out, r)."""
-    return t.T if transposed else as_matrix(t)
+def _canonical(t, transposed):
+    """A (r, in), B (out, r) or m (flat), or its gradient, in the canonical layout
+    (transposed=None: m)."""
+    return t.flatten() if transposed is None else t.T if transposed else as_matrix(t)
 
 
 @dataclass
@@ -27,36 +28,29 @@ class Adapter:
     m: str
     axis: int  # 1: one magnitude per output row, 0: per input column
 
+    def _slots(self):
+        return ((self.a, self.a_transposed), (self.b, self.b_transposed), (self.m, None))
+
     def tensors(self, layer):
         """A (r, in), B (out, r) and m (flat), whatever the layout the layer stores them in."""
-        A, B, m = (layer.get_parameter(n) for n in (self.a, self.b, self.m))
-        return _canonical(A, self.a_transposed), _canonical(B, self.b_transposed), m.flatten()
+        return [_canonical(layer.get_parameter(n), t) for n, t in self._slots()]
+
+    def grads(self, layer):
+        """The gradients of A, B and m in the canonical layout (None where there is none)."""
+        grads = [(layer.get_parameter(n).grad, t) for n, t in self._slots()]
+        return [None if g is None else _canonical(g, t) for g, t in grads]
 
     def assign(self, layer, A, B, m):
         """Set the layer's A, B and m (given in the canonical layout)."""
         with torch.no_grad():
-            for name, value, transposed in (
-                (self.a, A, self.a_transposed),
-                (self.b, B, self.b_transposed),
-                (self.m, m, False),
-            ):
+            for (name, transposed), value in zip(self._slots(), (A, B, m), strict=True):
                 p = layer.get_parameter(name)
                 p.copy_((value.T if transposed else value).reshape(p.shape))
 
-    def grads(self, layer):
-        """The gradients of A, B and m in the canonical layout (None where there is none)."""
-        out = []
-        for name, transposed in ((self.a, self.a_transposed), (self.b, self.b_transposed)):
-            g = layer.get_parameter(name).grad
-            out.append(None if g is None else _canonical(g, transposed))
-        g = layer.get_parameter(self.m).grad
-        return [*out, None if g is None else g.flatten()]
-
     def describe(self, layer):
-        names = (self.a, self.b, self.m)
         return ", ".join(
             f"{what} = {name} {tuple(layer.get_parameter(name).shape)}"
-            for what, name in zip("ABm", names, strict=True)
+            for what, (name, _) in zip("ABm", self._slots(), strict=True)
         )
 
 

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from . import checks, checks_in_use
+from . import formula_checks, training_and_merging_checks
 from .adapter import Adapter, NotIdentified, find_adapter
 from .conv import CONV2D
 from .reference import ALPHA, IN, LINEAR, OUT, RANK, Factory, as_matrix, rel
@@ -13,7 +13,7 @@ from .report import CheckResult, Report
 from .run import Run, describe
 from .tolerances import DTYPES, TOL, dtype_name, tolerance
 
-CHECKS = checks.CHECKS + checks_in_use.CHECKS
+CHECKS = formula_checks.CHECKS + training_and_merging_checks.CHECKS
 _KINDS = {"linear": LINEAR, "conv2d": CONV2D}
 
 
@@ -27,10 +27,8 @@ def _factory_name(factory) -> str:
 
 
 def _identify(run: Run) -> tuple[Adapter, str]:
-    """Build one layer and find its A, B and m (NotIdentified says why not).
-
-    A layer built in float64 whose initial function is W0's rounding to float32 computes in
-    float32 inside, as many do: run.precision becomes float32 so its tolerances apply."""
+    """Build one layer and find its A, B and m (NotIdentified says why not). A layer built in
+    float64 that starts at W0 rounded to float32 computes in float32: its tolerances apply."""
     base = run.base()
     try:
         layer = run.layer(base)
@@ -57,15 +55,10 @@ def _identify(run: Run) -> tuple[Adapter, str]:
 def check_dora(
     factory: Factory, *, name: str | None = None, kind: str = "linear", dtype=torch.float64
 ) -> Report:
-    """Check the DoRA layers factory(linear, rank, alpha) builds; one CheckResult per check.
-
-    factory: a DoRA class or any function called as factory(linear, rank, alpha) that returns an
-    nn.Module computing (..., in_features) -> (..., out_features); with kind="conv2d", called as
-    factory(conv, rank, alpha) on an nn.Conv2d. dtype: the dtype of the base layers, the layer
-    and the inputs (float64 tells the conventions apart best; float32, bfloat16 and float16 are
-    checked with tolerances derived from their rounding). The global random state is left as it
-    was. ``python -m dora_tutorial.check_dora --help`` says what is checked and how.
-    """
+    """Check the DoRA layers factory(linear, rank, alpha) builds (factory(conv, rank, alpha)
+    with kind="conv2d"); one CheckResult per check. dtype: of the base layers, the layer and the
+    inputs (below float64 with tolerances from its rounding). The global random state is left
+    as it was. ``python -m dora_tutorial.check_dora --help`` says what is checked and how."""
     start = time.perf_counter()
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     layer_kind = _KINDS[kind]

@@ -70,8 +70,7 @@ class _UsageError(Exception):
 
 
 def _import_file(path: Path):
-    """Import a Python file as a module; its own imports are found where Python finds them
-    (nothing here edits ``sys.path``)."""
+    """Import a Python file as a module (its imports found as Python finds them)."""
     name = path.stem if path.stem not in sys.modules else f"_check_dora_target_{path.stem}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -87,25 +86,22 @@ def _load_factory(target: str):
     where, colon, attr = target.rpartition(":")
     if not colon or not where or not attr:
         raise _UsageError(f"expected FILE.py:NAME or module:NAME, got {target!r}")
+    is_file = where.endswith(".py") or "/" in where or os.sep in where
+    if is_file and not Path(where).is_file():
+        raise _UsageError(f"no such file: {where}")
     try:
-        if where.endswith(".py") or "/" in where or os.sep in where:
-            path = Path(where)
-            if not path.is_file():
-                raise _UsageError(f"no such file: {where}")
-            module = _import_file(path)
-        else:
-            module = importlib.import_module(where)
+        module = _import_file(Path(where)) if is_file else importlib.import_module(where)
     except _UsageError:
         raise
-    except ModuleNotFoundError as e:
-        if e.name and where.startswith(e.name):
+    except Exception as e:
+        if isinstance(e, ModuleNotFoundError) and e.name and where.startswith(e.name):
             raise _UsageError(
                 f"no module named {where!r} (run from the folder that holds it, or give the "
                 f"file: path/to/{where.replace('.', '/')}.py:{attr})"
             ) from e
-        raise _UsageError(f"importing {where} failed: {_where_failed(e)}") from e
-    except Exception as e:
-        raise _UsageError(f"importing {where} failed: {_where_failed(e)}") from e
+        frames = traceback.extract_tb(e.__traceback__)
+        at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+        raise _UsageError(f"importing {where} failed: {type(e).__name__}: {e}{at}") from e
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -118,22 +114,12 @@ def _load_factory(target: str):
 
 def _suggest(module, attr):
     """The classes and functions a module defines, the closest to attr first."""
-    defined = sorted(
-        n
-        for n, v in vars(module).items()
-        if callable(v) and getattr(v, "__module__", None) == module.__name__
-    )
+    own = (n for n, v in vars(module).items() if getattr(v, "__module__", 0) == module.__name__)
+    defined = sorted(n for n in own if callable(getattr(module, n)))
     if not defined:
         return "; it defines no class or function"
     close = difflib.get_close_matches(attr, defined, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"{hint} It defines: {', '.join(defined)}"
-
-
-def _where_failed(e: BaseException) -> str:
-    frames = traceback.extract_tb(e.__traceback__)
-    at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    return f"{type(e).__name__}: {e}{at}"
+    return (f"; did you mean {close[0]!r}?" if close else "") + f" It defines: {', '.join(defined)}"
 
 
 def _parser():
@@ -143,31 +129,15 @@ def _parser():
         epilog=_MANUAL,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "target",
-        nargs="?",
-        help="FILE.py:NAME or package.module:NAME, a class or function called as "
-        "NAME(linear, rank, alpha)",
-    )
-    parser.add_argument("--peft", action="store_true", help="also check Hugging Face PEFT's DoRA")
-    parser.add_argument(
-        "--conv2d",
-        action="store_true",
-        help="the layers wrap an nn.Conv2d: NAME(conv, rank, alpha) (and PEFT's on a Conv2d)",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
-        default="float64",
-        help="build the layers and inputs in this dtype; below float64 the tolerances follow "
-        "its rounding (default: float64)",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON object: a list of reports, each with every check's kind, result "
-        "and numbers, and the exit status",
-    )
+    target = "FILE.py:NAME or package.module:NAME, called as NAME(linear, rank, alpha)"
+    for flag, options in [
+        ("target", {"nargs": "?", "help": target}),
+        ("--peft", {"action": "store_true", "help": "also check Hugging Face PEFT's DoRA"}),
+        ("--conv2d", {"action": "store_true", "help": "NAME(conv, rank, alpha) on an nn.Conv2d"}),
+        ("--dtype", {"choices": list(DTYPES), "default": "float64", "help": "of layers, inputs"}),
+        ("--json", {"action": "store_true", "help": "every check's kind, result and numbers"}),
+    ]:
+        parser.add_argument(flag, **options)
     return parser
 
 

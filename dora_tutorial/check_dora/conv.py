@@ -15,7 +15,7 @@ from .reference import SEED, LayerKind, make_linear, read_weight
 _CONV = {"kernel_size": 3, "stride": 2, "padding": 1}
 
 
-def make_conv2d(n_in, n_out, bias=True, dtype=torch.float64, seed=SEED):
+def _make(n_in, n_out, bias=True, dtype=torch.float64, seed=SEED):
     """An nn.Conv2d (n_in -> n_out channels, 3x3, stride 2, padding 1) with make_linear's
     weights on its kernel."""
     linear = make_linear(n_in * 9, n_out, bias=bias, dtype=dtype, seed=seed)
@@ -27,7 +27,7 @@ def make_conv2d(n_in, n_out, bias=True, dtype=torch.float64, seed=SEED):
     return conv
 
 
-def conv2d_effective_weight(layer, n_in):
+def _effective_weight(layer, n_in):
     """(W' as an (out, n_in * 9) matrix, y(0)): one-hot 3x3 patches, padded to 5x5 so that
     output pixel (1, 1) (stride 2, padding 1) sees exactly the patch."""
     return read_weight(
@@ -38,15 +38,15 @@ def conv2d_effective_weight(layer, n_in):
     )
 
 
-def conv2d_inputs(lead, n_in, seed, dtype=torch.float64):
+def _inputs(lead, n_in, seed, dtype=torch.float64):
     """Random (prod(lead), n_in, 6, 5) images: a convolution takes one batch axis."""
     g = torch.Generator().manual_seed(seed)
     return torch.randn(math.prod(lead), n_in, 6, 5, generator=g, dtype=dtype)
 
 
-def conv2d_apply(x, W, b):
+def _apply(x, W, b):
     """The checks' convolution with the kernel W, given as an (out, in * 9) matrix."""
     return F.conv2d(x, W.reshape(W.shape[0], -1, 3, 3), b, _CONV["stride"], _CONV["padding"])
 
 
-CONV2D = LayerKind("nn.Conv2d", make_conv2d, conv2d_effective_weight, conv2d_inputs, conv2d_apply)
+CONV2D = LayerKind("nn.Conv2d", _make, _effective_weight, _inputs, _apply)

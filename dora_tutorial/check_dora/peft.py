@@ -25,7 +25,7 @@ def peft_unavailable_reason() -> str | None:
     return None
 
 
-class PeftDoRA(nn.Module):
+class _PeftDoRA(nn.Module):
     """PEFT's DoRA on one layer (nn.Linear or nn.Conv2d): get_peft_model(nn.Sequential(layer),
     use_dora=True, lora_dropout=dropout), with PEFT's merges as methods (check 10)."""
 
@@ -56,4 +56,4 @@ class PeftDoRA(nn.Module):
 
 def peft_dora_factory(linear: nn.Linear, rank: int, alpha: float, dropout=0.0) -> nn.Module:
     """The factory for PEFT's DoRA (B = 0 at initialisation, PEFT's default)."""
-    return PeftDoRA(linear, rank, alpha, dropout)
+    return _PeftDoRA(linear, rank, alpha, dropout)

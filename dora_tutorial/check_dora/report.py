@@ -7,17 +7,14 @@ from .tolerances import TOL
 
 _WIDTH = 96  # report lines wrap here: they fit a terminal and a notebook's output area
 
-# The three kinds of finding; a check belongs to one kind, and a failure says which.
-PAPER = "paper"  # the method itself: axis, magnitude shape, normalisation, bias, the formula
-CONVENTION = "convention"  # what the official code and PEFT do: alpha / r, detach, init, dropout
-ROBUSTNESS = "robustness"  # zero rows, low precision
+# The kinds of finding, most serious first: the exit status the kind gives, and its meaning.
+PAPER, CONVENTION, ROBUSTNESS = "paper", "convention", "robustness"
+_EXIT_STATUS = {PAPER: 1, CONVENTION: 3, ROBUSTNESS: 4}
 _KIND_MEANING = {
     PAPER: "not DoRA as the paper defines it",
     CONVENTION: "differs from the official code and PEFT",
     ROBUSTNESS: "robustness",
 }
-# the command's exit status: the most serious kind of failure decides it
-_EXIT_STATUS = {PAPER: 1, CONVENTION: 3, ROBUSTNESS: 4}
 
 
 def _fill(text, indent, **options):
@@ -26,10 +23,8 @@ def _fill(text, indent, **options):
 
 @dataclass
 class CheckResult:
-    """One check's outcome: status is "pass", "fail" or "skip" (not run, or not applicable).
-
-    numbers: what the check measured (error, tolerance, ...); a pass whose error exceeds
-    float64's TOL passed within the rounding of ``precision``."""
+    """One check's outcome: status "pass", "fail" or "skip" (not run, or not applicable);
+    numbers: what it measured (error, tolerance, ...)."""
 
     number: int
     title: str
@@ -59,14 +54,10 @@ class CheckResult:
 
     def to_dict(self) -> dict:
         return {
-            "number": self.number,
-            "title": self.title,
-            "kind": self.kind,
+            **{k: getattr(self, k) for k in ("number", "title", "kind")},
             "kind_meaning": _KIND_MEANING[self.kind],
             "result": self.status,
-            "within_rounding": self.within_rounding,
-            "detail": self.detail,
-            "numbers": self.numbers,
+            **{k: getattr(self, k) for k in ("within_rounding", "detail", "numbers")},
         }
 
 
@@ -98,6 +89,9 @@ class Report:
     def failed_of_kind(self, kind) -> list[int]:
         return [r.number for r in self.results if r.status == "fail" and r.kind == kind]
 
+    def _numbers(self, status) -> str:
+        return ", ".join(str(r.number) for r in self.results if r.status == status)
+
     @property
     def exit_status(self) -> int:
         """0 all pass; 1 not DoRA as the paper defines it; 3 differs from the official code and
@@ -109,34 +103,34 @@ class Report:
     def summary(self) -> str:
         """The verdict in one line, failures grouped by kind."""
         n, failed = len(self.results), self.failed
-        skipped = [r.number for r in self.results if r.status == "skip"]
+        skipped = sum(r.status == "skip" for r in self.results)
         rounding = sum(r.within_rounding for r in self.results)
         if failed:
             kinds = [
-                f"{_KIND_MEANING[k]} ({_join(self.failed_of_kind(k))})"
+                f"{_KIND_MEANING[k]} ({', '.join(map(str, self.failed_of_kind(k)))})"
                 for k in _EXIT_STATUS
                 if self.failed_of_kind(k)
             ]
             summary = f"{len(failed)} of {n} checks fail: {'; '.join(kinds)}"
-        elif not skipped:
-            summary = f"all {n} checks pass"
         else:
-            summary = f"{n - len(skipped)} of {n} checks pass"
+            summary = f"{n - skipped} of {n} checks pass" if skipped else f"all {n} checks pass"
         if rounding:
             summary += f", {rounding} within {self.precision} rounding"
-        if skipped and not self.identified:
-            summary += f", {len(skipped)} not run (they need A, B and m)"
-        elif skipped:
-            summary += f", {len(skipped)} not applicable ({_join(skipped)})"
+        if skipped:
+            why = "not run (they need A, B and m)" if not self.identified else "not applicable"
+            summary += f", {skipped} {why}" + (
+                f" ({self._numbers('skip')})" if self.identified else ""
+            )
         return summary
 
     def __str__(self) -> str:
         precision = "" if self.dtype == "float64" else f" in {self.dtype}"
-        lines = [f"DoRA conformance: {self.name}{precision}"]
-        if self.identified:
-            lines.append(_fill(f"  found {self.adapter}", 4))
-        else:
-            lines.append(_fill(f"  cannot check this layer: {self.problem}", 4))
+        found = (
+            f"found {self.adapter}"
+            if self.identified
+            else f"cannot check this layer: {self.problem}"
+        )
+        lines = [f"DoRA conformance: {self.name}{precision}", _fill(f"  {found}", 4)]
         if self.precision != self.dtype:
             note = (
                 f"  the layer computes in {self.precision} with {self.dtype} parameters and "
@@ -149,21 +143,11 @@ class Report:
 
     def to_dict(self) -> dict:
         """Everything in the report, for ``--json``."""
+        keys = ("name", "dtype", "precision", "identified", "adapter", "problem", "passed")
         return {
-            "name": self.name,
-            "dtype": self.dtype,
-            "precision": self.precision,
-            "identified": self.identified,
-            "adapter": self.adapter,
-            "problem": self.problem,
-            "passed": self.passed,
-            "exit_status": self.exit_status,
+            **{k: getattr(self, k) for k in (*keys, "exit_status")},
             "summary": self.summary(),
             "failed": {k: self.failed_of_kind(k) for k in _EXIT_STATUS},
             "checks": [r.to_dict() for r in self.results],
             "seconds": round(self.seconds, 3),
         }
-
-
-def _join(numbers):
-    return ", ".join(str(n) for n in numbers)

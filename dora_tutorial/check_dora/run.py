@@ -1,5 +1,5 @@
-"""What the checks share: the Run (factory, layer type, A/B/m, the conventions measured so far)
-and the helpers that build layers, give them trained values and compare them with the reference.
+"""What the checks share: the Run (factory, layer type, A/B/m, the conventions measured so far),
+the check registry and the helpers that build layers and compare them with the reference.
 
 Each check isolates one convention: the others use the layer's own axis (check 2), scaling (4),
 bias placement (5) and detach (6), recorded in Run.conventions as those checks measure them, so
@@ -34,7 +34,7 @@ from .tolerances import LOW_PRECISION, tolerance
 
 
 @dataclass
-class Conventions:
+class _Conventions:
     """The layer's conventions where the checks measured them; the paper's until then."""
 
     axis: int = 1
@@ -43,24 +43,27 @@ class Conventions:
     detached: bool = True
 
     def differences(self) -> list[str]:
-        out = ["magnitude per input column"] if self.axis == 0 else []
-        out += [f"scaling {self.scaling}"] if self.scaling != "alpha / rank" else []
-        out += ["bias rescaled"] if self.rescaled_bias else []
-        return out + (["norm not detached"] if not self.detached else [])
+        return [
+            says
+            for differs, says in (
+                (self.axis == 0, "magnitude per input column"),
+                (self.scaling != "alpha / rank", f"scaling {self.scaling}"),
+                (self.rescaled_bias, "bias rescaled"),
+                (not self.detached, "norm not detached"),
+            )
+            if differs
+        ]
 
 
 @dataclass
 class Run:
-    """One conformance run.
-
-    dtype: what the base layers, the layer and the inputs are built in; precision: the dtype
-    whose rounding the tolerances allow for (dtype, or float32 for a layer that computes in
-    float32 whatever its parameters)."""
+    """One conformance run. dtype: what base layers, layer and inputs are built in; precision:
+    whose rounding the tolerances allow for (float32 for a layer computing in float32)."""
 
     factory: Factory
     kind: LayerKind = LINEAR
     adapter: Adapter | None = None
-    conventions: Conventions = field(default_factory=Conventions)
+    conventions: _Conventions = field(default_factory=_Conventions)
     dtype: torch.dtype = torch.float64
     precision: torch.dtype = torch.float64
 
@@ -75,8 +78,8 @@ class Run:
         return self.kind.inputs(lead, n_in, seed=seed, dtype=self.dtype)
 
     def layer(self, base, rank=RANK, alpha=ALPHA, **options):
-        """A fresh layer around base, its initialisation reproducible, in base's dtype; on a
-        bfloat16 or float16 base as the factory builds it (adapters may be kept in float32)."""
+        """A fresh layer around base, reproducibly initialised, in base's dtype (on a half
+        precision base as the factory builds it: adapters may be kept in float32)."""
         torch.manual_seed(SEED)
         layer = self.factory(base, rank, alpha, **options)
         if not isinstance(layer, nn.Module):
@@ -87,10 +90,8 @@ class Run:
         return SCALINGS[self.conventions.scaling](alpha, rank)
 
     def trained(self, layer, base, rank=RANK, b_scale=1.0, seed=1):
-        """Give the layer trained-looking A, B (update comparable to W0) and m != ||V||, since
-        at initialisation m / ||V|| = 1 hides most bugs.
-
-        Returns A, B and m as the layer holds them (rounded to its dtype), in float64."""
+        """Give the layer trained-looking A, B and m != ||V|| (at initialisation m / ||V|| = 1
+        hides most bugs); returns them as the layer holds them, in float64."""
         W0 = as_matrix(base.weight.detach()).double()
         g = torch.Generator().manual_seed(seed)
         n_out, n_in = W0.shape
@@ -101,22 +102,23 @@ class Run:
         self.adapter.assign(layer, A, B, m)
         return [t.detach().double().clone() for t in self.adapter.tensors(layer)]
 
-    def weight(self, base, A, B, m, rank, alpha):
+    def trained_layer(self, **options):
+        """(base, layer, [A, B, m]): a fresh layer with trained-looking values."""
+        base = self.base()
+        layer = self.layer(base)
+        return base, layer, self.trained(layer, base, **options)
+
+    def weight(self, base, A, B, m, rank=RANK, alpha=ALPHA):
         """The reference merged weight W' (float64) under the conventions measured so far."""
         W0 = as_matrix(base.weight.detach()).double()
         return reference_weight(W0, A, B, m, self.scaling(alpha, rank), self.conventions.axis)[0]
 
     def reference(self, x, base, A, B, m, rank, alpha, detach=None):
         """The reference output (float64) under the conventions measured so far."""
-        c = self.conventions
+        c, b = self.conventions, base.bias
         return reference_forward(
-            x.double(),
-            as_matrix(base.weight.detach()).double(),
-            None if base.bias is None else base.bias.detach().double(),
-            A,
-            B,
-            m,
-            self.scaling(alpha, rank),
+            *(x.double(), as_matrix(base.weight.detach()).double()),
+            *(None if b is None else b.detach().double(), A, B, m, self.scaling(alpha, rank)),
             axis=c.axis,
             detach=c.detached if detach is None else detach,
             rescale_bias=c.rescaled_bias,
@@ -134,7 +136,7 @@ class Check:
 
 
 def check(checks: list[Check], number, title, kind, needs_adapter=True):
-    """Add a check to ``checks``: a function Run -> (passed, one line in plain words[, numbers]);
+    """Register a check: a function Run -> (passed, one line in plain words[, numbers]);
     passed is True, False or None (the check does not apply to this layer: skipped)."""
 
     def register(fn):
@@ -155,31 +157,25 @@ def describe(e: BaseException) -> str:
     return f"raised {type(e).__name__}" + (f": {text[0][:200]}" if text else "")
 
 
-def _leaf(t):
-    return t.detach().clone().requires_grad_()
-
-
 def sum_length(W0, x):
     """An upper bound on the terms in one sum of forward or backward: rows x max(in, out)."""
-    rows = max(1, x.numel() // W0.shape[1])
-    return rows * max(W0.shape)
+    return max(1, x.numel() // W0.shape[1]) * max(W0.shape)
 
 
 def gradient_errors(run, layer, base, state, x, rank, alpha, detach=None):
-    """Relative differences of output and of the gradients of A, B, m, x: layer vs reference
-    (the reference in float64, from the layer's own rounded parameters and inputs)."""
-    g = torch.Generator().manual_seed(2)
-    x = _leaf(x)
+    """Relative differences of the output and the gradients of A, B, m, x: layer vs reference
+    (in float64, from the layer's own rounded parameters and inputs)."""
+    x = x.detach().clone().requires_grad_()
     y = layer(x)
+    g = torch.Generator().manual_seed(2)
     weights = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
     (y * weights).sum().backward()
     got = [y, *run.adapter.grads(layer), x.grad]
-    A, B, m, x = (_leaf(t.double()) for t in (*state, x))
+    A, B, m, x = (t.detach().double().clone().requires_grad_() for t in (*state, x))
     y = run.reference(x, base, A, B, m, rank, alpha, detach)
     (y * weights.double()).sum().backward()
-    expected = [y, A.grad, B.grad, m.grad, x.grad]
     names = ["output", *(f"gradient of {n}" for n in ("A", "B", "m", "the input"))]
     return {
         n: math.inf if a is None or a.shape != b.shape else rel(a.double(), b)
-        for n, a, b in zip(names, got, expected, strict=True)
+        for n, a, b in zip(names, got, [y, A.grad, B.grad, m.grad, x.grad], strict=True)
     }

@@ -8,15 +8,15 @@ TOL = 1e-9  # largest relative difference accepted in float64
 # A sum of n rounded terms errs by about u sqrt(n) relative (u = eps / 2, independent rounding
 # errors), and DoRA's forward and backward chain about this many such sums and roundings (V, its
 # norm, the division, the product, the bias, and as many again in backward).
-ROUNDING_STEPS = 8
+_ROUNDING_STEPS = 8
 
 
 def tolerance(dtype, n):
     """The largest relative difference accepted for a result of sums of up to n terms computed
-    in ``dtype``: ROUNDING_STEPS * eps / 2 * sqrt(n), and never less than TOL."""
+    in ``dtype``: _ROUNDING_STEPS * eps / 2 * sqrt(n), and never less than TOL."""
     if dtype == torch.float64:
         return TOL
-    return max(TOL, ROUNDING_STEPS * torch.finfo(dtype).eps / 2 * math.sqrt(n))
+    return max(TOL, _ROUNDING_STEPS * torch.finfo(dtype).eps / 2 * math.sqrt(n))
 
 
 def dtype_name(dtype):

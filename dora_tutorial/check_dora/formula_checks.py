@@ -1,4 +1,5 @@
-"""Checks 1-7: what the layer computes, one convention at a time, then the whole formula."""
+"""Checks 1-7: what the layer computes against the reference formula, one convention at a time
+(initialisation, axis, normalisation, scaling, bias, detach), then the whole formula."""
 
 import math
 
@@ -10,6 +11,7 @@ from .run import Check, Run, check, describe, gradient_errors, result, sum_lengt
 from .tolerances import dtype_name
 
 CHECKS: list[Check] = []
+_COPIED = "as in catid/dora and rasbt/dora-from-scratch's merged layer"
 
 # (in, out, rank, alpha, bias, input shape without the last axis) for check 7
 _SHAPES = [
@@ -20,11 +22,9 @@ _SHAPES = [
 
 
 @check(CHECKS, 1, "base function at init", CONVENTION, needs_adapter=False)
-def check_identity_at_init(run: Run):
-    """At initialisation the layer computes what the base layer computes: W' = W0, same bias.
-
-    Isolates the initial values (B = 0, m = ||W0||): with B = 0 every other convention leaves
-    W' = W0."""
+def _check_identity_at_init(run: Run):
+    """At initialisation W' = W0 and the same bias: isolates the initial values (B = 0,
+    m = ||W0||), since with B = 0 every other convention leaves W' = W0."""
     base = run.base()
     x = run.inputs((5,), IN, seed=3)
     W0 = as_matrix(base.weight.detach()).double()
@@ -35,29 +35,20 @@ def check_identity_at_init(run: Run):
     tol = run.tol(sum_length(W0, x))
     if err <= tol:
         return result(True, "the layer starts as the pretrained layer (same outputs)", err, tol)
-    why = ""
-    if run.adapter is not None and run.adapter.tensors(layer)[1].detach().any():
-        why = " (B is not zero at initialisation)"
-    return result(
-        False,
-        f"at initialisation the outputs differ from the base layer's by up to {pct(err)}{why}: "
-        "fine-tuning does not start from the pretrained model; DoRA starts with B = 0 and "
-        "m = ||W0|| so that W' = W0",
-        err,
-        tol,
+    nonzero_b = run.adapter is not None and run.adapter.tensors(layer)[1].detach().any()
+    says = (
+        f"at initialisation the outputs differ from the base layer's by up to {pct(err)}"
+        f"{' (B is not zero at initialisation)' if nonzero_b else ''}: fine-tuning does not "
+        "start from the pretrained model; DoRA starts with B = 0 and m = ||W0|| so that W' = W0"
     )
+    return result(False, says, err, tol)
 
 
 @check(CHECKS, 2, "magnitude axis", PAPER)
-def check_magnitude_axis(run: Run):
-    """One magnitude per output row (out_features entries): m_n scales row n of W'.
-
-    The axis is read from m's size and initial values, then confirmed from the function:
-    multiplying m by c must multiply each row of W' by its c_n."""
+def _check_magnitude_axis(run: Run):
+    """One magnitude per output row: multiplying m by c multiplies each row n of W' by c_n."""
     axis = run.adapter.axis
-    base = run.base()
-    layer = run.layer(base)
-    A, B, m = run.trained(layer, base)
+    _, layer, (A, B, m) = run.trained_layer()
     W1, _ = run.kind.effective_weight(layer, IN)
     c = 0.5 + torch.rand(m.shape, generator=torch.Generator().manual_seed(4), dtype=m.dtype)
     run.adapter.assign(layer, A, B, m * c)
@@ -66,60 +57,44 @@ def check_magnitude_axis(run: Run):
     err = rel(W2, c[:, None] * W1 if axis == 1 else W1 * c[None, :])
     tol = run.tol(W1.shape[1])
     if axis == 0:
-        return result(
-            False,
+        says = (
             f"one magnitude per INPUT column ({IN} entries, the column norms of W0), not per "
-            f"output row: the per-input-column norm (norm(dim=0), as in catid/dora and "
-            f"rasbt/dora-from-scratch's merged layer), which rescales input features instead "
-            f"of output neurons; a different method from the paper's and PEFT's, whose "
-            f"adapters do not load into it",
-            err,
-            tol,
+            f"output row: the per-input-column norm (norm(dim=0), {_COPIED}), which rescales "
+            "input features instead of output neurons; a different method from the paper's and "
+            "PEFT's, whose adapters do not load into it"
         )
-    if err > tol:
-        return result(
-            False,
+    elif err > tol:
+        says = (
             "changing m_n does not scale row n of the merged weight alone: m is not used as "
-            "DoRA's magnitude, so training m does not do what DoRA's magnitude does",
-            err,
-            tol,
+            "DoRA's magnitude, so training m does not do what DoRA's magnitude does"
         )
-    return result(True, f"one magnitude per output row ({OUT} entries)", err, tol)
+    else:
+        return result(True, f"one magnitude per output row ({OUT} entries)", err, tol)
+    return result(False, says, err, tol)
 
 
 @check(CHECKS, 3, "normalisation", PAPER)
-def check_norm_is_m(run: Run):
-    """The merged weight's rows have norm m, whatever B is: W' = m V / ||V||, V = W0 + s B A.
-
-    The norms are taken along the axis the layer's own m lives on (check 2 judges the axis)."""
-    axis = run.adapter.axis
-    worst = 0.0
+def _check_norm_is_m(run: Run):
+    """The merged weight's rows (along m's own axis) have norm m, whatever B is."""
+    axis, worst = run.adapter.axis, 0.0
     for b_scale in (0.1, 10.0):
-        base = run.base()
-        layer = run.layer(base)
-        _, _, m = run.trained(layer, base, b_scale=b_scale)
+        _, layer, (_, _, m) = run.trained_layer(b_scale=b_scale)
         W, _ = run.kind.effective_weight(layer, IN)
         worst = max(worst, rel(norms(W, axis), m))
-    tol = run.tol(W.shape[1])
-    line = "rows" if axis == 1 else "columns"
+    tol, line = run.tol(W.shape[1]), "rows" if axis == 1 else "columns"
     if worst <= tol:
         return result(True, f"the merged weight's {line} have norm m, whatever B is", worst, tol)
-    return result(
-        False,
+    says = (
         f"the merged weight's {line} do not have norm m (off by up to {pct(worst)}): magnitude "
         "and direction are not separated (is the norm taken of W0 + s B A, the weight with the "
-        "update?), so training m does not set the rows' length as DoRA's magnitude does",
-        worst,
-        tol,
+        "update?), so training m does not set the rows' length as DoRA's magnitude does"
     )
+    return result(False, says, worst, tol)
 
 
 def _measure_scaling(W0, D, W, axis):
-    """s such that every row (axis=1) or column of W is proportional to W0 + s D, and the fit.
-
-    Each row n: W[n] = a W0[n] + c D[n] by least squares, s_n = c / a. Returns the median s,
-    the spread of the s_n and the worst residual (both relative).
-    """
+    """(median s, spread of the s_n, worst residual): each row n (axis=1) or column of W fitted
+    as a W0[n] + c D[n] by least squares, s_n = c / a."""
     if axis == 0:
         W0, D, W = W0.T, D.T, W.T
     M = torch.stack([W0, D], dim=2)  # (rows, in, 2)
@@ -131,27 +106,21 @@ def _measure_scaling(W0, D, W, axis):
 
 
 @check(CHECKS, 4, "scaling", CONVENTION)
-def check_scaling(run: Run):
-    """The update is scaled by s = alpha / rank: V = W0 + (alpha / r) B A.
-
-    s is measured from the direction of each row of W', which lies along W0 + s B A whatever
-    the magnitude, axis, bias or detach convention."""
-    base = run.base()
-    layer = run.layer(base)
-    A, B, _ = run.trained(layer, base)
+def _check_scaling(run: Run):
+    """V = W0 + (alpha / r) B A: s measured from the direction of each row of W', which lies
+    along W0 + s B A whatever the magnitude, axis, bias or detach convention."""
+    base, layer, (A, B, _) = run.trained_layer()
     W, _ = run.kind.effective_weight(layer, IN)
     W0 = as_matrix(base.weight.detach()).double()
     s, spread, residual = _measure_scaling(W0, B @ A, W, run.adapter.axis)
     tol = run.tol(W0.shape[1])
     fit = max(residual, spread / 2)  # s_n = c / a divides two fitted numbers: twice the rounding
     if fit > tol:
-        return result(
-            False,
+        says = (
             "the merged weight's direction is not W0 + s B A for one s: the update B A is not "
-            "added to W0 as DoRA's (and LoRA's) update, so the scaling cannot be measured",
-            fit,
-            tol,
+            "added to W0 as DoRA's (and LoRA's) update, so the scaling cannot be measured"
         )
+        return result(False, says, fit, tol)
     name = next((n for n, f in SCALINGS.items() if abs(s - f(ALPHA, RANK)) <= 2 * tol * s), None)
     if name is not None:
         run.conventions.scaling = name
@@ -159,45 +128,26 @@ def check_scaling(run: Run):
     numbers = {"scaling": s, "expected": expected}
     err = abs(s - expected) / expected
     if name == "alpha / rank":
-        return result(
-            True, f"the update is scaled by alpha / rank (= {expected:.4g})", err, tol, **numbers
-        )
-    if name == "alpha":
-        return result(
-            False,
-            f"the update is scaled by alpha (= {ALPHA}), not alpha / rank (= {expected:.4g}), "
-            f"as in catid/dora and rasbt/dora-from-scratch's merged layer: {RANK} times too "
-            f"strong at rank {RANK}, and the step size changes with the rank; learning rates "
-            "and alphas tuned for the paper or PEFT do not transfer",
-            err,
-            tol,
-            **numbers,
-        )
-    if name == "alpha / sqrt(rank)":
-        what = "alpha / sqrt(rank), rsLoRA's rule (PEFT's use_rslora=True)"
-    elif name == "1":
-        what = "1: alpha has no effect"
-    else:
-        what = f"{s:.4g}, none of alpha / rank, alpha, alpha / sqrt(rank), 1"
-    return result(
-        False,
-        f"the update is scaled by {what}, not alpha / rank (= {expected:.4g}): learning rates "
-        "and alphas tuned for the paper or PEFT do not transfer",
-        err,
-        tol,
-        **numbers,
-    )
+        says = f"the update is scaled by alpha / rank (= {expected:.4g})"
+        return result(True, says, err, tol, **numbers)
+    what = {
+        "alpha": f"alpha (= {ALPHA}), not alpha / rank (= {expected:.4g}), {_COPIED}: {RANK} "
+        f"times too strong at rank {RANK}, and the step size changes with the rank;",
+        "alpha / sqrt(rank)": "alpha / sqrt(rank), rsLoRA's rule (PEFT's use_rslora=True),",
+        "1": "1: alpha has no effect,",
+    }.get(name, f"{s:.4g}, none of alpha / rank, alpha, alpha / sqrt(rank), 1,")
+    if name != "alpha":
+        what += f" not alpha / rank (= {expected:.4g}):"
+    says = f"the update is scaled by {what} learning rates and alphas tuned for the paper or "
+    says += "PEFT do not transfer"
+    return result(False, says, err, tol, **numbers)
 
 
 @check(CHECKS, 5, "bias", PAPER)
-def check_bias(run: Run):
-    """The bias is added after the rescaling and is not rescaled: y = x W'^T + b.
-
-    The output at x = 0 is compared with b after B and m have moved. The usual cause of a
-    rescaled bias: an efficient forward that rescales base_layer(x), which includes the bias."""
-    base = run.base(bias=True)
-    layer = run.layer(base)
-    A, B, m = run.trained(layer, base)
+def _check_bias(run: Run):
+    """y = x W'^T + b, the bias not rescaled: the output at x = 0 is b after B and m moved (the
+    usual bug: an efficient forward rescaling base_layer(x), bias included)."""
+    base, layer, (A, B, m) = run.trained_layer()
     _, y0 = run.kind.effective_weight(layer, IN)
     b = base.bias.detach().double()
     err = rel(y0, b)
@@ -207,30 +157,22 @@ def check_bias(run: Run):
     V = as_matrix(base.weight.detach()).double() + run.scaling(ALPHA, RANK) * (B @ A)
     if run.adapter.axis == 1 and rel(y0, m / norms(V, 1) * b) <= tol:
         run.conventions.rescaled_bias = True
-        return result(
-            False,
+        says = (
             "the bias is rescaled by m / ||V|| with the weight: it drifts whenever m trains, and "
             "merging into an nn.Linear (weight W', bias b) changes the function; PEFT and the "
-            "official code add b unscaled (subtract the bias before rescaling base_layer(x))",
-            err,
-            tol,
+            "official code add b unscaled (subtract the bias before rescaling base_layer(x))"
         )
-    if not y0.abs().max() > 0:
-        return result(
-            False, "the bias is dropped: the layer's output at x = 0 is zero, not b", err, tol
-        )
-    return result(
-        False, f"the output at x = 0 is not the bias b (off by up to {pct(err)})", err, tol
-    )
+    elif not y0.abs().max() > 0:
+        says = "the bias is dropped: the layer's output at x = 0 is zero, not b"
+    else:
+        says = f"the output at x = 0 is not the bias b (off by up to {pct(err)})"
+    return result(False, says, err, tol)
 
 
 @check(CHECKS, 6, "norm detached", CONVENTION)
-def check_detached(run: Run):
-    """||V|| is a constant in backward (paper section 4.3, PEFT).
-
-    The detach changes only the gradients of A and B: they are compared with the reference with
-    and without it. Without it training still works (the exact gradient of the paper's own
-    formula), on another trajectory than the paper's and PEFT's."""
+def _check_detached(run: Run):
+    """||V|| is a constant in backward (paper section 4.3, PEFT): the gradients of A and B,
+    the only ones the detach changes, compared with the reference with and without it."""
     x = run.inputs((6,), IN, seed=5)
     errors = {}
     for detach in (True, False):
@@ -248,33 +190,25 @@ def check_detached(run: Run):
         return result(True, detail, errors[True], tol, **numbers)
     if errors[False] <= tol:
         run.conventions.detached = False
-        return result(
-            False,
-            f"||V|| is differentiated in backward, not detached (paper section 4.3): the "
+        says = (
+            "||V|| is differentiated in backward, not detached (paper section 4.3): the "
             f"gradients of A and B differ from the paper's and PEFT's by up to "
             f"{pct(errors[True])} (another training trajectory), and backward keeps V for the "
-            f"norm (more memory)",
-            errors[True],
-            tol,
-            **numbers,
+            "norm (more memory)"
         )
-    return result(
-        False,
-        f"the gradients of A and B match DoRA's neither with nor without the detach "
-        f"(off by up to {pct(min(errors.values()))}): backward does not train DoRA's parameters",
-        errors[True],
-        tol,
-        **numbers,
-    )
+    else:
+        says = (
+            "the gradients of A and B match DoRA's neither with nor without the detach (off by "
+            f"up to {pct(min(errors.values()))}): backward does not train DoRA's parameters"
+        )
+    return result(False, says, errors[True], tol, **numbers)
 
 
 @check(CHECKS, 7, "reference formula", PAPER)
-def check_reference(run: Run):
-    """Forward and gradients (of A, B, m and the input) match the reference formula, under
-    the conventions checks 2-6 measured, on the shapes of _SHAPES.
-
-    It catches everything else: a wrong gradient of m or of the input, a rank or shape handled
-    wrongly, a layer that only accepts 2-D inputs."""
+def _check_reference(run: Run):
+    """Forward and gradients of A, B, m and the input match the formula under the conventions
+    checks 2-6 measured, on _SHAPES: what no convention check catches (a wrong gradient of m,
+    a rank or shape handled wrongly, a layer taking only 2-D inputs)."""
     worst, what, where, tol = 0.0, "", "", 0.0
     for i, (n_in, n_out, rank, alpha, bias, lead) in enumerate(_SHAPES):
         base = run.base(n_in, n_out, bias=bias, seed=10 + i)
@@ -297,18 +231,14 @@ def check_reference(run: Run):
     under = f" (with this layer's {', '.join(conventions)})" if conventions else ""
     ranks = sorted(rank for _, _, rank, *_ in _SHAPES)
     if worst <= tol:
-        return result(
-            True,
+        says = (
             f"forward and gradients of A, B, m and x match on {len(_SHAPES)} shapes, "
-            f"ranks {ranks[0]}-{ranks[-1]}, with and without bias{under}",
-            worst,
-            tol,
+            f"ranks {ranks[0]}-{ranks[-1]}, with and without bias{under}"
         )
+        return result(True, says, worst, tol)
     off = "is missing or has the wrong shape" if math.isinf(worst) else f"is off by {pct(worst)}"
-    return result(
-        False,
+    says = (
         f"the {what} {off} ({where}){under}: the layer computes something other than DoRA, "
-        "beyond the conventions checked above",
-        None if math.isinf(worst) else worst,
-        tol,
+        "beyond the conventions checked above"
     )
+    return result(False, says, None if math.isinf(worst) else worst, tol)

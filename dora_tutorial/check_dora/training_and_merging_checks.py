@@ -1,4 +1,4 @@
-"""Checks 8-12: the layer in use: zero rows and half precision, dropout in training, merging
+"""Checks 8-12, the layer in use: zero rows and half precision, dropout in training, merging
 for deployment, and training and merging on a bfloat16 or float16 base."""
 
 import copy
@@ -10,7 +10,7 @@ from torch import nn
 
 from dora_tutorial.precision import magnitude_moves, merge_error
 
-from .reference import ALPHA, IN, OUT, RANK, as_matrix, norms, pct, rel
+from .reference import IN, OUT, RANK, as_matrix, norms, pct, rel
 from .report import CONVENTION, PAPER, ROBUSTNESS
 from .run import Check, Run, check, describe, result, sum_length
 from .tolerances import LOW_PRECISION, dtype_name, tolerance
@@ -18,17 +18,9 @@ from .tolerances import LOW_PRECISION, dtype_name, tolerance
 CHECKS: list[Check] = []
 
 
-def _zeroed_base(run, what):
-    """A base layer whose row 2 (what="row") or column 4 ("column") is all zero."""
-    base = run.kind.make_base(IN, OUT, dtype=_low_precision(run))
-    with torch.no_grad():
-        as_matrix(base.weight)[(2, slice(None)) if what == "row" else (slice(None), 4)] = 0.0
-    return base
-
-
 def _low_precision(run):
     """float32, or the run's dtype if that is a half-precision one."""
-    return run.dtype if run.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return run.dtype if run.dtype in LOW_PRECISION else torch.float32
 
 
 def _non_finite(run, layer, x):
@@ -45,17 +37,16 @@ def _non_finite(run, layer, x):
 
 
 @check(CHECKS, 8, "zero rows, low precision", ROBUSTNESS)
-def check_robustness(run: Run):
-    """No NaN or inf from an all-zero weight row or column; bfloat16 and float16 layers work.
-
-    A zero row and a zero column are tried separately (a per-column layer meets its 0 / 0 on
-    the column), at initialisation (m = 0 and ||V|| = 0) and after B and m moved. Then the layer
-    converted with .to(bfloat16) / .to(float16), as a model loaded in half precision is, must
-    stay finite and agree with the float32 layer within that dtype's rounding."""
+def _check_robustness(run: Run):
+    """No NaN or inf from an all-zero weight row or column (a per-column layer meets its 0 / 0
+    on the column), at initialisation and after B and m moved; the layer converted with
+    .to(bfloat16) / .to(float16) stays finite and within that dtype's rounding of float32's."""
     x = run.kind.inputs((4,), IN, seed=8, dtype=_low_precision(run))
     for what in ("row", "column"):
         for moved in (False, True):
-            base = _zeroed_base(run, what)
+            base = run.kind.make_base(IN, OUT, dtype=_low_precision(run))
+            with torch.no_grad():  # row 2 or column 4 all zero
+                as_matrix(base.weight)[(2, slice(None)) if what == "row" else (slice(None), 4)] = 0
             layer = run.layer(base)
             if moved:
                 run.trained(layer, base)
@@ -89,14 +80,12 @@ def check_robustness(run: Run):
             err = rel(low(x.to(dtype)).double(), expected)
         this_tol = tolerance(dtype, 64)
         if err > this_tol:
-            return result(
-                False,
+            says = (
                 f"in {name} the output is off by {pct(err)} from float32's, more than {name}'s "
                 f"rounding ({this_tol:.0e}): too inaccurate to train in half precision (sum "
-                "the squares of the norm in float32)",
-                err,
-                this_tol,
+                "the squares of the norm in float32)"
             )
+            return result(False, says, err, this_tol)
         if worst == 0.0 or err / this_tol > worst / tol:
             worst, tol = err, this_tol
     return (
@@ -110,12 +99,10 @@ _P_DROP = 0.5  # the dropout probability check 9 gives a factory that takes drop
 
 
 @check(CHECKS, 9, "dropout", CONVENTION)
-def check_dropout(run: Run):
-    """With dropout=p in training, PEFT's placement: the base path sees the clean input.
-
-    y = x W0^T + b + x_d (W' - W0)^T with x_d = dropout(x), the mask ``F.dropout(x, p)`` (or an
-    nn.Dropout) draws from the same random state; no dropout in eval mode. Not applicable to a
-    factory without ``dropout`` (PEFT's ``lora_dropout``)."""
+def _check_dropout(run: Run):
+    """PEFT's placement of dropout=p in training, y = x W0^T + b + x_d (W' - W0)^T with x_d the
+    mask F.dropout(x, p) draws from the same random state; none in eval mode. Not applicable
+    to a factory without ``dropout`` (PEFT's ``lora_dropout``)."""
     base = run.base()
     try:
         layer = run.layer(base, dropout=_P_DROP)
@@ -133,7 +120,7 @@ def check_dropout(run: Run):
     x_d = F.dropout(x, _P_DROP).double()  # the same mask: the same random state
     W0 = as_matrix(base.weight.detach()).double()
     b = base.bias.detach().double()
-    W = run.weight(base, A, B, m, RANK, ALPHA)
+    W = run.weight(base, A, B, m)
     apply = run.kind.apply
     expected = apply(x.double(), W0, b) + apply(x_d, W - W0, None)
     tol = run.tol(sum_length(W0, x))
@@ -141,53 +128,37 @@ def check_dropout(run: Run):
     layer.eval()
     with torch.no_grad():
         eval_err = rel(layer(x).double(), apply(x.double(), W, b))
-    numbers = {"eval_error": eval_err}
+    peft = "y = base(x) + (k - 1) x_d W0^T + k s x_d A^T B^T"
     if err <= tol and eval_err <= tol:
-        return result(
-            True,
+        says = (
             f"dropout (p = {_P_DROP}) as in PEFT: the base path on the clean input, the magnitude "
-            "and update terms on the dropped input; none in eval mode",
-            err,
-            tol,
-            **numbers,
+            "and update terms on the dropped input; none in eval mode"
         )
+        return result(True, says, err, tol, eval_error=eval_err)
     if err <= tol:
-        return result(
-            False,
+        says = (
             f"in eval mode the output is off by {pct(eval_err)} from the layer without dropout: "
-            "dropout must act in training only",
-            eval_err,
-            tol,
+            "dropout must act in training only"
         )
+        return result(False, says, eval_err, tol)
     if rel(y, apply(x.double(), W, b)) <= tol:
-        return result(
-            False,
+        says = (
             "dropout=p has no effect in training: the layer ignores p (the divergence reported "
             "as fsdp_qlora #68, DoRA ignoring lora_dropout); PEFT drops the input of the "
-            "magnitude and update terms",
-            err,
-            tol,
-            **numbers,
+            "magnitude and update terms"
         )
-    if rel(y, apply(x_d, W, b)) <= tol:
-        return result(
-            False,
+    elif rel(y, apply(x_d, W, b)) <= tol:
+        says = (
             "the base path sees the dropped input too, y = DoRA(dropout(x)): the pretrained "
             "layer's output is perturbed even at B = 0; PEFT keeps base(x) on the clean input and "
-            "drops only the input of the magnitude and update terms: "
-            "y = base(x) + (k - 1) x_d W0^T + k s x_d A^T B^T",
-            err,
-            tol,
-            **numbers,
+            f"drops only the input of the magnitude and update terms: {peft}"
         )
-    return result(
-        False,
-        f"with dropout=p the output is off by {pct(err)} from PEFT's, y = base(x) + (k - 1) x_d "
-        "W0^T + k s x_d A^T B^T with the mask F.dropout(x, p) draws from the same random state",
-        err,
-        tol,
-        **numbers,
-    )
+    else:
+        says = (
+            f"with dropout=p the output is off by {pct(err)} from PEFT's, {peft} with the mask "
+            "F.dropout(x, p) draws from the same random state"
+        )
+    return result(False, says, err, tol, eval_error=eval_err)
 
 
 _MERGES = ("merged_weight", "merge_and_unload", "merge")
@@ -241,15 +212,11 @@ def _merge_problems(run, layer, base, x, y, tol):
 
 
 @check(CHECKS, 10, "merge and unmerge", PAPER)
-def check_merge(run: Run):
-    """Where the layer offers a merge, the merged function is the layer's; unmerge restores W0.
-
-    Tries ``merged_weight()`` (a tensor W'), ``merge_and_unload()``, ``merge()`` (returning a
-    layer, or in place) and ``unmerge()`` / ``unmerge_adapter()``. Merging is where PEFT's
-    recent DoRA bugs were (PEFT #3608, #3532). Not applicable to a layer without any of them."""
-    base = run.base()
-    layer = run.layer(base)
-    run.trained(layer, base)
+def _check_merge(run: Run):
+    """Where the layer offers a merge (merged_weight(), merge_and_unload(), merge() returning a
+    layer or in place), the merged function is the layer's; unmerge() / unmerge_adapter()
+    restores W0. Merging is where PEFT's recent DoRA bugs were (PEFT #3608, #3532)."""
+    base, layer, _ = run.trained_layer()
     x = run.inputs((5,), IN, seed=13)
     with torch.no_grad():
         y = layer(x).double()
@@ -260,25 +227,18 @@ def check_merge(run: Run):
         return None, f"the layer offers no merge ({names}; not applicable)"
     if problems:
         return result(False, "; ".join(problems), worst, tol, tried=tried)
-    return result(
-        True,
-        f"{', '.join(tried)}: the merged function is the layer's"
-        + ("; unmerging restores W0" if any(t.startswith("unmerge") for t in tried) else ""),
-        worst,
-        tol,
-        tried=tried,
+    unmerged = any(t.startswith("unmerge") for t in tried)
+    says = f"{', '.join(tried)}: the merged function is the layer's" + (
+        "; unmerging restores W0" if unmerged else ""
     )
+    return result(True, says, worst, tol, tried=tried)
 
 
 @check(CHECKS, 11, "magnitude trains in low precision", ROBUSTNESS)
-def check_low_precision_training(run: Run):
-    """On a frozen bfloat16 and a frozen float16 base, 20 Adam steps at lr 1e-4 move m and leave
-    it finite.
-
-    Near m = 0.6 bfloat16's neighbouring numbers are 2^-8 apart while an Adam step is about the
-    learning rate, so an m kept in bfloat16 never moves: DoRA silently trains as LoRA with a
-    fixed rescaling. In float16 Adam's epsilon rounds to 0: a zero gradient (A's, while B = 0)
-    gives 0 / 0 and small ones x / 0."""
+def _check_low_precision_training(run: Run):
+    """On a frozen bfloat16 and float16 base, 20 Adam steps at lr 1e-4 move m and leave it
+    finite: an m kept in bfloat16 never moves (its spacing near 0.6 is 2^-8, an Adam step about
+    the learning rate), and in float16 Adam's epsilon rounds to 0 (0 / 0 on a zero gradient)."""
     found, numbers = [], {}
     for dtype in LOW_PRECISION:
         base = run.kind.make_base(IN, OUT, dtype=dtype, seed=6).requires_grad_(False)
@@ -326,12 +286,10 @@ def _merged_matrix(run, layer, n_in):
 
 
 @check(CHECKS, 12, "merge precision", ROBUSTNESS)
-def check_merge_precision(run: Run):
-    """On a bfloat16 base, a merge loses no more of a small update than rounding the exact W'
-    to bfloat16 once does (within 25 %), measured as ||merged - W'|| / ||W' - W0||.
-
-    Computing W' in bfloat16 rounds V, the norm and the product along the way, and a small
-    update (here about 5 % of W0) loses much of what fine-tuning learned."""
+def _check_merge_precision(run: Run):
+    """On a bfloat16 base, a merge loses no more of a small update (||merged - W'|| / ||W' -
+    W0||) than rounding the exact W' once does, within 25 %: computing W' in bfloat16 rounds V,
+    the norm and the product along the way."""
     n_in, n_out = 96, 64  # large enough that rounding twice stands out from rounding once
     base = run.kind.make_base(n_in, n_out, dtype=torch.bfloat16, seed=6).requires_grad_(False)
     layer = run.layer(base)
@@ -345,15 +303,11 @@ def check_merge_precision(run: Run):
     how, merged = _merged_matrix(run, layer, n_in)
     if how is None:
         return None, "the layer offers no merge (not applicable)"
-    exact = run.weight(base, A, B, m, RANK, ALPHA)
+    exact = run.weight(base, A, B, m)
     lost, least = merge_error(merged, exact, as_matrix(base.weight.detach()))
     numbers = {"update_lost": lost, "update_lost_rounding_once": least}
     says = f"{how} on a bfloat16 base loses {pct(lost)} of a small update"
     if lost > 1.25 * least + 1e-6:
-        return (
-            False,
-            f"{says}, where rounding the exact W' once loses {pct(least)}: compute W' in float32 "
-            "and cast to the base's dtype once",
-            numbers,
-        )
+        says += f", where rounding the exact W' once loses {pct(least)}: compute W' in float32 "
+        return False, says + "and cast to the base's dtype once", numbers
     return True, f"{says}, as rounding W' once does ({pct(least)})", numbers
