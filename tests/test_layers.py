@@ -8,133 +8,145 @@ import torch
 from torch import nn
 
 import helpers
-from support import assert_detach_changes_only_direction_gradients, looks_trained
+from support import looks_trained, rel
 
-DORA_CLASSES = ["LinearWithDoRA", "DoRALinear"]
-ALL_CLASSES = ["LinearWithLoRA", *DORA_CLASSES]
+LAYERS = {  # the notebook's linear layers; DoRALinear with either norm
+    "LinearWithLoRA": ("LinearWithLoRA", {}),
+    "LoRALinear": ("LoRALinear", {}),
+    "LinearWithDoRA": ("LinearWithDoRA", {}),
+    "DoRALinear-factored": ("DoRALinear", {"factored_norm": True}),
+    "DoRALinear-dense": ("DoRALinear", {"factored_norm": False}),
+}
 
 
-def test_lora_is_identity_at_init(nb):
+def make(nb, key, base, rank, alpha, **kwargs):
+    cls, options = LAYERS.get(key, (key, {}))
+    return getattr(nb, cls)(base, rank, alpha, **options, **kwargs)
+
+
+# (n_in, n_out, rank): the edges too (one input, one output, full rank)
+SHAPES = [(40, 24, 5), (1, 6, 1), (7, 1, 1), (10, 10, 10)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("key", list(LAYERS))
+def test_identity_at_init(nb, key, shape):
     torch.manual_seed(0)
-    base = nn.Linear(30, 20)
-    x = torch.randn(7, 30)
-    layer = nb.LinearWithLoRA(base, rank=3, alpha=6)
-    assert torch.equal(layer(x), base(x))
-    assert torch.equal(layer.lora.B, torch.zeros(20, 3))
+    base = nn.Linear(*shape[:2]).double()
+    x = torch.randn(7, shape[0], dtype=torch.float64)
+    layer = make(nb, key, base, shape[2], 2.5)
+    if "LoRA" in key:
+        assert torch.equal(layer(x), base(x)) and not layer.lora.B.any()
+    else:
+        torch.testing.assert_close(layer(x), base(x), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(layer.m, base.weight.norm(dim=1))
 
 
-@pytest.mark.parametrize("cls", DORA_CLASSES)
-def test_dora_is_identity_at_init(nb, cls):
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("key", list(LAYERS))
+def test_matches_formula_and_merges(nb, key, shape, bias):
+    """y = x W'^T + b with V = W0 + (alpha/r) B A, W' = V (LoRA) or m V / ||V||_row (DoRA),
+    computed here independently; merge() gives an nn.Linear with the same function."""
     torch.manual_seed(0)
-    base = nn.Linear(30, 20).double()
-    x = torch.randn(7, 30, dtype=torch.float64)
-    layer = getattr(nb, cls)(base, rank=3, alpha=6)
-    torch.testing.assert_close(layer(x), base(x), rtol=1e-13, atol=1e-13)
-    torch.testing.assert_close(layer.m, base.weight.norm(dim=1))
-
-
-@pytest.mark.parametrize("cls", ALL_CLASSES)
-def test_init_conventions(nb, cls):
-    torch.manual_seed(0)
-    layer = getattr(nb, cls)(nn.Linear(64, 32), rank=4, alpha=12)
-    assert layer.lora.scaling == 3.0  # alpha / rank
-    assert layer.lora.A.shape == (4, 64) and layer.lora.B.shape == (32, 4)
-    bound = 1 / math.sqrt(64)  # kaiming_uniform_(a=sqrt(5)) on fan_in 64
-    assert layer.lora.A.abs().max() <= bound and layer.lora.A.abs().max() > 0.8 * bound
-    if hasattr(layer, "m"):
-        assert layer.m.shape == (32,)  # one magnitude per OUTPUT row
-        assert layer.detach_norm is True
-
-
-@pytest.mark.parametrize("cls", ALL_CLASSES)
-def test_only_adapter_parameters_train(nb, cls):
-    model = helpers.make_mlp((784, 128, 256, 10), seed=0)
-    wrapped = helpers.add_adapters(model, getattr(nb, cls), rank=4, alpha=8)
-    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
-    suffixes = ("lora.A", "lora.B", "m") if cls != "LinearWithLoRA" else ("lora.A", "lora.B")
-    expected = {f"{i}.{s}" for i in ("0", "2", "4") for s in suffixes}
-    assert trainable == expected
-    x = torch.randn(5, 784)
-    wrapped(x).sum().backward()
-    assert all(p.grad is None for n, p in wrapped.named_parameters() if n not in expected)
-
-
-@pytest.mark.parametrize(
-    "cls, kwargs",
-    [
-        ("LinearWithDoRA", {}),
-        ("DoRALinear", {"factored_norm": True}),
-        ("DoRALinear", {"factored_norm": False}),
-    ],
-)
-@pytest.mark.parametrize("bias", [True, False])
-def test_dora_matches_formula(nb, cls, kwargs, bias):
-    """y = x (m * V / ||V||_row)^T + b with V = W0 + (alpha/r) B A, computed here independently."""
-    torch.manual_seed(0)
-    base = nn.Linear(40, 24, bias=bias).double()
-    layer = looks_trained(getattr(nb, cls)(base, rank=5, alpha=7, **kwargs))
-    x = torch.randn(9, 40, dtype=torch.float64)
-    W0, A, B, m = (t.detach() for t in (base.weight, layer.lora.A, layer.lora.B, layer.m))
-    V = W0 + (7 / 5) * B @ A
-    W = m[:, None] * V / torch.sqrt((V * V).sum(dim=1, keepdim=True))
+    n_in, n_out, rank = shape
+    base = nn.Linear(n_in, n_out, bias=bias).double()
+    layer = looks_trained(make(nb, key, base, rank, 7), b_std=0.5, m_spread=0.5)
+    x = torch.randn(9, n_in, dtype=torch.float64)
+    W0, A, B = (t.detach() for t in (base.weight, layer.lora.A, layer.lora.B))
+    W = V = W0 + (7 / rank) * B @ A
+    if "DoRA" in key:
+        W = layer.m.detach()[:, None] * V / torch.sqrt((V * V).sum(dim=1, keepdim=True))
     expected = x @ W.T + (base.bias.detach() if bias else 0)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.merged_weight(), W, rtol=1e-12, atol=1e-12)
-    # the dim=0 mix-up (per input column) must NOT match
-    W_col = m[:, None] * V / torch.sqrt((V * V).sum(dim=0, keepdim=True))
-    assert not torch.allclose(layer.merged_weight(), W_col, rtol=1e-3)
+    merged = nb.merge(layer)
+    assert type(merged) is nn.Linear and rel(merged(x), layer(x)) < 1e-10
+    model = helpers.merge_adapters(nn.Sequential(layer), nb.merge)
+    assert type(model[0]) is nn.Linear and rel(model(x), layer(x)) < 1e-10
+    if "DoRA" in key and shape == SHAPES[0]:  # the dim=0 mix-up (per input column) differs
+        W_col = layer.m.detach()[:, None] * V / torch.sqrt((V * V).sum(dim=0, keepdim=True))
+        assert not torch.allclose(layer.merged_weight(), W_col, rtol=1e-3)
 
 
-def test_lora_matches_formula(nb):
+BASES = {  # base layer, A's shape, B's shape, fan-in of A's init (rank 4, alpha 12)
+    "linear": (lambda: nn.Linear(64, 32), (4, 64), (32, 4), 64),
+    "conv": (lambda: nn.Conv2d(6, 8, 3, groups=2), (4, 3, 3, 3), (8, 2, 1, 1), 27),
+}
+INIT = [(k, "linear") for k in LAYERS] + [(k, "conv") for k in ("Conv2dWithLoRA", "Conv2dWithDoRA")]
+
+
+@pytest.mark.parametrize("key, base", INIT)
+def test_init_conventions(nb, key, base):
     torch.manual_seed(0)
-    base = nn.Linear(40, 24).double()
-    layer = looks_trained(nb.LinearWithLoRA(base, rank=5, alpha=7))
-    x = torch.randn(9, 40, dtype=torch.float64)
-    W = base.weight + (7 / 5) * layer.lora.B @ layer.lora.A
-    torch.testing.assert_close(layer(x), x @ W.T + base.bias, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(layer.merged_weight(), W, rtol=1e-12, atol=1e-12)
+    make_base, a_shape, b_shape, fan_in = BASES[base]
+    conv = make_base()
+    layer = make(nb, key, conv, 4, 12)
+    assert layer.lora.scaling == 3.0  # alpha / rank
+    assert layer.lora.A.shape == a_shape and layer.lora.B.shape == b_shape
+    assert not layer.lora.B.any()
+    bound = 1 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) on A's fan-in
+    assert bound >= layer.lora.A.abs().max() > 0.8 * bound
+    if hasattr(layer, "m"):  # one magnitude per OUTPUT row / channel
+        assert layer.m.shape == (b_shape[0],) and layer.detach_norm is True
+        torch.testing.assert_close(layer.m, conv.weight.detach().flatten(1).norm(dim=1))
 
 
-PRACTICAL = ["LoRALinear", "DoRALinear"]  # Part I's layers leave the checks to these
+def test_a_grouped_rank_may_exceed_one_groups_kernel(nb):
+    """The bound is the whole kernel as a matrix: out x (in * kh * kw), all groups together."""
+    layer = nb.Conv2dWithDoRA(nn.Conv2d(8, 8, 3, groups=8), rank=8, alpha=8)  # 1 per group
+    assert layer.lora.A.shape == (8, 1, 3, 3) and layer.lora.B.shape == (8, 1, 1, 1)
 
 
-@pytest.mark.parametrize("cls", PRACTICAL)
+LIN, CONV = nn.Linear(32, 16), nn.Conv2d(3, 8, 3)
+
+
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "classes, base, kwargs, error, match",
     [
-        (dict(rank=0, alpha=8), "positive int"),
-        (dict(rank=-1, alpha=8), "positive int"),
-        (dict(rank=2.0, alpha=8), "positive int"),
-        (dict(rank=True, alpha=8), "positive int"),
-        (dict(rank=17, alpha=8), "exceeds"),
-        (dict(rank=4, alpha=0), "alpha"),
-        (dict(rank=4, alpha=-1.0), "alpha"),
-        (dict(rank=4, alpha=float("nan")), "alpha"),
-        (dict(rank=4, alpha="8"), "alpha"),
+        ("lin", LIN, dict(rank=0, alpha=8), ValueError, "positive int"),
+        ("lin", LIN, dict(rank=-1, alpha=8), ValueError, "positive int"),
+        ("all", None, dict(rank=2.0, alpha=8), ValueError, "positive int"),
+        ("lin", LIN, dict(rank=True, alpha=8), ValueError, "positive int"),
+        ("lin", LIN, dict(rank=17, alpha=8), ValueError, "exceeds"),
+        ("conv", CONV, dict(rank=9, alpha=8), ValueError, "exceeds"),
+        ("conv", nn.Conv2d(1, 4, 1), dict(rank=2, alpha=8), ValueError, "exceeds"),
+        ("all", None, dict(rank=2, alpha=0), ValueError, "alpha"),
+        ("lin", LIN, dict(rank=4, alpha=-1.0), ValueError, "alpha"),
+        ("lin", LIN, dict(rank=4, alpha=float("nan")), ValueError, "alpha"),
+        ("lin", LIN, dict(rank=4, alpha="8"), ValueError, "alpha"),
+        ("conv", nn.Conv2d(4, 6, 3, groups=2), dict(rank=3, alpha=8), ValueError, "of groups"),
+        ("conv", nn.Conv2d(3, 8, 3, padding_mode="reflect"), {}, ValueError, "padding_mode"),
+        ("lin", CONV, {}, TypeError, "nn.Linear"),
+        ("conv", nn.Conv1d(3, 8, 3), {}, TypeError, "nn.Conv2d"),
+        ("conv", LIN, {}, TypeError, "LinearWith"),
     ],
 )
-def test_invalid_arguments(nb, cls, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        getattr(nb, cls)(nn.Linear(32, 16), **kwargs)
+def test_invalid_arguments(nb, classes, base, kwargs, error, match):
+    """Part III's linear layers and the convolution layers check their arguments."""
+    names = {"lin": ["LoRALinear", "DoRALinear"], "conv": ["Conv2dWithLoRA", "Conv2dWithDoRA"]}
+    for cls in names.get(classes, names["lin"] + names["conv"]):
+        layer_base = base or (LIN if "Linear" in cls else CONV)
+        with pytest.raises(error, match=match):
+            getattr(nb, cls)(layer_base, **{"rank": 2, "alpha": 8, **kwargs})
 
 
-@pytest.mark.parametrize("cls", PRACTICAL)
-def test_rejects_non_linear(nb, cls):
-    with pytest.raises(TypeError, match="nn.Linear"):
-        getattr(nb, cls)(nn.Conv2d(3, 8, 3), rank=2, alpha=4)
-
-
-@pytest.mark.parametrize("cls", DORA_CLASSES)
-def test_detach_changes_only_direction_gradients(nb, cls):
+@pytest.mark.parametrize("key", ["LinearWithDoRA", "DoRALinear-factored", "Conv2dWithDoRA"])
+def test_detach_changes_only_direction_gradients(nb, key):
+    """Same parameters, norm detached or not: the same output and gradient of m, other gradients
+    of A and B (the norm's derivative is what the detach drops)."""
     torch.manual_seed(0)
-    base = nn.Linear(30, 20).double().requires_grad_(False)
-    detached = looks_trained(getattr(nb, cls)(base, rank=4, alpha=8))
-    exact = getattr(nb, cls)(base, rank=4, alpha=8, detach_norm=False)
-    x = torch.randn(11, 30, dtype=torch.float64)
-    assert_detach_changes_only_direction_gradients(detached, exact, x)
-
-
-def test_extra_repr_shows_rank_and_scaling(nb):
-    layer = nb.DoRALinear(nn.Linear(30, 20), rank=4, alpha=8)
-    text = repr(layer)
-    assert "rank=4, scaling=2" in text and "detach_norm=True" in text
+    conv = "Conv" in key
+    base = (nn.Conv2d(3, 5, 3, 2, 1) if conv else nn.Linear(30, 20)).double().requires_grad_(False)
+    x = torch.randn(3, 3, 9, 7, dtype=torch.float64) if conv else torch.randn(11, 30).double()
+    detached = looks_trained(make(nb, key, base, 4, 8))
+    exact = make(nb, key, base, 4, 8, detach_norm=False)
+    exact.load_state_dict(detached.state_dict())
+    y_d, y_e = detached(x), exact(x)
+    assert torch.equal(y_d, y_e)
+    y_d.square().sum().backward()
+    y_e.square().sum().backward()
+    for name in ("lora.A", "lora.B"):
+        g_d, g_e = detached.get_parameter(name).grad, exact.get_parameter(name).grad
+        assert (g_d - g_e).norm() > 1e-3 * g_e.norm(), name
+    torch.testing.assert_close(detached.m.grad, exact.m.grad, rtol=1e-12, atol=1e-12)
