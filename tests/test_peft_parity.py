@@ -1,6 +1,5 @@
-"""The notebook's linear and convolution layers against Hugging Face PEFT: the same model wrapped
-both ways, parameters copied with ``adapter_files.to_peft_state_dict``; compared: the outputs,
-the gradients of A, B and m after one backward pass, and the merged weights."""
+"""The notebook's linear and convolution layers against Hugging Face PEFT, the same model wrapped
+both ways and its adapter values copied across (``adapter_files.to_peft_state_dict``)."""
 
 import copy
 import re
@@ -32,15 +31,7 @@ OURS_TO_PEFT = {
     "lora.B": "lora_B.default.weight",
     "m": "lora_magnitude_vector.default.weight",
 }
-LAYERS = {  # key: (class, or LoRA / DoRA for the notebook's class per layer type; options)
-    "LinearWithLoRA": ("LinearWithLoRA", {}),
-    "LinearWithDoRA": ("LinearWithDoRA", {}),
-    "LoRALinear": ("LoRALinear", {}),
-    "DoRALinear-factored": ("DoRALinear", {"factored_norm": True}),
-    "DoRALinear-dense": ("DoRALinear", {"factored_norm": False}),
-    "LoRA": ("LoRA", {}),
-    "DoRA": ("DoRA", {}),
-}
+FACTORED = {"DoRALinear-factored": True, "DoRALinear-dense": False}
 
 
 def mlp(sizes, bias, dtype=torch.float64):
@@ -79,10 +70,11 @@ def configured(model, rank, alpha, dropout=0.0):
 
 
 def build(nb, key, base, rank, dropout=None):
-    name, options = LAYERS[key]
-    cls = wrappers(nb, name) if name in ("LoRA", "DoRA") else getattr(nb, name)
-    extra = {} if dropout is None else {"dropout": dropout}
-    ours = helpers.add_adapters(base, cls, rank, 2 * rank, **options, **extra)
+    """key: a linear class, DoRALinear-factored / -dense, or LoRA / DoRA (by layer type)."""
+    cls = wrappers(nb, key) if key in ("LoRA", "DoRA") else getattr(nb, key.split("-")[0])
+    options = {"factored_norm": FACTORED[key]} if key in FACTORED else {}
+    options.update({} if dropout is None else {"dropout": dropout})
+    ours = helpers.add_adapters(base, cls, rank, 2 * rank, **options)
     looks_trained(ours, b_std=0.2, m_spread=0.3)
     theirs = get_peft_model(copy.deepcopy(base), configured(ours, rank, 2 * rank, dropout or 0))
     result = set_peft_model_state_dict(theirs, adapter_files.to_peft_state_dict(ours))
@@ -96,36 +88,25 @@ def peft_twin(theirs, name):
 
 
 MLPS = [((20, 16, 12), 2), ((64, 48, 10), 4), ((784, 128, 256, 10), 4), ((784, 128, 256, 10), 16)]
-CNNS = {  # kernel sizes 1 and 3, stride 1 and 2, padding 0 and 1, convolutions next to linear
-    "k3-s1-p1": [(3, 6, 3, 1, 1)],
-    "k1": [(3, 6, 1, 1, 0)],
-    "k3-s2-p1": [(3, 6, 3, 2, 1)],
-    "k3-s2-p0, k1": [(4, 8, 3, 2, 0), (8, 5, 1, 1, 0)],
-    "k1-s2, k3-s1-p1": [(2, 6, 1, 2, 0), (6, 6, 3, 1, 1)],
-}
-CASES = [
-    pytest.param(key, "mlp", sizes, rank, id=f"{key}-{'x'.join(map(str, sizes))}-r{rank}")
-    for key in ("LinearWithLoRA", "LinearWithDoRA", "DoRALinear-factored", "DoRALinear-dense")
-    for sizes, rank in MLPS
-] + [
-    pytest.param(kind, "cnn", CNNS[c], 2, id=f"{kind}-{c}")
-    for kind in ("LoRA", "DoRA")
-    for c in CNNS
+CNNS = [  # (in, out, kernel, stride, padding): kernel 1 and 3, stride 1 and 2, padding 0 and 1
+    [(3, 6, 3, 1, 1)],
+    [(3, 6, 1, 1, 0)],
+    [(3, 6, 3, 2, 1)],
+    [(4, 8, 3, 2, 0), (8, 5, 1, 1, 0)],
+    [(2, 6, 1, 2, 0), (6, 6, 3, 1, 1)],
 ]
+LINEAR = ("LinearWithLoRA", "LinearWithDoRA", "DoRALinear-factored", "DoRALinear-dense")
+CASES = [(key, mlp, sizes, rank, (8, sizes[0])) for key in LINEAR for sizes, rank in MLPS]
+CASES += [(kind, cnn, c, 2, (4, c[0][0], 9, 9)) for kind in ("LoRA", "DoRA") for c in CNNS]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("key, model, shape, rank", CASES)
-def test_forward_gradients_merge_match_peft(nb, key, model, shape, rank, bias, dtype):
-    base = (mlp if model == "mlp" else cnn)(shape, bias, dtype)
-    ours, theirs = build(nb, key, base, rank)
+@pytest.mark.parametrize("key, model, shape, rank, x_shape", CASES)
+def test_forward_gradients_merge_match_peft(nb, key, model, shape, rank, x_shape, bias, dtype):
+    ours, theirs = build(nb, key, model(shape, bias, dtype), rank)
     torch.manual_seed(2)
-    x = (
-        torch.randn(8, shape[0], dtype=dtype)
-        if model == "mlp"
-        else torch.randn(4, shape[0][0], 9, 9, dtype=dtype)
-    )
+    x = torch.randn(x_shape, dtype=dtype)
     tol = TOL[dtype]
     y_ours, y_theirs = ours(x), theirs(x)
     assert rel(y_ours, y_theirs) <= tol
@@ -176,23 +157,6 @@ def test_dropout_matches_peft_in_training_and_eval(nb, key, bias):
         assert rel(y_eval, helpers.merge_adapters(ours, nb.merge)(x)) <= 1e-12
 
 
-@pytest.mark.parametrize("kind", ["LinearWithLoRA", "LinearWithDoRA"])
-def test_adapter_round_trip_through_peft(nb, kind):
-    """ours -> PEFT keys -> PEFT model -> PEFT's own state dict -> ours: same outputs."""
-    base = mlp((784, 128, 256, 10), True)
-    ours, theirs = build(nb, kind, base, 16)
-    x = torch.randn(5, 784, dtype=torch.float64)
-    peft_sd = get_peft_model_state_dict(theirs)
-    assert set(peft_sd) == set(adapter_files.to_peft_state_dict(ours))
-    back = adapter_files.from_peft_state_dict(peft_sd, theirs.peft_config["default"])
-    fresh = helpers.add_adapters(base, getattr(nb, kind), 16, 32)
-    helpers.load_adapter(fresh, back)
-    assert torch.equal(fresh(x), ours(x))
-    # a live PEFT state_dict (adapter name in the keys, base weights included) works too
-    live = adapter_files.from_peft_state_dict(theirs.state_dict(), theirs.peft_config["default"])
-    assert set(live["tensors"]) == set(back["tensors"])
-
-
 @pytest.mark.parametrize(
     "model, targets, x_shape, kind",
     [
@@ -203,7 +167,7 @@ def test_adapter_round_trip_through_peft(nb, kind):
 )
 def test_adapter_trained_in_peft_loads_into_ours(nb, model, targets, x_shape, kind):
     """A PEFT adapter with values of its own -> from_peft_state_dict -> the same function."""
-    base = mlp((30, 20, 6), True) if model == "mlp" else cnn(CNNS["k3-s2-p0, k1"], True)
+    base = mlp((30, 20, 6), True) if model == "mlp" else cnn(CNNS[3], True)
     config = LoraConfig(r=2, lora_alpha=3, use_dora=kind == "DoRA", target_modules=targets)
     theirs = peft_with_values_of_its_own(base, config)
     adapter = adapter_files.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
