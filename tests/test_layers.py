@@ -28,31 +28,23 @@ def make(nb, key, base, rank, alpha, **kwargs):
 SHAPES = [(40, 24, 5), (1, 6, 1), (7, 1, 1), (10, 10, 10)]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("key", list(LAYERS))
-def test_identity_at_init(nb, key, shape):
-    torch.manual_seed(0)
-    base = nn.Linear(*shape[:2]).double()
-    x = torch.randn(7, shape[0], dtype=torch.float64)
-    layer = make(nb, key, base, shape[2], 2.5)
-    if "LoRA" in key:
-        assert torch.equal(layer(x), base(x)) and not layer.lora.B.any()
-    else:
-        torch.testing.assert_close(layer(x), base(x), rtol=1e-13, atol=1e-13)
-        torch.testing.assert_close(layer.m, base.weight.norm(dim=1))
-
-
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("key", list(LAYERS))
-def test_matches_formula_and_merges(nb, key, shape, bias):
-    """y = x W'^T + b with V = W0 + (alpha/r) B A, W' = V (LoRA) or m V / ||V||_row (DoRA),
+def test_identity_at_init_then_formula_and_merge(nb, key, shape, bias):
+    """Trained: y = x W'^T + b, V = W0 + (alpha/r) B A, W' = V (LoRA) or m V / ||V||_row (DoRA),
     computed here independently; merge() gives an nn.Linear with the same function."""
     torch.manual_seed(0)
     n_in, n_out, rank = shape
     base = nn.Linear(n_in, n_out, bias=bias).double()
-    layer = looks_trained(make(nb, key, base, rank, 7), b_std=0.5, m_spread=0.5)
+    layer = make(nb, key, base, rank, 7)
     x = torch.randn(9, n_in, dtype=torch.float64)
+    if "LoRA" in key:  # the identity at init: B = 0, m = ||W0||
+        assert torch.equal(layer(x), base(x)) and not layer.lora.B.any()
+    else:
+        torch.testing.assert_close(layer(x), base(x), rtol=1e-13, atol=1e-13)
+        torch.testing.assert_close(layer.m, base.weight.norm(dim=1))
+    looks_trained(layer, b_std=0.5, m_spread=0.5)
     W0, A, B = (t.detach() for t in (base.weight, layer.lora.A, layer.lora.B))
     W = V = W0 + (7 / rank) * B @ A
     if "DoRA" in key:
@@ -98,37 +90,31 @@ def test_a_grouped_rank_may_exceed_one_groups_kernel(nb):
     assert layer.lora.A.shape == (8, 1, 3, 3) and layer.lora.B.shape == (8, 1, 1, 1)
 
 
-LIN, CONV = nn.Linear(32, 16), nn.Conv2d(3, 8, 3)
+LIN, CONV = ["LoRALinear", "DoRALinear"], ["Conv2dWithLoRA", "Conv2dWithDoRA"]
+INVALID = [  # Part III's linear layers and the convolution layers check their arguments
+    (LIN + CONV, None, dict(rank=0), ValueError, "positive int"),
+    (LIN + CONV, None, dict(rank=2.0), ValueError, "positive int"),
+    (LIN, None, dict(rank=True), ValueError, "positive int"),
+    (LIN, None, dict(rank=17), ValueError, "exceeds"),
+    (CONV, nn.Conv2d(3, 8, 3), dict(rank=9), ValueError, "exceeds"),
+    (CONV, nn.Conv2d(1, 4, 1), {}, ValueError, "exceeds"),
+    (LIN + CONV, None, dict(alpha=0), ValueError, "alpha"),
+    (LIN, None, dict(alpha=float("nan")), ValueError, "alpha"),
+    (LIN, None, dict(alpha="8"), ValueError, "alpha"),
+    (CONV, nn.Conv2d(4, 6, 3, groups=2), dict(rank=3), ValueError, "multiple of groups"),
+    (CONV, nn.Conv2d(3, 8, 3, padding_mode="reflect"), {}, ValueError, "padding_mode"),
+    (LIN, nn.Conv2d(3, 8, 3), {}, TypeError, "nn.Linear"),
+    (CONV, nn.Conv1d(3, 8, 3), {}, TypeError, "nn.Conv2d"),
+    (CONV, nn.Linear(32, 16), {}, TypeError, "LinearWith"),
+]
 
 
-@pytest.mark.parametrize(
-    "classes, base, kwargs, error, match",
-    [
-        ("lin", LIN, dict(rank=0, alpha=8), ValueError, "positive int"),
-        ("lin", LIN, dict(rank=-1, alpha=8), ValueError, "positive int"),
-        ("all", None, dict(rank=2.0, alpha=8), ValueError, "positive int"),
-        ("lin", LIN, dict(rank=True, alpha=8), ValueError, "positive int"),
-        ("lin", LIN, dict(rank=17, alpha=8), ValueError, "exceeds"),
-        ("conv", CONV, dict(rank=9, alpha=8), ValueError, "exceeds"),
-        ("conv", nn.Conv2d(1, 4, 1), dict(rank=2, alpha=8), ValueError, "exceeds"),
-        ("all", None, dict(rank=2, alpha=0), ValueError, "alpha"),
-        ("lin", LIN, dict(rank=4, alpha=-1.0), ValueError, "alpha"),
-        ("lin", LIN, dict(rank=4, alpha=float("nan")), ValueError, "alpha"),
-        ("lin", LIN, dict(rank=4, alpha="8"), ValueError, "alpha"),
-        ("conv", nn.Conv2d(4, 6, 3, groups=2), dict(rank=3, alpha=8), ValueError, "of groups"),
-        ("conv", nn.Conv2d(3, 8, 3, padding_mode="reflect"), {}, ValueError, "padding_mode"),
-        ("lin", CONV, {}, TypeError, "nn.Linear"),
-        ("conv", nn.Conv1d(3, 8, 3), {}, TypeError, "nn.Conv2d"),
-        ("conv", LIN, {}, TypeError, "LinearWith"),
-    ],
-)
+@pytest.mark.parametrize("classes, base, kwargs, error, match", INVALID)
 def test_invalid_arguments(nb, classes, base, kwargs, error, match):
-    """Part III's linear layers and the convolution layers check their arguments."""
-    names = {"lin": ["LoRALinear", "DoRALinear"], "conv": ["Conv2dWithLoRA", "Conv2dWithDoRA"]}
-    for cls in names.get(classes, names["lin"] + names["conv"]):
-        layer_base = base or (LIN if "Linear" in cls else CONV)
+    for cls in classes:
+        default = nn.Linear(32, 16) if "Linear" in cls else nn.Conv2d(3, 8, 3)
         with pytest.raises(error, match=match):
-            getattr(nb, cls)(layer_base, **{"rank": 2, "alpha": 8, **kwargs})
+            getattr(nb, cls)(base or default, **{"rank": 2, "alpha": 8, **kwargs})
 
 
 @pytest.mark.parametrize("key", ["LinearWithDoRA", "DoRALinear-factored", "Conv2dWithDoRA"])

@@ -1,6 +1,5 @@
-"""Layers on or with bfloat16 and float16: float32 adapters on a half-precision base that train,
-merges that round once, AdamW that leaves m alone, and the checker's checks 11 (m trains) and
-12 (merge precision)."""
+"""bfloat16 and float16: float32 adapters on a half-precision base that train, merges that round
+once, AdamW that leaves m alone, the checker's checks 11 (m trains) and 12 (merge precision)."""
 
 import copy
 import functools
@@ -10,7 +9,7 @@ import torch
 from torch import nn
 
 import helpers
-from dora_tutorial.check_dora import check_dora, peft_dora_factory, peft_unavailable_reason
+from dora_tutorial.check_dora import check_dora
 from support import looks_trained
 
 HALF = [torch.bfloat16, torch.float16]
@@ -105,14 +104,9 @@ def test_m_trains_on_a_half_precision_base_as_in_float32(nb, cls_name, dtype):
     assert moved == 1.0 and finite
     # the same steps up to the base's rounding of the inputs and of x W0^T
     assert (change - change32).norm() < 0.1 * change32.norm()
-
-
-def test_m_in_bfloat16_does_not_train_and_in_float16_turns_nan(nb):
-    """What float32 adapters prevent: the failure the notebook shows, in numbers."""
-    moved, finite, _ = train_m(nb, "DoRALinear", torch.bfloat16, adapter_dtype=torch.bfloat16)
-    assert moved == 0.0 and finite
-    _, finite, _ = train_m(nb, "DoRALinear", torch.float16, adapter_dtype=torch.float16)
-    assert not finite
+    # what float32 adapters prevent: m in bfloat16 does not move, in float16 it turns NaN
+    moved, finite, _ = train_m(nb, cls_name, dtype, adapter_dtype=dtype)
+    assert (moved, finite) == ((0.0, True) if dtype == torch.bfloat16 else (moved, False))
 
 
 @pytest.mark.parametrize("cls_name", LINEAR + CONV)
@@ -164,17 +158,6 @@ def test_adamw_leaves_m_and_biases_out_of_weight_decay(nb):
     assert (layer.m.detach() < now["m"]).all()
 
 
-def test_adamw_finds_peft_magnitudes_by_name():
-    holder = nn.Module()
-    holder.weight = nn.Parameter(torch.ones(3))
-    model = nn.Module()
-    model.lora_magnitude_vector = nn.ModuleDict({"default": holder})
-    model.lora_A = nn.Linear(3, 2, bias=False)
-    decayed, kept = helpers.adamw(model, lr=0.1).param_groups
-    assert kept["params"] == [holder.weight] and kept["weight_decay"] == 0.0
-    assert decayed["params"] == [model.lora_A.weight]
-
-
 def test_checker_finds_m_that_does_not_train(nb):
     report = check_dora(functools.partial(nb.DoRALinear, adapter_dtype=torch.bfloat16))
     detail = {r.number: r for r in report.results}
@@ -182,16 +165,3 @@ def test_checker_finds_m_that_does_not_train(nb):
     assert "the magnitude does not train" in " ".join(detail[11].detail.split())
     assert detail[12].status == "pass"  # merged_weight() computes in float32 whatever m's dtype
     assert report.exit_status == 3  # float64 checks see bfloat16 adapters at init (check 1)
-
-
-@pytest.mark.parametrize(
-    "factory, kind", [("DoRALinear", "linear"), ("Conv2dWithDoRA", "conv2d"), ("peft", "linear")]
-)
-def test_checker_passes_the_practitioners_layers_and_peft(nb, factory, kind):
-    if factory == "peft" and peft_unavailable_reason() is not None:
-        pytest.skip(peft_unavailable_reason())
-    factory = peft_dora_factory if factory == "peft" else getattr(nb, factory)
-    results = {r.number: r for r in check_dora(factory, kind=kind).results}
-    assert results[11].status == results[12].status == "pass"
-    numbers = results[12].numbers
-    assert numbers["update_lost"] <= 1.01 * numbers["update_lost_rounding_once"]
