@@ -1,4 +1,4 @@
-"""Edge cases: all-zero weight rows, moving and copying layers, torch.compile."""
+"""Edge cases: all-zero weight rows, moving layers, torch.compile."""
 
 import copy
 import os
@@ -53,8 +53,8 @@ def test_zero_weight_rows_give_no_nan(nb, key, detach):
 
 
 @pytest.mark.parametrize("key", list(LAYERS))
-def test_to_dtype_device_deepcopy_and_state_dict(nb, key):
-    """No hard-coded dtype or device anywhere in a layer; copies and state dicts carry it all."""
+def test_to_another_dtype_and_device(nb, key):
+    """No hard-coded dtype or device anywhere in a layer."""
     torch.manual_seed(0)
     layer = looks_trained(make(nb, key, nn.Linear(10, 6)), 0, b_std=0.1, m_spread=0.0)
     x = torch.randn(3, 10)
@@ -66,17 +66,6 @@ def test_to_dtype_device_deepcopy_and_state_dict(nb, key):
     assert meta(torch.empty(3, 10, device="meta")).shape == (3, 6)
     if torch.cuda.is_available():
         torch.testing.assert_close(copy.deepcopy(layer).cuda()(x.cuda()).cpu(), layer(x))
-    twin = copy.deepcopy(layer)
-    assert torch.equal(twin(x), layer(x))
-    with torch.no_grad():
-        twin.lora.B.add_(1.0)
-    assert not torch.equal(twin(x), layer(x))  # independent parameters
-    torch.manual_seed(1)
-    other = make(nb, key, nn.Linear(10, 6))
-    assert not torch.equal(other(x), layer(x))
-    other.load_state_dict(layer.state_dict())
-    assert torch.equal(other(x), layer(x))
-    assert set(layer.state_dict()) >= {"linear.weight", "linear.bias", "lora.A", "lora.B"}
 
 
 @pytest.mark.slow
