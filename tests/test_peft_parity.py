@@ -10,7 +10,7 @@ from torch import nn
 
 import helpers
 from dora_tutorial import adapter_files
-from support import looks_trained, merges, peft_with_values_of_its_own, rel, wrappers
+from support import looks_trained, merges, rel, wrappers
 
 # peft imports transformers, which can fail with any exception on a torch it does not support:
 # skip with the first line of it, not a crash.
@@ -18,7 +18,6 @@ try:
     from peft import (
         LoraConfig,
         get_peft_model,
-        get_peft_model_state_dict,
         set_peft_model_state_dict,
     )
 except Exception as error:
@@ -155,26 +154,3 @@ def test_dropout_matches_peft_in_training_and_eval(nb, key, bias):
         y_eval = ours(x)
         assert rel(y_eval, theirs(x)) <= 1e-12
         assert rel(y_eval, helpers.merge_adapters(ours, nb.merge)(x)) <= 1e-12
-
-
-@pytest.mark.parametrize(
-    "model, targets, x_shape, kind",
-    [
-        ("mlp", ["1", "3"], (4, 30), "DoRA"),
-        ("cnn", ["0", "2", "6"], (3, 4, 9, 9), "LoRA"),
-        ("cnn", ["0", "2", "6"], (3, 4, 9, 9), "DoRA"),
-    ],
-)
-def test_adapter_trained_in_peft_loads_into_ours(nb, model, targets, x_shape, kind):
-    """A PEFT adapter with values of its own -> from_peft_state_dict -> the same function."""
-    base = mlp((30, 20, 6), True) if model == "mlp" else cnn(CNNS[3], True)
-    config = LoraConfig(r=2, lora_alpha=3, use_dora=kind == "DoRA", target_modules=targets)
-    theirs = peft_with_values_of_its_own(base, config)
-    adapter = adapter_files.from_peft_state_dict(get_peft_model_state_dict(theirs), config)
-    ours = helpers.add_adapters(base, wrappers(nb, kind), 2, 3)
-    helpers.load_adapter(ours, adapter)
-    x = torch.randn(x_shape, dtype=torch.float64)
-    assert rel(ours(x), theirs(x)) < 1e-12
-    wrong = helpers.add_adapters(base, wrappers(nb, kind), 2, 8)  # another alpha
-    with pytest.raises(ValueError, match="alpha"):
-        helpers.load_adapter(wrong, adapter)
