@@ -65,6 +65,22 @@ def load_error(model, adapter, load=helpers.load_adapter) -> str:
     return str(info.value)
 
 
+LINEAR = [
+    "LinearWithLoRA",
+    "LoRALinear",
+    "LinearWithDoRA",
+    "DoRALinear-factored",
+    "DoRALinear-dense",
+]
+
+
+def make_layer(nb, key, base, rank, alpha, **kwargs):
+    """The notebook's class named by key, on base; DoRALinear-factored / -dense pick the norm."""
+    name, _, norm = key.partition("-")
+    options = {"factored_norm": norm == "factored"} if norm else {}
+    return getattr(nb, name)(base, rank, alpha, **options, **kwargs)
+
+
 def wrappers(nb, kind):
     """{nn.Linear: LinearWith<kind>, nn.Conv2d: Conv2dWith<kind>} from the notebook."""
     return {

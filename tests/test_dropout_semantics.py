@@ -9,23 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from support import looks_trained, rel
+from support import looks_trained, make_layer, rel
 
 P = 0.4
-LAYERS = {  # Part III's layers: Part I's keep the idea alone, without dropout
-    "LoRALinear": ("LoRALinear", {}),
-    "DoRALinear-factored": ("DoRALinear", {"factored_norm": True}),
-    "DoRALinear-dense": ("DoRALinear", {"factored_norm": False}),
-    "DoRALinear-factored-exact": ("DoRALinear", {"factored_norm": True, "detach_norm": False}),
-    "DoRALinear-dense-exact": ("DoRALinear", {"factored_norm": False, "detach_norm": False}),
-}
+KEYS = ["LoRALinear", "DoRALinear-factored", "DoRALinear-dense"]  # Part I's have no dropout
 
 
-def setup(nb, key, bias, trained):
+def setup(nb, key, bias, trained, exact=False):
     torch.manual_seed(0)
     base = nn.Linear(30, 20, bias=bias, dtype=torch.float64).requires_grad_(False)
-    cls, options = LAYERS[key]
-    layer = getattr(nb, cls)(base, 4, 6, dropout=P, **options).train()
+    exact = {"detach_norm": False} if exact else {}
+    layer = make_layer(nb, key, base, 4, 6, dropout=P, **exact).train()
     if trained:  # B != 0, m != ||W0||: the update is not zero
         looks_trained(layer, b_std=0.3, m_spread=0.5)
     torch.manual_seed(3)
@@ -33,7 +27,7 @@ def setup(nb, key, bias, trained):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("key", list(LAYERS)[:3])
+@pytest.mark.parametrize("key", KEYS)
 def test_zero_update_gives_exactly_the_base_layer_under_dropout(nb, key, bias):
     """B = 0 and m = ||W0|| (the layers at init): the update term is zero whatever the mask,
     so the output and the input's gradient are the base layer's, undropped."""
@@ -48,13 +42,13 @@ def test_zero_update_gives_exactly_the_base_layer_under_dropout(nb, key, bias):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("key", list(LAYERS))
-def test_training_forward_is_clean_base_plus_dropped_update(nb, key, bias):
+@pytest.mark.parametrize("key, exact", [(k, False) for k in KEYS] + [(k, True) for k in KEYS[1:]])
+def test_training_forward_is_clean_base_plus_dropped_update(nb, key, bias, exact):
     """y = x W0^T + b + x_d (W' - W0)^T, W' from Part I's layer (which builds it) with the same
     parameters; the gradients of x and every adapter parameter agree. Eval mode: no mask."""
-    base, ours, x = setup(nb, key, bias, trained=True)
+    base, ours, x = setup(nb, key, bias, trained=True, exact=exact)
     book_cls = nb.LinearWithDoRA if "DoRA" in key else nb.LinearWithLoRA
-    book = book_cls(base, 4, 6, **({} if "exact" not in key else {"detach_norm": False}))
+    book = book_cls(base, 4, 6, **({"detach_norm": False} if exact else {}))
     book.load_state_dict(ours.state_dict())
     torch.manual_seed(5)
     y = ours(x)

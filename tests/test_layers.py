@@ -12,21 +12,7 @@ import torch
 from torch import nn
 
 import helpers
-from support import looks_trained, rel
-
-LAYERS = {  # the notebook's linear layers; DoRALinear with either norm
-    "LinearWithLoRA": ("LinearWithLoRA", {}),
-    "LoRALinear": ("LoRALinear", {}),
-    "LinearWithDoRA": ("LinearWithDoRA", {}),
-    "DoRALinear-factored": ("DoRALinear", {"factored_norm": True}),
-    "DoRALinear-dense": ("DoRALinear", {"factored_norm": False}),
-}
-
-
-def make(nb, key, base, rank, alpha, **kwargs):
-    cls, options = LAYERS.get(key, (key, {}))
-    return getattr(nb, cls)(base, rank, alpha, **options, **kwargs)
-
+from support import LINEAR, looks_trained, make_layer, rel
 
 # (n_in, n_out, rank): the edges too (one input, one output, full rank)
 SHAPES = [(40, 24, 5), (1, 6, 1), (7, 1, 1), (10, 10, 10)]
@@ -34,14 +20,14 @@ SHAPES = [(40, 24, 5), (1, 6, 1), (7, 1, 1), (10, 10, 10)]
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("key", list(LAYERS))
+@pytest.mark.parametrize("key", LINEAR)
 def test_identity_at_init_then_formula_and_merge(nb, key, shape, bias):
     """Trained: y = x W'^T + b, V = W0 + (alpha/r) B A, W' = V (LoRA) or m V / ||V||_row (DoRA),
     computed here independently; merge() gives an nn.Linear with the same function."""
     torch.manual_seed(0)
     n_in, n_out, rank = shape
     base = nn.Linear(n_in, n_out, bias=bias).double()
-    layer = make(nb, key, base, rank, 7)
+    layer = make_layer(nb, key, base, rank, 7)
     x = torch.randn(9, n_in, dtype=torch.float64)
     if "LoRA" in key:  # the identity at init: B = 0, m = ||W0||
         assert torch.equal(layer(x), base(x)) and not layer.lora.B.any()
@@ -69,7 +55,7 @@ BASES = {  # base layer, A's shape, B's shape, fan-in of A's init (rank 4, alpha
     "linear": (lambda: nn.Linear(64, 32), (4, 64), (32, 4), 64),
     "conv": (lambda: nn.Conv2d(6, 8, 3, groups=2), (4, 3, 3, 3), (8, 2, 1, 1), 27),
 }
-INIT = [(k, "linear") for k in LAYERS] + [(k, "conv") for k in ("Conv2dWithLoRA", "Conv2dWithDoRA")]
+INIT = [(k, "linear") for k in LINEAR] + [(k, "conv") for k in ("Conv2dWithLoRA", "Conv2dWithDoRA")]
 
 
 @pytest.mark.parametrize("key, base", INIT)
@@ -77,7 +63,7 @@ def test_init_conventions(nb, key, base):
     torch.manual_seed(0)
     make_base, a_shape, b_shape, fan_in = BASES[base]
     conv = make_base()
-    layer = make(nb, key, conv, 4, 12)
+    layer = make_layer(nb, key, conv, 4, 12)
     assert layer.lora.scaling == 3.0  # alpha / rank
     assert layer.lora.A.shape == a_shape and layer.lora.B.shape == b_shape
     assert not layer.lora.B.any()
@@ -110,6 +96,8 @@ INVALID = [  # Part III's linear layers and the convolution layers check their a
     (LIN, nn.Conv2d(3, 8, 3), {}, TypeError, "nn.Linear"),
     (CONV, nn.Conv1d(3, 8, 3), {}, TypeError, "nn.Conv2d"),
     (CONV, nn.Linear(32, 16), {}, TypeError, "LinearWith"),
+    (["DoRALinear"], None, dict(adapter_dtype=torch.int32), ValueError, "floating torch.dtype"),
+    (["DoRALinear"], None, dict(adapter_dtype="float32"), ValueError, "floating torch.dtype"),
 ]
 
 
@@ -129,8 +117,8 @@ def test_detach_changes_only_direction_gradients(nb, key):
     conv = "Conv" in key
     base = (nn.Conv2d(3, 5, 3, 2, 1) if conv else nn.Linear(30, 20)).double().requires_grad_(False)
     x = torch.randn(3, 3, 9, 7, dtype=torch.float64) if conv else torch.randn(11, 30).double()
-    detached = looks_trained(make(nb, key, base, 4, 8))
-    exact = make(nb, key, base, 4, 8, detach_norm=False)
+    detached = looks_trained(make_layer(nb, key, base, 4, 8))
+    exact = make_layer(nb, key, base, 4, 8, detach_norm=False)
     exact.load_state_dict(detached.state_dict())
     y_d, y_e = detached(x), exact(x)
     assert torch.equal(y_d, y_e)
@@ -151,7 +139,7 @@ def test_zero_weight_rows_give_no_nan(nb, key, detach):
     base = nn.Conv2d(3, 8, 3) if conv else nn.Linear(16, 8)
     with torch.no_grad():
         base.weight[[1, 5]] = 0.0
-    layer = make(nb, key, base, 2, 4, detach_norm=detach)
+    layer = make_layer(nb, key, base, 2, 4, detach_norm=detach)
     x = torch.randn(4, 3, 6, 6) if conv else torch.randn(4, 16)
     y = layer(x)
     assert torch.isfinite(y).all()
@@ -166,11 +154,11 @@ def test_zero_weight_rows_give_no_nan(nb, key, detach):
     assert torch.equal(nb.row_norm(torch.zeros(3, 5)), torch.full((3,), nb.EPS))
 
 
-@pytest.mark.parametrize("key", list(LAYERS))
+@pytest.mark.parametrize("key", LINEAR)
 def test_to_another_dtype_and_device(nb, key):
     """No hard-coded dtype or device anywhere in a layer."""
     torch.manual_seed(0)
-    layer = looks_trained(make(nb, key, nn.Linear(10, 6), 4, 8), 0, b_std=0.1, m_spread=0.0)
+    layer = looks_trained(make_layer(nb, key, nn.Linear(10, 6), 4, 8), 0, b_std=0.1, m_spread=0.0)
     x = torch.randn(3, 10)
     y64 = copy.deepcopy(layer).to(torch.float64)(x.double())
     assert y64.dtype == torch.float64

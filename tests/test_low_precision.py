@@ -10,7 +10,8 @@ from torch import nn
 
 import helpers
 from dora_tutorial.check_dora import check_dora
-from support import looks_trained
+from support import LINEAR as LINEAR_KEYS
+from support import looks_trained, make_layer
 
 HALF = [torch.bfloat16, torch.float16]
 LINEAR = ["LoRALinear", "DoRALinear"]
@@ -50,33 +51,16 @@ def test_float32_adapters_on_a_half_precision_base(nb, cls_name, dtype):
     assert adapter_dtypes(full) == {torch.float64}  # full precision keeps its dtype
 
 
-@pytest.mark.parametrize("bad", [torch.int32, "float32", 32])
-def test_a_bad_adapter_dtype_is_refused_clearly(nb, bad):
-    with pytest.raises(ValueError, match="adapter_dtype must be a floating torch.dtype"):
-        nb.DoRALinear(nn.Linear(4, 3), 1, 1, adapter_dtype=bad)
-
-
-KEYS = {  # the linear layers, as a float32 layer fed half inputs or converted whole
-    "LinearWithLoRA": ("LinearWithLoRA", {}),
-    "LoRALinear": ("LoRALinear", {}),
-    "LinearWithDoRA": ("LinearWithDoRA", {}),
-    "DoRALinear-factored": ("DoRALinear", {"factored_norm": True}),
-    "DoRALinear-dense": ("DoRALinear", {"factored_norm": False}),
-}
-
-
-HALF_CASES = [(k, dtype, True) for k in KEYS for dtype in HALF]
-HALF_CASES += [(k, dtype, False) for k in list(KEYS)[1:] if k != "LinearWithDoRA" for dtype in HALF]
+# a float32 Part III layer fed half inputs, and every linear layer converted with .to(dtype)
+HALF_CASES = [(k, dtype, True) for k in LINEAR_KEYS for dtype in HALF]
+HALF_CASES += [(k, dtype, False) for k in LINEAR_KEYS if "With" not in k for dtype in HALF]
 
 
 @pytest.mark.parametrize("key, dtype, converted", HALF_CASES, ids=str)
 def test_half_precision_inputs_and_layers(nb, key, dtype, converted):
-    """A float32 Part III layer answers a half input in the input's dtype; a layer converted
-    with .to(dtype) computes and trains in it. Both near float32."""
+    """Answers in the input's dtype, near float32; converted, it trains in that dtype."""
     torch.manual_seed(0)
-    cls, options = KEYS[key]
-    layer = getattr(nb, cls)(nn.Linear(64, 32), 4, 8, **options)
-    layer = looks_trained(layer, 0, b_std=0.1, m_spread=0.0)
+    layer = looks_trained(make_layer(nb, key, nn.Linear(64, 32), 4, 8), 0, b_std=0.1, m_spread=0)
     x = torch.randn(2, 7, 64)
     low = copy.deepcopy(layer).to(dtype) if converted else layer
     y = low(x.to(dtype))

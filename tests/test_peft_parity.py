@@ -3,6 +3,7 @@ both ways and its adapter values copied across (``adapter_files.to_peft_state_di
 
 import copy
 import re
+from functools import partial
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 import helpers
 from dora_tutorial import adapter_files
-from support import looks_trained, merges, rel, wrappers
+from support import LINEAR, looks_trained, make_layer, merges, rel, wrappers
 
 # peft imports transformers, which can fail with any exception on a torch it does not support:
 # skip with the first line of it, not a crash.
@@ -30,7 +31,6 @@ OURS_TO_PEFT = {
     "lora.B": "lora_B.default.weight",
     "m": "lora_magnitude_vector.default.weight",
 }
-FACTORED = {"DoRALinear-factored": True, "DoRALinear-dense": False}
 
 
 def mlp(sizes, bias, dtype=torch.float64):
@@ -70,10 +70,9 @@ def configured(model, rank, alpha, dropout=0.0):
 
 def build(nb, key, base, rank, dropout=None):
     """key: a linear class, DoRALinear-factored / -dense, or LoRA / DoRA (by layer type)."""
-    cls = wrappers(nb, key) if key in ("LoRA", "DoRA") else getattr(nb, key.split("-")[0])
-    options = {"factored_norm": FACTORED[key]} if key in FACTORED else {}
-    options.update({} if dropout is None else {"dropout": dropout})
-    ours = helpers.add_adapters(base, cls, rank, 2 * rank, **options)
+    extra = {} if dropout is None else {"dropout": dropout}
+    cls = wrappers(nb, key) if key in ("LoRA", "DoRA") else partial(make_layer, nb, key)
+    ours = helpers.add_adapters(base, cls, rank, 2 * rank, **extra)
     looks_trained(ours, b_std=0.2, m_spread=0.3)
     theirs = get_peft_model(copy.deepcopy(base), configured(ours, rank, 2 * rank, dropout or 0))
     result = set_peft_model_state_dict(theirs, adapter_files.to_peft_state_dict(ours))
@@ -94,8 +93,12 @@ CNNS = [  # (in, out, kernel, stride, padding): kernel 1 and 3, stride 1 and 2, 
     [(4, 8, 3, 2, 0), (8, 5, 1, 1, 0)],
     [(2, 6, 1, 2, 0), (6, 6, 3, 1, 1)],
 ]
-LINEAR = ("LinearWithLoRA", "LinearWithDoRA", "DoRALinear-factored", "DoRALinear-dense")
-CASES = [(key, mlp, sizes, rank, (8, sizes[0])) for key in LINEAR for sizes, rank in MLPS]
+CASES = [
+    (key, mlp, sizes, rank, (8, sizes[0]))
+    for key in LINEAR
+    if key != "LoRALinear"
+    for sizes, rank in MLPS
+]
 CASES += [(kind, cnn, c, 2, (4, c[0][0], 9, 9)) for kind in ("LoRA", "DoRA") for c in CNNS]
 
 
