@@ -9,14 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import helpers
+from support import looks_trained
 
 
 def trained_layer(nb, dtype=torch.float64):
     torch.manual_seed(0)
-    layer = nb.DoRALinear(nn.Linear(24, 12).to(dtype), rank=3, alpha=6)
-    with torch.no_grad():
-        layer.lora.B.normal_()
-        layer.m.mul_(1.5)
+    layer = looks_trained(nb.DoRALinear(nn.Linear(24, 12).to(dtype), rank=3, alpha=6))
     return layer, torch.randn(5, 24, dtype=dtype)
 
 
@@ -64,7 +62,7 @@ def test_the_output_follows_every_change_of_a_parameter(nb, change):
         torch.testing.assert_close(after, recomputed(layer, x), rtol=1e-12, atol=1e-12)
 
 
-def test_a_dtype_move_training_and_gradients_are_noticed(nb):
+def test_a_dtype_move_training_gradients_and_inference_mode_are_noticed(nb):
     layer, x = trained_layer(nb, torch.float32)
     eval_call(layer, x)
     layer.double()  # same Parameter objects, new storage (version counters unchanged)
@@ -78,16 +76,11 @@ def test_a_dtype_move_training_and_gradients_are_noticed(nb):
     with torch.no_grad():
         layer(x)
     assert layer.cache.value is None  # training mode: nothing kept
-
-
-def test_inference_mode_then_input_gradients(nb):
-    """A value kept under inference_mode is never used where autograd would save it."""
-    layer, x = trained_layer(nb)
-    layer.eval().requires_grad_(False)
-    with torch.inference_mode():
+    layer.eval().requires_grad_(False)  # a value kept under inference_mode is never used where
+    with torch.inference_mode():  # autograd would save it (an inference tensor would fail)
         layer(x)
     x.requires_grad_(True)
-    layer(x).sum().backward()  # would fail with an inference tensor saved for backward
+    layer(x).sum().backward()
     assert x.grad is not None
 
 
