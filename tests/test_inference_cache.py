@@ -105,7 +105,22 @@ def test_vmap_over_stacked_parameters_never_uses_the_cache(nb):
     torch.testing.assert_close(eval_call(template, x), recomputed(template, x))
 
 
+class ByHand:  # SGD written out: in-place updates, no optimizer step hook
+    def __init__(self, params):
+        self.params = list(params)
+
+    def step(self):
+        with torch.no_grad():
+            for p in self.params:
+                p.sub_(0.5 * p.grad)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
 OPTIMIZERS = {  # a fused step writes without bumping version counters: the step hook counts
+    "by hand": ByHand,
     "SGD": lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9),
     "Adam": lambda params: torch.optim.Adam(params, lr=0.05, foreach=False),
     "Adam-foreach": lambda params: torch.optim.Adam(params, lr=0.05, foreach=True),
