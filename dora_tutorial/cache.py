@@ -1,5 +1,4 @@
-"""The DoRA layers' kept value: what depends on the parameters only (W', or k = m / ||V||), kept
-between eval calls with autograd off and recomputed as soon as a parameter (or s) has changed."""
+"""The DoRA layers' kept value (W', or k = m / ||V||): it depends on the parameters only."""
 
 import torch
 from torch import nn
@@ -7,8 +6,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 class InferenceCache:
-    """A value computed from a DoRA layer's parameters (W', or m / ||V||), kept between calls
-    in eval mode with autograd off, and recomputed as soon as a parameter (or s) has changed."""
+    """A value computed from a layer's parameters, kept between calls in eval mode with autograd
+    off, and recomputed as soon as a parameter (or s) has changed."""
 
     steps = None  # [optimizer steps so far], counted by a hook on every optimizer's step
 

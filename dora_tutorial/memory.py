@@ -31,18 +31,10 @@ class _NewStorages(TorchDispatchMode):
 
 
 def saved_tensor_bytes(fn) -> int:
-    """Bytes that autograd keeps for the backward pass of what ``fn()`` computes.
-
-    Counted: each storage, once and at its full size, that autograd saved for backward during
-    ``fn()`` (seen through ``torch.autograd.graph.saved_tensors_hooks``) and that
-      * was allocated during ``fn()``: activations and intermediate results, and
-      * is still alive when ``fn()`` returns (its result is held while counting).
-    Not counted: storages that existed before the call (parameters, buffers, inputs, also when
-    saved through a view such as ``W.T``); tensors saved by a graph that was dropped again
-    inside ``fn()`` (e.g. a norm computed with autograd and then detached), which raise the peak
-    but are not kept for backward. ``fn`` takes no arguments; return what the backward would
-    start from (e.g. a loss).
-    """
+    """Bytes that autograd keeps for the backward pass of what ``fn()`` (no arguments; it returns
+    e.g. the loss) computes: each storage, once, at full size, saved for backward, allocated
+    during ``fn()`` and still alive after it. Parameters and inputs (also saved through a view
+    such as ``W.T``) do not count, nor do graphs dropped again inside ``fn()``."""
     packed: dict[int, tuple[StorageWeakRef, int]] = {}
 
     def pack(t):

@@ -1,9 +1,7 @@
 """Low precision: does a layer's magnitude train, and how much of the update survives a merge.
 
-Both measures serve the notebook's low-precision cells and the conformance check alike. A
-bfloat16 number has 8 significant bits: near m = 0.6 its neighbours are 2^-8 apart, while one
-Adam step moves a parameter by about the learning rate. A magnitude kept in bfloat16 therefore
-rounds back to where it was after every step at usual fine-tuning rates, and nothing fails.
+For the notebook's low-precision cells and the conformance check. A bfloat16 m near 0.6 has
+neighbours 2^-8 apart, far more than an Adam step at fine-tuning rates: it silently stays put.
 """
 
 from __future__ import annotations
@@ -13,12 +11,9 @@ import torch.nn.functional as F
 
 
 def magnitude_moves(layer, m, x, steps=20, lr=1e-4, seed=0):
-    """Train ``layer``'s trainable parameters for ``steps`` Adam steps at ``lr`` towards a random
-    target; return (fraction of m's entries that changed, whether m stayed finite).
-
-    ``m`` is the magnitude parameter (DoRA's m, PEFT's ``lora_magnitude_vector``); ``x`` an input
-    in the dtype the layer takes. Float32 training moves every entry with a gradient; an m that
-    is not trainable does not move."""
+    """(fraction of m's entries that changed, whether m stayed finite) after ``steps`` Adam steps
+    of ``layer``'s trainable parameters towards a random target. ``m``: DoRA's m or PEFT's
+    ``lora_magnitude_vector``; ``x``: an input in the dtype the layer takes."""
     params = [p for p in layer.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)
     with torch.no_grad():
@@ -34,11 +29,8 @@ def magnitude_moves(layer, m, x, steps=20, lr=1e-4, seed=0):
 
 
 def merge_error(merged, exact, W0):
-    """How much of the update a merged weight lost: ||merged - exact|| / ||exact - W0||, and the
-    same for ``exact`` rounded once to the base's dtype (the least any merge can lose).
-
-    ``exact``: W' in float64 from the layer's own parameters; ``W0``: the base weight, in the
-    base's dtype."""
+    """||merged - exact|| / ||exact - W0||, and the same for ``exact`` rounded once to W0's dtype
+    (the least any merge can lose). ``exact``: W' in float64; ``W0``: the base weight."""
     exact = exact.double()
     update = (exact - W0.double()).norm()
 

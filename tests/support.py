@@ -1,32 +1,14 @@
-"""What several test files share, defined once: test modules import this, never each other.
-
-looks_trained(model_or_layer)   adapter values as after training (B != 0, m != ||W0||)
-rel(a, b)                       the largest difference relative to the largest entry of b
-tiny_task()                     a small separable 10-class problem, as a helpers.Task
-solo_run(...)                   one model, one seed, a plain Adam loop (batched == solo)
-load_error(...)                 the ValueError a bad adapter raises, the model untouched
-assert_detach_changes_only_direction_gradients(...)
-wrappers(nb, kind)              the notebook's LoRA or DoRA class per layer type
-peft_with_values_of_its_own(...), assert_matches_peft(...), PEFT_TOL   (PEFT parity)
-"""
+"""What several test files share, defined once: test modules import this, never each other."""
 
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import helpers
-
-PEFT_TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
-OURS_TO_PEFT = {
-    "lora.A": "lora_A.default.weight",
-    "lora.B": "lora_B.default.weight",
-    "m": "lora_magnitude_vector.default.weight",
-}
 
 
 def looks_trained(module: nn.Module, seed: int = 1, b_std: float = 1.0, m_spread: float = 1.0):
@@ -83,18 +65,20 @@ def load_error(model, adapter, load=helpers.load_adapter) -> str:
     return str(info.value)
 
 
-def assert_detach_changes_only_direction_gradients(detached, exact, x):
-    """Given exact's parameters set to detached's: the same output and gradient of m, other
-    gradients of A and B (the norm's derivative is what the detach drops)."""
-    exact.load_state_dict(detached.state_dict())
-    y_d, y_e = detached(x), exact(x)
-    assert torch.equal(y_d, y_e)
-    y_d.square().sum().backward()
-    y_e.square().sum().backward()
-    for name in ("lora.A", "lora.B"):
-        g_d, g_e = detached.get_parameter(name).grad, exact.get_parameter(name).grad
-        assert (g_d - g_e).norm() > 1e-3 * g_e.norm(), name
-    torch.testing.assert_close(detached.m.grad, exact.m.grad, rtol=1e-12, atol=1e-12)
+LINEAR = [
+    "LinearWithLoRA",
+    "LoRALinear",
+    "LinearWithDoRA",
+    "DoRALinear-factored",
+    "DoRALinear-dense",
+]
+
+
+def make_layer(nb, key, base, rank, alpha, **kwargs):
+    """The notebook's class named by key, on base; DoRALinear-factored / -dense pick the norm."""
+    name, _, norm = key.partition("-")
+    options = {"factored_norm": norm == "factored"} if norm else {}
+    return getattr(nb, name)(base, rank, alpha, **options, **kwargs)
 
 
 def wrappers(nb, kind):
@@ -103,6 +87,11 @@ def wrappers(nb, kind):
         nn.Linear: getattr(nb, f"LinearWith{kind}"),
         nn.Conv2d: getattr(nb, f"Conv2dWith{kind}"),
     }
+
+
+def merges(nb):
+    """merge_conv for the convolution adapters, merge for every other: helpers.merge_adapters."""
+    return {nb.Conv2dWithLoRA: nb.merge_conv, nb.Conv2dWithDoRA: nb.merge_conv, nn.Module: nb.merge}
 
 
 def peft_with_values_of_its_own(base, config):
@@ -116,50 +105,3 @@ def peft_with_values_of_its_own(base, config):
             if "lora_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return theirs
-
-
-def assert_matches_peft(ours, theirs, x, tol, merge):
-    """Our model and PEFT's, same adapter values: the output, the gradient of every adapter
-    parameter after one backward pass, the merged weights (``helpers.merge_adapters(ours,
-    merge)`` against ``merge_and_unload``) within ``tol``. Returns how many gradients were
-    compared. PEFT may keep a tensor in another shape (a Conv2d's m is (1, out, 1, 1))."""
-    y_ours, y_theirs = ours(x), theirs(x)
-    assert rel(y_ours, y_theirs) <= tol
-    target = torch.randn_like(y_ours)
-    (y_ours * target).sum().backward()
-    (y_theirs * target).sum().backward()
-    compared = 0
-    for name, p in ours.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer, _, ours_name = name.partition(".")
-        q = theirs.get_parameter(f"base_model.model.{layer}.{OURS_TO_PEFT[ours_name]}")
-        assert torch.equal(p.detach(), q.detach().reshape(p.shape))  # copied exactly
-        assert rel(p.grad, q.grad.reshape(p.shape)) <= tol, name
-        compared += 1
-    merged_theirs = copy.deepcopy(theirs).merge_and_unload()
-    merged_ours = helpers.merge_adapters(ours, merge)
-    for (n1, w1), (n2, w2) in zip(
-        merged_ours.state_dict().items(), merged_theirs.state_dict().items(), strict=True
-    ):
-        assert n1 == n2 and rel(w1, w2) <= tol, n1
-    assert rel(merged_ours(x), y_theirs) <= 10 * tol
-    return compared
-
-
-def configured(model, rank, alpha, dropout=0.0):
-    """PEFT's LoraConfig options from the rank and alpha the layers were asked for, not from
-    what the layers record (a layer scaling by alpha instead of alpha / r would record that
-    scaling and hand PEFT the same mistake). ``add_adapters`` gives a layer with fewer than
-    ``rank`` inputs or outputs full rank: that layer's rank goes into ``rank_pattern``."""
-    layers = {n: mod for n, mod in model.named_modules() if hasattr(mod, "lora")}
-    bases = {n: mod.linear if hasattr(mod, "linear") else mod.conv for n, mod in layers.items()}
-    ranks = {n: min(rank, *base.weight.flatten(1).shape) for n, base in bases.items()}
-    return {
-        "r": rank,
-        "lora_alpha": alpha,
-        "use_dora": all(hasattr(mod, "m") for mod in layers.values()),
-        "lora_dropout": dropout,
-        "target_modules": list(layers),
-        "rank_pattern": {f"^{re.escape(n)}": r for n, r in ranks.items() if r != rank},
-    }

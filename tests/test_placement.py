@@ -1,17 +1,8 @@
 """Placement: with the data on an accelerator, nothing that trains or is compared stays behind.
 
-No GPU is needed. PyTorch's ``meta`` device (shapes and dtypes, no data) stands in for the
-accelerator, under a dispatch mode that makes it behave like a GPU where placement matters:
-
-* an operator that mixes a meta tensor with a CPU tensor raises, as on CUDA or MPS (plain meta
-  lets many such mixes through: ``F.linear(meta_x, cpu_weight)`` returns a meta tensor);
-  0-dim CPU tensors are allowed, as CUDA allows them; copies between devices are allowed;
-* float64 on it raises, as on MPS;
-* reading values back (``.item()``, ``.cpu()``; ``torch.equal`` and ``allclose``) gives zeros
-  (or True), so the
-  code runs on past its first read-back. The values mean nothing: only placement is tested.
-
-The helpers are run on it one by one, then the notebook's own code path, cell by cell.
+No GPU needed: PyTorch's ``meta`` device stands in, under a dispatch mode that makes it strict
+where a GPU is: mixing a meta and a (non-scalar) CPU tensor raises, as on CUDA; float64 raises,
+as on MPS; values read back are zeros (or True), so the code runs on, and only placement counts.
 """
 
 from __future__ import annotations
@@ -28,38 +19,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import helpers
-from dora_tutorial.adapter_files import adapter_state_dict
 from dora_tutorial.training import _fused_adam_works
 
-REPO = helpers.REPO
-
-
-aten = torch.ops.aten
-DEVICE = torch.device("meta")
+REPO, DEVICE, aten = helpers.REPO, torch.device("meta"), torch.ops.aten
 
 
 class LeftOnTheCPU(RuntimeError):
-    """An operator got a tensor on the accelerator and another on the CPU."""
+    pass
 
 
 class FakeAccelerator(TorchDispatchMode):
-    """The meta device, strict about placement like CUDA/MPS (see the module docstring)."""
-
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        on_meta = any(t.is_meta for t in tensors)
-        if on_meta:
+        if any(t.is_meta for t in tensors):
             readback = self.read_back(func, args, kwargs)
             if readback is not NotImplemented:
                 return readback
             if func not in (aten.copy_.default, aten._to_copy.default):
                 left = [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
                 if left:
-                    raise LeftOnTheCPU(
-                        f"{func}: a {tuple(left[0].shape)} {left[0].dtype} tensor is on the CPU, "
-                        f"other inputs on the accelerator"
-                    )
+                    raise LeftOnTheCPU(f"{func}: a {tuple(left[0].shape)} tensor on the CPU")
         out = func(*args, **kwargs)
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.is_meta and t.dtype == torch.float64:
@@ -68,7 +48,6 @@ class FakeAccelerator(TorchDispatchMode):
 
     @staticmethod
     def read_back(func, args, kwargs):
-        """Zeros for every value read from the accelerator; NotImplemented for other ops."""
         if func is aten._local_scalar_dense.default:
             return 0.0 if args[0].dtype.is_floating_point else 0
         if func in (aten.equal.default, aten.allclose.default):  # their read-back is internal
@@ -86,7 +65,7 @@ def accelerator():
         yield DEVICE
 
 
-def fake_mnist(n_train=12_000, n_test=1_000, seed=0):
+def fake_mnist(n_train, n_test, seed=0):
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (n_train + n_test, 28, 28), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (n_train + n_test,), generator=g)
@@ -94,20 +73,8 @@ def fake_mnist(n_train=12_000, n_test=1_000, seed=0):
 
 
 def small_task(device, n=512):
-    train_images, train_labels, test_images, test_labels = fake_mnist(n + 64, 128)
-    return helpers.make_task(
-        train_images,
-        train_labels,
-        test_images,
-        test_labels,
-        device=device,
-        degrees=45,
-        n_train=n,
-        n_val=64,
-    )
-
-
-# ---- the stand-in itself ---------------------------------------------------------------
+    mnist = fake_mnist(n + 64, 128)
+    return helpers.make_task(*mnist, device=device, degrees=45, n_train=n, n_val=64)
 
 
 def test_the_stand_in_catches_what_a_gpu_would(accelerator):
@@ -119,72 +86,36 @@ def test_the_stand_in_catches_what_a_gpu_would(accelerator):
     assert x.sum().item() == 0.0 and x.cpu().shape == (4, 3)
     assert (x * torch.tensor(2.0)).is_meta  # a CPU scalar is fine, as on CUDA
     assert torch.ones(3).to(accelerator).is_meta  # explicit moves are fine
-
-
-def test_the_old_training_loop_fails_on_it(accelerator):
-    """The bug this file guards against: a model left on the CPU, data on the device."""
     model, task = helpers.make_mlp((784, 32, 10), seed=0), small_task(accelerator)
-    with pytest.raises(LeftOnTheCPU):
+    with pytest.raises(LeftOnTheCPU):  # the bug this file guards against: a model left behind
         model(task.train_x[:8])
 
 
-# ---- the helpers, one by one --------------------------------------------------------------
-
-
-@pytest.mark.parametrize("wrapper", [None, "LinearWithLoRA", "LinearWithDoRA"])
-def test_training_helpers_follow_the_data(nb, accelerator, wrapper):
+@pytest.mark.parametrize("wrapper", [None, "LinearWithLoRA", "LinearWithDoRA", "DoRALinear"])
+def test_training_merging_and_saving_follow_the_data(nb, accelerator, wrapper, tmp_path):
     task = small_task(accelerator)
     pretrained = helpers.make_mlp((784, 32, 32, 10), seed=0)  # built on the CPU, as a reader would
     helpers.train(pretrained, task, epochs=1, lr=1e-3, batch_size=128, log=None)
     assert all(p.is_meta for p in pretrained.parameters())
     cls = wrapper and getattr(nb, wrapper)
-    runs = helpers.finetune(
-        pretrained,
-        task,
-        seeds=(0, 1),
-        wrapper=cls,
-        epochs=2,
-        lr=1e-3,
-        batch_size=128,
-        record_weights=True,
-        evaluate_on="val",
-        log=None,
-    )
+    protocol = dict(epochs=2, lr=1e-3, batch_size=128, record_weights=True, evaluate_on="val")
+    runs = helpers.finetune(pretrained, task, seeds=(0, 1), wrapper=cls, log=None, **protocol)
     assert all(p.is_meta for model in runs.models for p in model.parameters())
     assert helpers.accuracy(helpers.make_mlp((784, 10), seed=1), task.test_x, task.test_y) == 0.0
     with pytest.raises(ValueError, match="all zero"):  # float64 on the CPU: read back zeros
         helpers.figure2_points(runs, pretrained, ["2"])
     helpers.compare("A", runs, "B", runs)  # statistics of values read back (zeros): no NaN
     helpers.inference_ms(runs.models[0], task.test_x, repeats=1, warmup=0)
+    if wrapper is not None:
+        merged = helpers.merge_adapters(runs.models[0], nb.merge)
+        assert all(p.is_meta for p in merged.parameters())
+        merged(task.test_x)
+        path = helpers.save_adapter(runs.models[0], tmp_path / "adapter.pt")
+        assert all(t.device.type == "cpu" for t in torch.load(path)["tensors"].values())
+        helpers.load_adapter(helpers.add_adapters(pretrained, cls, 4, 8), path)
 
 
-def test_merging_saving_and_loading_on_the_device(nb, accelerator, tmp_path):
-    task = small_task(accelerator)
-    pretrained = helpers.make_mlp((784, 128, 256, 10), seed=0).to(accelerator)
-    model = helpers.add_adapters(pretrained, nb.DoRALinear, 4, 8)
-    merged = helpers.merge_adapters(model, nb.merge)
-    assert all(p.is_meta for p in merged.parameters())
-    merged(task.test_x)
-    path = helpers.save_adapter(model, tmp_path / "adapter.pt")
-    adapter = adapter_state_dict(model)
-    assert all(t.device.type == "cpu" for t in adapter["tensors"].values())
-    restored = helpers.add_adapters(pretrained, nb.DoRALinear, 4, 8)
-    helpers.load_adapter(restored, path)
-    restored(task.test_x)
-
-
-@pytest.fixture
-def fresh_fused_probe():
-    """training caches whether fused Adam works per device and dtype: forget it around a test."""
-    clear = _fused_adam_works.cache_clear
-    clear()
-    yield
-    clear()
-
-
-def test_adam_falls_back_when_the_fused_kernel_fails_at_its_first_step(
-    monkeypatch, fresh_fused_probe
-):
+def test_adam_falls_back_when_the_fused_kernel_fails_at_its_first_step(monkeypatch):
     """torch checks some fused-Adam requirements only at step(): train must not crash there."""
 
     class FusedFailsAtStep(torch.optim.Adam):
@@ -194,13 +125,12 @@ def test_adam_falls_back_when_the_fused_kernel_fails_at_its_first_step(
             return super().step(closure)
 
     monkeypatch.setattr(torch.optim, "Adam", FusedFailsAtStep)
+    _fused_adam_works.cache_clear()  # it remembers per device and dtype whether fused Adam works
     model = helpers.make_mlp((784, 16, 10), seed=0)
     helpers.train(model, small_task("cpu", 64), epochs=1, lr=1e-3, batch_size=32, log=None)
     optimizer = helpers.make_adam([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
     assert not optimizer.defaults.get("fused")
-
-
-# ---- the notebook's own code path -----------------------------------------------------------
+    _fused_adam_works.cache_clear()
 
 
 # Placement does not depend on how long training runs: a short protocol keeps this test fast
@@ -209,26 +139,15 @@ SHORT_PROTOCOL = {"PRETRAIN_EPOCHS": 1, "FT_EPOCHS": 1, "FT_TRAIN_SIZE": 256, "V
 
 
 class ForTheStandIn(ast.NodeTransformer):
-    """Drops assertions (they check values, which mean nothing on a device without data) and
-    sets the protocol constants of ``SHORT_PROTOCOL``, in ``NAME = value`` or ``A, B = a, b``."""
+    """Drops assertions (values mean nothing on a device without data); sets SHORT_PROTOCOL."""
 
     def visit_Assert(self, node):
         return ast.Pass()
 
     def visit_Assign(self, node):
-        target, value = node.targets[0], node.value
-        pairs = (
-            zip(target.elts, value.elts, strict=False)
-            if isinstance(target, ast.Tuple) and isinstance(value, ast.Tuple)
-            else [(target, value)]
-        )
-        for name, constant in pairs:
-            if isinstance(name, ast.Name) and name.id in SHORT_PROTOCOL:
-                replacement = ast.Constant(SHORT_PROTOCOL[name.id])
-                if constant is value:
-                    node.value = replacement
-                else:
-                    value.elts[value.elts.index(constant)] = replacement
+        name = node.targets[0]
+        if isinstance(name, ast.Name) and name.id in SHORT_PROTOCOL:
+            node.value = ast.Constant(SHORT_PROTOCOL[name.id])
         return node
 
 
@@ -255,7 +174,7 @@ def test_the_notebook_runs_with_everything_on_the_device(monkeypatch, accelerato
     monkeypatch.setattr("dora_tutorial.weights.relative_change", change_of_read_back_zeros)
     monkeypatch.chdir(REPO)
     scope = {"__name__": "__main__"}
-    cells = [c for c in nbformat.read(REPO / "DoRA.ipynb", as_version=4).cells]
+    cells = nbformat.read(REPO / "DoRA.ipynb", as_version=4).cells
     code = [c.source for c in cells if c.cell_type == "code"]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
