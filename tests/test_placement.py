@@ -169,7 +169,7 @@ def test_the_notebook_runs_with_everything_on_the_device(monkeypatch, accelerato
     def change_of_read_back_zeros(weight, weight0):  # Figure 2 moves weights to the CPU, where
         real_change(torch.eye(2, dtype=weight.dtype), torch.eye(2))  # the meta device's zeros
         d_d, d_m = (0.01 + 0.1 * torch.rand(2, generator=draws)).tolist()  # have no direction
-        return {"dD": d_d, "dM": d_m, "rotation": d_d / (1 - d_d)}
+        return {"dD": d_d, "dM": d_m, "orthogonal": d_d / (1 - d_d)}
 
     monkeypatch.setattr("dora_tutorial.weights.relative_change", change_of_read_back_zeros)
     monkeypatch.chdir(REPO)

@@ -103,3 +103,20 @@ def test_plot_digits_two_rows_labelled_by_class():
     assert len(fig.axes) == 8
     assert [ax.get_title() for ax in fig.axes[:4]] == ["3", "1", "4", "1"]
     assert fig._suptitle.get_text()  # every figure has a title
+
+
+def test_plot_learning_rates_one_panel_per_rank_full_ft_in_each():
+    validation = {
+        "full FT": {"0.001": 80.0, "0.002": 82.0},
+        "LoRA r1": {"0.001": 60.0, "0.01": 70.0, "0.02": 65.0},
+        "DoRA r1": {"0.001": 61.0, "0.01": 71.0},
+        "LoRA r4": {"0.002": 75.0, "0.005": 78.0},
+        "DoRA r4": {"0.002": 76.0, "0.005": 79.0},
+    }
+    fig = helpers.plot_learning_rates(validation, (1, 4), "rates")
+    assert len(fig.axes) == 2 and all(ax.get_xscale() == "log" for ax in fig.axes)
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"full FT", "LoRA", "DoRA"}
+    assert list(lines["LoRA"].get_xdata()) == [0.001, 0.01, 0.02]  # sorted by rate
+    assert list(lines["LoRA"].get_ydata()) == [60.0, 70.0, 65.0]
+    assert len(fig.axes[1].get_lines()) == 3
