@@ -150,9 +150,9 @@ def disagreements(ten_seeds: dict[str, Comparison], found: dict[str, Comparison]
     """One line: where this run's ten-seed verdicts differ from the pooled ones."""
     differ = [k for k, c in ten_seeds.items() if c.verdict != found[k].verdict]
     if not differ:
-        return "Every ten-seed verdict above is also the pooled one."
+        return "each ten-seed verdict is also the pooled one."
     said = "; ".join(f"{k}: {ten_seeds[k].verdict} here, {found[k].verdict} pooled" for k in differ)
-    return f"This run's ten seeds and the pooled analysis differ at {said}."
+    return f"the ten seeds and the pooled analysis differ at {said}."
 
 
 def rate_table(rates: dict[str, float], ranks) -> str:

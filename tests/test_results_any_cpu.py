@@ -61,7 +61,7 @@ def test_a_moved_number_or_a_flipped_clear_verdict_is_caught():
     assert differences(COMMITTED) == []
     mean_band, diff_band = bands(COMMITTED["seeds"])
     assert 0 < mean_band < diff_band < 5  # tenths of a point per seed: a few points at most
-    key = "full FT vs DoRA"  # far from its threshold
+    key = "full FT - DoRA, rank 4"  # far from its threshold
     fresh = json.loads(json.dumps(COMMITTED))
     fresh["comparisons"][key]["diff"] += 1.01 * diff_band
     fresh["comparisons"][key]["verdict"] = "no difference detected"

@@ -55,6 +55,9 @@ def render(evidence: dict, mlp_ratios: dict, vit: dict) -> str:
         f"{c.verdict_interval[1]:+.2f} | {_p(c)} | {c.verdict} |"
         for name, c in found.items()
     ]
+    held = ev.held_out(evidence)
+    stated = [k for k, c in found.items() if c.verdict != "no difference detected"]
+    same = sum(held[k].diff * found[k].diff > 0 for k in stated)
     vit_line = "; ".join(
         f"{c['a']} - {c['b']} {c['diff']:+.2f} ({c['low']:+.2f} to {c['high']:+.2f})"
         for c in vit["comparisons"]
@@ -76,6 +79,8 @@ def render(evidence: dict, mlp_ratios: dict, vit: dict) -> str:
             "|---|---:|---:|---:|---|",
             *rows,
             "",
+            f"On a network held out of the analysis, {same} of the {len(stated)} stated results "
+            "have an estimate of the same sign. "
             f"ViT ({len(vit['final']['LoRA'])} seeds, one network, 95 %): {vit_line}.",
             END,
         ]
