@@ -238,14 +238,8 @@ def plot_learning_rates(validation: dict[str, dict[str, float]], ranks, title: s
             if scores:
                 rates = sorted(scores, key=float)
                 style = dict(color="0.6", ls=":") if method == "full FT" else dict(color=f"C{i}")
-                ax.plot(
-                    [float(r) for r in rates],
-                    [scores[r] for r in rates],
-                    "o-",
-                    ms=3,
-                    label=method,
-                    **style,
-                )
+                x, y = [float(r) for r in rates], [scores[r] for r in rates]
+                ax.plot(x, y, marker="o", ms=3, label=method, **style)
         ax.set_xscale("log")
         ax.set_title(f"rank {rank}", fontsize=10)
         ax.grid(alpha=0.3)

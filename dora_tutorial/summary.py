@@ -165,7 +165,7 @@ def run_summary(results: dict[str, Runs], pretrained_accuracy: float, comparison
             }
             for name, c in comparisons.items()
         },
-        "figure2": {key: figure2[key] for key in ("conclusions", "ratios")},
+        "figure2": {key: figure2[key] for key in ("conclusions", "ratios", "closer")},
     }
 
 

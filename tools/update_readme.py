@@ -33,22 +33,26 @@ def _p(c: Comparison) -> str:
 
 
 def figure2_sentence(mlp: dict, vit: dict) -> str:
-    """Whether DoRA moves the weights more like full fine-tuning than LoRA, on both networks."""
+    """Whether DoRA moves the weights more like full fine-tuning than LoRA, on both networks
+    (``figure2_analysis``: the paired difference of the two slopes' distances from full FT's)."""
 
-    def part(ratios):
-        d, lo = ratios["DoRA / full FT"], ratios["LoRA / full FT"]
-        closer = "DoRA" if abs(d["ratio"] - 1) < abs(lo["ratio"] - 1) else "LoRA"
-        return f"{closer} (slope / full FT's: DoRA {d['ratio']:.2f}, LoRA {lo['ratio']:.2f})"
+    def part(analysis):
+        gap, r = analysis["closer"], analysis["ratios"]
+        who = "DoRA" if gap["high"] < 0 else "LoRA" if gap["low"] > 0 else "neither detected"
+        return (
+            f"{who} (slope / full FT's: DoRA {r['DoRA / full FT']['ratio']:.2f}, "
+            f"LoRA {r['LoRA / full FT']['ratio']:.2f})"
+        )
 
     return (
-        f"Figure 2: the method whose magnitude-direction slope is closer to full fine-tuning's is, "
-        f"on the MLP, {part(mlp)}; on the ViT, {part(vit)}."
+        "Figure 2: the method whose magnitude-direction slope is closer to full fine-tuning's "
+        f"(paired by seed, last checkpoint) is, on the MLP, {part(mlp)}; on the ViT, {part(vit)}."
     )
 
 
-def render(evidence: dict, mlp_ratios: dict, vit: dict) -> str:
+def render(evidence: dict, mlp_figure2: dict, vit: dict) -> str:
     found = ev.pooled(evidence)
-    vit_ratios = figure2_analysis(vit["points"], vit["protocol"]["PAPER_CORRELATION"])["ratios"]
+    vit_figure2 = figure2_analysis(vit["points"], vit["protocol"]["PAPER_CORRELATION"])
     networks, seeds = evidence["networks"], len(evidence["protocol"]["SEEDS"])
     rows = [
         f"| {name} | {c.diff:+.2f} | {c.verdict_interval[0]:+.2f} to "
@@ -73,7 +77,7 @@ def render(evidence: dict, mlp_ratios: dict, vit: dict) -> str:
             "[experiments/RESULTS.md](experiments/RESULTS.md).",
             "",
             *(f"- {s}" for s in ev.findings(found)),
-            f"- {figure2_sentence(mlp_ratios, vit_ratios)}",
+            f"- {figure2_sentence(mlp_figure2, vit_figure2)}",
             "",
             "| comparison | estimate | adjusted interval | Holm p | verdict |",
             "|---|---:|---:|---:|---|",
@@ -147,7 +151,7 @@ def main() -> int:
     args = parser.parse_args()
     evidence = ev.load()
     vit = json.loads((REPO / "experiments" / "vit.json").read_text())
-    mlp = json.loads((REPO / "figures" / "results.json").read_text())["figure2"]["ratios"]
+    mlp = json.loads((REPO / "figures" / "results.json").read_text())["figure2"]
     readme_path = REPO / "README.md"
     readme = readme_path.read_text()
     wanted = {
