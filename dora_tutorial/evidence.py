@@ -112,8 +112,8 @@ def finding(c: Comparison, what: str) -> str:
     low, high = c.verdict_interval
     if c.verdict == "no difference detected":
         return (
-            f"{what}: no difference detected (estimate {c.diff:+.2f} points; the adjusted "
-            f"interval {low:+.2f} to {high:+.2f} rules out larger differences)."
+            f"{what}: no difference detected ({c.diff:+.2f} points; differences outside "
+            f"{low:+.2f} to {high:+.2f} are ruled out)."
         )
     side = "ahead of" if c.verdict == "ahead" else "behind"
     return f"{what}: {c.a} {side} {c.b} by {abs(c.diff):.2f} points ({low:+.2f} to {high:+.2f})."

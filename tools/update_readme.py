@@ -54,11 +54,14 @@ def render(evidence: dict, mlp_figure2: dict, vit: dict) -> str:
     found = ev.pooled(evidence)
     vit_figure2 = figure2_analysis(vit["points"], vit["protocol"]["PAPER_CORRELATION"])
     networks, seeds = evidence["networks"], len(evidence["protocol"]["SEEDS"])
-    rows = [
-        f"| {name} | {c.diff:+.2f} | {c.verdict_interval[0]:+.2f} to "
-        f"{c.verdict_interval[1]:+.2f} | {_p(c)} | {c.verdict} |"
-        for name, c in found.items()
-    ]
+    size = f"{networks} x {seeds}"
+    rows = []
+    for name, c in found.items():
+        estimate = (
+            f"{c.diff:+.2f}" if c.verdict == "no difference detected" else f"**{c.diff:+.2f}**"
+        )
+        low, high = c.verdict_interval
+        rows.append(f"| {name} | {estimate} | {low:+.2f} to {high:+.2f} | {_p(c)} | {size} |")
     held = ev.held_out(evidence)
     stated = [k for k, c in found.items() if c.verdict != "no difference detected"]
     same = sum(held[k].diff * found[k].diff > 0 for k in stated)
@@ -69,22 +72,20 @@ def render(evidence: dict, mlp_figure2: dict, vit: dict) -> str:
     return "\n".join(
         [
             START,
-            f"From `experiments/evidence.py`: {networks} networks, each pretrained from its own "
-            f"seed and fine-tuned on its own rotated digits, {seeds} seeds each, every "
-            "configuration at its own tuned rate. Paired by seed within a network; a t-test over "
-            f"the networks' mean differences; one Holm family of {len(found)}. Points of test "
-            "accuracy; the interval is the one each verdict is decided at. Details: "
-            "[experiments/RESULTS.md](experiments/RESULTS.md).",
+            f"From `experiments/evidence.py`: {networks} pretrained networks x {seeds} seeds, "
+            "every configuration at its own tuned rate; paired within a network, tested over "
+            f"networks, one Holm family of {len(found)}; each interval is the one its verdict is "
+            "decided at; points of test accuracy ([details](experiments/RESULTS.md)).",
             "",
             *(f"- {s}" for s in ev.findings(found)),
             f"- {figure2_sentence(mlp_figure2, vit_figure2)}",
             "",
-            "| comparison | estimate | adjusted interval | Holm p | verdict |",
-            "|---|---:|---:|---:|---|",
+            "| comparison | estimate | adjusted interval | Holm p | networks x seeds |",
+            "|---|---:|---:|---:|---:|",
             *rows,
             "",
-            f"On a network held out of the analysis, {same} of the {len(stated)} stated results "
-            "have an estimate of the same sign. "
+            f"Bold: a result. On a held-out network, {same} of the {len(stated)} results have an "
+            "estimate of the same sign. "
             f"ViT ({len(vit['final']['LoRA'])} seeds, one network, 95 %): {vit_line}.",
             END,
         ]
