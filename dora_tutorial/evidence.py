@@ -13,26 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dora_tutorial.stats import Comparison, compare_values, holm
+from dora_tutorial.stats import Comparison, compare_values, holm, interpolate_at
 
 EVIDENCE = Path(__file__).resolve().parents[1] / "experiments" / "evidence.json"
 
 
 def load(path: Path = EVIDENCE) -> dict:
     return json.loads(Path(path).read_text())
-
-
-def interpolate_at(counts: dict, accuracy: dict, target: float) -> np.ndarray:
-    """Per-seed accuracy at ``target`` trainable parameters, linear in log(count) between the
-    two configurations ({key: count}, {key: per-seed array}) whose counts bracket it."""
-    keys = sorted(counts, key=counts.get)
-    logs = np.log([counts[k] for k in keys])
-    if not logs[0] <= np.log(target) <= logs[-1]:
-        raise ValueError(f"{target:,} parameters lie outside {counts}: interpolation only")
-    hi = min(int(np.searchsorted(logs, np.log(target))), len(keys) - 1)
-    lo = max(hi - 1, 0)
-    w = 0.0 if hi == lo else (np.log(target) - logs[lo]) / (logs[hi] - logs[lo])
-    return (1 - w) * np.asarray(accuracy[keys[lo]]) + w * np.asarray(accuracy[keys[hi]])
 
 
 def differences(evidence: dict, network: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -172,17 +172,26 @@ def lora_at_budget(lora: dict[int, Runs], dora: Runs) -> Runs:
             f"({counts[0]:,.0f} to {counts[-1]:,.0f} at ranks {ranks[0]} to {ranks[-1]}): "
             "add a LoRA rank on the other side, interpolation cannot extrapolate"
         )
-    hi = int(np.searchsorted(counts, target))  # the first count >= target
-    if counts[hi] == target:
-        final = lora[ranks[hi]].final
-    else:
-        lo = hi - 1
-        w = (math.log(target) - math.log(counts[lo])) / (
-            math.log(counts[hi]) - math.log(counts[lo])
-        )
-        final = (1 - w) * lora[ranks[lo]].final + w * lora[ranks[hi]].final
+    final = interpolate_at(
+        {r: lora[r].trainable for r in ranks}, {r: lora[r].final for r in ranks}, target
+    )
     nothing = np.full((len(final), 1), np.nan)
     return Runs(tuple(dora.seeds), [], target, nothing, final[:, None] / 100, [])
+
+
+def interpolate_at(counts: dict, accuracy: dict, target: float) -> np.ndarray:
+    """Per-seed accuracy at ``target`` trainable parameters, linear in log(count) between the
+    two configurations ({key: count}, {key: per-seed array}) whose counts bracket it; an exact
+    count takes that configuration's accuracy."""
+    keys = sorted(counts, key=counts.get)
+    logs = np.log([counts[k] for k in keys])
+    if not logs[0] <= np.log(target) <= logs[-1]:
+        raise ValueError(f"{target:,} parameters lie outside {counts}: interpolation only")
+    hi = int(np.searchsorted(logs, np.log(target)))  # the first count >= target
+    if logs[hi] == np.log(target):
+        return np.asarray(accuracy[keys[hi]], dtype=float)
+    w = (np.log(target) - logs[hi - 1]) / (logs[hi] - logs[hi - 1])
+    return (1 - w) * np.asarray(accuracy[keys[hi - 1]]) + w * np.asarray(accuracy[keys[hi]])
 
 
 def mean_interval(values: np.ndarray) -> tuple[float, float]:
