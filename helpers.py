@@ -94,9 +94,9 @@ from dora_tutorial.weights import (
     slope_ratio,
 )
 
-# The notebook's interface, by concern: every name here is called there, and nothing else is
-# (tests/test_layout.py checks both ways). Other public names are the building blocks these use,
-# tested on their own and used by scripts (Runs, Task, Comparison, timed, ...).
+# The notebook's interface, by concern: every name here is called there (tests/test_tools.py
+# checks that each exists). Other public names are the building blocks these use, tested on
+# their own and used by scripts (Runs, Task, Comparison, timed, ...).
 __all__ = [
     # Setup
     "require_version",

@@ -16,7 +16,7 @@ what autograd keeps for backward (``helpers.saved_tensor_bytes``). ``--dtype bfl
 ``--inference``: eval mode under ``torch.no_grad()``; "recomputed" is the layer in training mode
 (no dropout: the same function), "k kept" the ``InferenceCache`` in use; PEFT also with its
 opt-in ``DoraCaching``; "merged" folds every adapter into the base. Rounds in shuffled order of
-samples of about 20 ms each, wall clock (CPU time counts PyTorch's idle spinning threads).
+samples of a few milliseconds each, wall clock (CPU time counts PyTorch's idle spinning threads).
 Ratios come from one run; ``DORA_DEVICE=cpu`` forces the CPU.
 """
 

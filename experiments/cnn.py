@@ -2,7 +2,7 @@
 
     .venv/bin/python -m experiments.cnn
 
-Section 5's protocol, read from DoRA.ipynb (``dora_tutorial/notebook.py``: rotated task and
+The notebook's protocol, read from DoRA.ipynb (``dora_tutorial/notebook.py``: rotated task and
 validation split, seeds, epochs, batch size, rank, alpha, pretraining), on a small CNN instead of
 the MLP: two 3x3 convolutions with stride 2, then two linear layers. LoRA and DoRA adapt all
 four, with the notebook's classes (``Conv2dWithLoRA`` / ``Conv2dWithDoRA`` next to the linear
@@ -10,9 +10,9 @@ ones, through ``helpers.add_adapters`` with a dict). The CNN is pretrained on MN
 notebook pretrains its MLP; each method's learning rate is chosen on the validation split exactly
 as the MLP's are chosen (the test set plays no part); then each method
 trains at its rate, every seed at once, and the methods are compared on the test set with
-section 5's paired tests (DoRA vs LoRA, full FT vs DoRA). Writes experiments/cnn.json: the
+the notebook's paired tests (DoRA vs LoRA, full FT vs DoRA). Writes experiments/cnn.json: the
 protocol it ran, the CNN, the validation table and chosen rates, the results table, the
-comparisons and their sentences. The notebook's section 13 prints them.
+comparisons and their sentences, which the notebook prints.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 2. Networks. NETWORKS networks, network j pretrained from seed j and fine-tuned on its own subset
    of rotated digits (the task's seed j); on each, every configuration with the notebook's seeds,
    so that seed k of every configuration starts from the same A and sees the same batches. The
-   analysis (``dora_tutorial.stats.pooled``) pairs by seed within a network and combines the
+   analysis (``dora_tutorial.evidence.pooled``) pairs by seed within a network and combines the
    networks' mean differences, so its intervals cover pretraining and data as well.
 3. A held-out network (seed NETWORKS), not in the analysis: the stated results are checked on it.
 4. Float noise: the notebook's DoRA runs again on one thread: how far that moves a seed.

@@ -1,6 +1,6 @@
 """Figure 2 where the paper measured it: a small ViT's query and value matrices, three ways.
 
-    .venv/bin/python -m experiments.vit              # the experiment (about an hour on 2 CPU cores)
+    .venv/bin/python -m experiments.vit              # the experiment (it records its time)
     .venv/bin/python -m experiments.vit --analyse    # recompute the analysis from vit.json
     .venv/bin/python -m experiments.vit --smoke      # a tiny run, to /tmp: does it all work?
 

@@ -1,11 +1,11 @@
 """experiments/cnn.json belongs to the notebook as it is, and the notebook prints it unchanged.
 
 * It records the notebook settings it ran with: if a setting changes, this fails until
-  ``experiments/cnn.py`` is rerun (as tests/test_results.py does for the MLP's scripts).
+  ``experiments/cnn.py`` is rerun (as tests/test_evidence.py does for the MLP's).
 * Its learning rates are the best on the validation set, and its sentences are what
   ``helpers.Comparison`` writes from its numbers: nothing in it was edited by hand.
-* Section 13's cell prints its table and sentences (that cell's output is not compared by nbval,
-  as the table holds timings, so the stored output is compared here).
+* The notebook's CNN cell prints its table and sentences (nbval does not compare that cell's
+  output, as the table holds timings, so the stored output is compared here).
 """
 
 import json

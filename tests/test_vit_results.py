@@ -6,7 +6,7 @@
   ``helpers.Comparison`` writes from its numbers; its Figure 2 analysis is what
   ``helpers.figure2_analysis`` computes from its saved points (the notebook recomputes it).
 * It covers the query and value matrices of every block after every epoch, for every seed.
-* Section 10's cells show its figure and print its tables and conclusions (that cell's
+* The notebook's ViT cell shows its figure and print its tables and conclusions (that cell's
   output is not compared by nbval, as the table holds timings, so it is compared here).
 """
 

@@ -380,7 +380,7 @@ def _problems(measure: dict, notebook: dict, phase: str) -> list[tuple[int, str]
 
 
 def _screenshots(driver, path: str, notebook: dict, folder: Path, prefix: str, bad: set[int]):
-    """The top, section 2, the results table, the end, and each cell with a problem."""
+    """The top, the first layer, the results table, the end, and each cell with a problem."""
     cells, places = notebook["cells"], {"01-top": (0, "start")}
     for i, cell in enumerate(cells):
         text = "".join(cell["source"]) if cell["cell_type"] == "markdown" else ""

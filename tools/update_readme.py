@@ -111,7 +111,7 @@ def detail(evidence: dict) -> str:
             "# The pooled results in detail",
             "",
             "Written by `python -m tools.update_readme` from `experiments/evidence.json`; the "
-            "design is in `experiments/evidence.py`'s docstring and the notebook's section 12.",
+            "design is in `experiments/evidence.py`'s docstring and in the notebook.",
             "",
             "## Every comparison, with the held-out network",
             "",
