@@ -70,8 +70,8 @@ def _names(comparison: str) -> list[str]:
 
 def float_noise(evidence: dict) -> tuple[float, float]:
     """(how far float rounding alone moved one seed's accuracy, the seed-to-seed spread): the
-    standard deviation over seeds of the one-thread minus the default-thread run, over sqrt 2,
-    against the spread of the default run, in points."""
+    standard deviation over seeds of the difference between the two kernel choices' runs, over
+    sqrt 2, against the spread of the first run, in points."""
     runs = np.asarray(evidence["float_noise"]["accuracy"], dtype=float)
     return float((runs[0] - runs[1]).std(ddof=1) / np.sqrt(2)), float(runs[0].std(ddof=1))
 

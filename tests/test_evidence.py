@@ -64,7 +64,7 @@ def synthetic(network_effects, seed_sd=0.5, seeds=10, held_out_effect=0.0):
         "networks": len(network_effects),
         "trainable": trainable,
         "accuracy": accuracy,
-        "float_noise": {"threads": [2, 1], "accuracy": [[1.0, 2.0, 3.0], [1.5, 2.0, 2.5]]},
+        "float_noise": {"kernels": ["a", "b"], "accuracy": [[1.0, 2.0, 3.0], [1.5, 2.0, 2.5]]},
     }
 
 

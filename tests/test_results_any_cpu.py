@@ -4,7 +4,7 @@ nbval does not compare the cells that print results: their last digits move with
 and the thread count. This test compares what that run wrote (DORA_RESULTS, see conftest.py)
 with the committed figures/results.json: each mean accuracy and each comparison's difference
 within four standard deviations of what float rounding alone moves it (one seed's accuracy moves
-by the noise experiments/evidence.py measured, one thread against two), and each verdict whose
+by the noise experiments/evidence.py measured on other CPU kernels), and each verdict whose
 committed interval lies farther from zero than that band (a verdict nearer its threshold can
 flip on another CPU, as it can with another seed set). It runs after the notebook (conftest.py
 orders it last) and skips when the notebook did not run in the same session.

@@ -119,9 +119,9 @@ def detail(evidence: dict) -> str:
             ev.table(found, check, "held-out network (95 %)"),
             "```",
             "",
-            f"Float rounding alone (one thread instead of {evidence['float_noise']['threads'][0]}) "
-            f"moved a seed's accuracy by {noise:.2f} points (standard deviation); a new seed moves "
-            f"it by {spread:.2f}.",
+            "Float rounding alone (the same seeds on PyTorch's portable CPU kernels, standing in "
+            f"for another CPU type) moved a seed's accuracy by {noise:.2f} points (standard "
+            f"deviation); a new seed moves it by {spread:.2f}.",
             "",
             "## Each network's mean difference (points)",
             "",
