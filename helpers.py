@@ -2,7 +2,8 @@
 code lives in the package dora_tutorial/, one module per concern: session (the release check,
 device, clock, seeds, wrapped text), models (the MLP, adapters, merging, inference time, optional
 PEFT parts), data (MNIST, the rotated-digits task), training (one loop, many seeds at once),
-stats (paired tests, Holm, LoRA at DoRA's budget), summary (conclusions, tables, results.json),
+stats (paired tests, Holm, LoRA at DoRA's budget), evidence (the pooled analysis), summary
+(Part I's conclusions, tables, results.json),
 weights (how fine-tuning moves the weights: the paper's Figure 2 as a test), plots, precision
 (low precision: does m train, what a merge loses), arguments (the practitioners' layers' argument
 checks) and cache (what DoRA layers keep for unmerged inference); beside them the instruments
@@ -37,6 +38,7 @@ from dora_tutorial.evidence import (
     held_out,
     pooled,
     rate_table,
+    short,
 )
 from dora_tutorial.evidence import table as comparison_table
 from dora_tutorial.memory import saved_tensor_bytes
@@ -129,6 +131,7 @@ __all__ = [
     "comparison_table",
     "disagreements",
     "rate_table",
+    "short",
     "ablation_line",
     "pooled",
     "held_out",

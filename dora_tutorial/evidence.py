@@ -33,7 +33,7 @@ def differences(evidence: dict, network: dict) -> dict[str, tuple[np.ndarray, np
     for r in ranks:
         if counts[f"DoRA r{r}"] <= max(lora_counts.values()):
             budget = interpolate_at(lora_counts, lora, counts[f"DoRA r{r}"])
-            out[f"DoRA - LoRA at DoRA's budget, rank {r}"] = (network[f"DoRA r{r}"], budget)
+            out[f"DoRA - LoRA, equal budget, rank {r}"] = (network[f"DoRA r{r}"], budget)
     rank = evidence["protocol"]["RANK"]
     out[f"full FT - DoRA, rank {rank}"] = (network["full FT"], network[f"DoRA r{rank}"])
     for key in sorted(k for k in network if k.startswith("scaled LoRA")):
@@ -64,7 +64,7 @@ def held_out(evidence: dict) -> dict[str, Comparison]:
 
 
 def _names(comparison: str) -> list[str]:
-    """'DoRA - LoRA at DoRA's budget, rank 1' -> ['DoRA', "LoRA at DoRA's budget"]."""
+    """'DoRA - LoRA, equal budget, rank 1' -> ['DoRA', 'LoRA']."""
     return comparison.split(",")[0].split(" - ")
 
 
@@ -77,20 +77,25 @@ def float_noise(evidence: dict) -> tuple[float, float]:
 
 
 def table(found: dict[str, Comparison], extra: dict[str, str] | None = None, head: str = "") -> str:
-    """One row per comparison: estimate, the interval its verdict is decided at (Holm's level
+    """One row per comparison: the estimate, the interval its verdict is decided at (Holm's level
     in a family, else 95 %), the p-value it is decided at, the verdict; ``extra`` adds a column
     (``head`` its title), e.g. the pooled verdict beside a ten-seed one."""
-    width = max(map(len, found)) + 2
+    width = max(map(len, found)) + 1
     rows = [
-        f"{'comparison':<{width}}{'estimate':>8}  {'interval':<16}{'p':>7}  {'verdict':<24}{head}"
+        f"{'comparison':<{width}}{'diff':>6}  {'interval':<12}  {'p':>6}  {'verdict':<13}{head}"
     ]
     for name, c in found.items():
         low, high = c.verdict_interval
         p = c.p if c.p_holm is None else c.p_holm
         p = "<0.001" if p < 0.001 else f"{p:.3f}"
-        row = f"{name:<{width}}{c.diff:>+8.2f}  {f'{low:+.2f} to {high:+.2f}':<16}{p:>7}  "
-        rows.append((row + f"{c.verdict:<24}{(extra or {}).get(name, '')}").rstrip())
-    return "\n".join(rows)
+        row = f"{name:<{width}}{c.diff:>+6.2f}  {low:+.2f}, {high:+.2f}  {p:>6}  "
+        rows.append((row + f"{short(c.verdict):<13}{(extra or {}).get(name, '')}").rstrip())
+    return "\n".join(row.rstrip() for row in rows)
+
+
+def short(verdict: str) -> str:
+    """A verdict in a table's column: 'ahead', 'behind' or 'not detected'."""
+    return "not detected" if verdict == "no difference detected" else verdict
 
 
 def finding(c: Comparison, what: str) -> str:
@@ -113,7 +118,7 @@ def findings(found: dict[str, Comparison]) -> list[str]:
     return [
         finding(found["DoRA - LoRA, rank 1"], "At rank 1, each method at its own tuned rate"),
         finding(found[f"DoRA - LoRA, rank {rank}"], f"At rank {rank}"),
-        finding(found["DoRA - LoRA at DoRA's budget, rank 1"], "At DoRA's parameter count, rank 1"),
+        finding(found["DoRA - LoRA, equal budget, rank 1"], "At DoRA's parameter count, rank 1"),
         finding(
             found[f"full FT - DoRA, rank {rank}"], f"Full fine-tuning against DoRA at rank {rank}"
         ),

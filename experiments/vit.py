@@ -208,7 +208,7 @@ def validation_table(validation: dict, seeds: int) -> str:
     lines = [f"validation accuracy (%), mean ± std over {seeds} seeds"]
     for name, rates in validation.items():
         cells = ", ".join(f"lr {lr}: {m:.2f} ± {s:.2f}" for lr, (m, s) in rates.items())
-        lines.append(f"{name:<8} {cells}")
+        lines.append(helpers.wrap(f"{name:<8} {cells}", indent=" " * 9))
     return "\n".join(lines)
 
 
@@ -316,6 +316,9 @@ def reanalyse(path: Path = RESULTS) -> None:
 
     result = json.loads(path.read_text())
     result["figure2"] = analyse(result["points"], result["protocol"]["PAPER_CORRELATION"])
+    result["validation_table"] = validation_table(
+        result["validation"], len(result["final"]["LoRA"])
+    )
     write_json(path, result)
     print(result["figure2"]["table"])
 

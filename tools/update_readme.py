@@ -84,6 +84,7 @@ def render(evidence: dict, mlp_figure2: dict, vit: dict) -> str:
             "|---|---:|---:|---:|---:|",
             *rows,
             "",
+            "Scaled LoRA: LoRA with DoRA's per-row scale m but no normalisation (the ablation). "
             f"Bold: a result. On a held-out network, {same} of the {len(stated)} results have an "
             "estimate of the same sign. "
             f"ViT ({len(vit['final']['LoRA'])} seeds, one network, 95 %): {vit_line}.",
@@ -96,7 +97,8 @@ def detail(evidence: dict) -> str:
     found, held = ev.pooled(evidence), ev.held_out(evidence)
     noise, spread = ev.float_noise(evidence)
     check = {
-        k: f"{h.diff:+.2f} ({h.low:+.2f} to {h.high:+.2f}), {h.verdict}" for k, h in held.items()
+        k: f"{h.diff:+.2f} [{h.low:+.2f}, {h.high:+.2f}] {ev.short(h.verdict)}"
+        for k, h in held.items()
     }
     means = [ev.differences(evidence, net) for net in evidence["accuracy"]]
     per_network = [
