@@ -149,7 +149,7 @@ def disagreements(ten_seeds: dict[str, Comparison], found: dict[str, Comparison]
 
 def rate_table(rates: dict[str, float], ranks) -> str:
     """The chosen learning rates: one row per method, one column per rank."""
-    methods = sorted({k.rsplit(" r", 1)[0] for k in rates if k != "full FT"}, key=len)
+    methods = dict.fromkeys(k.rsplit(" r", 1)[0] for k in rates if k != "full FT")  # in order
     lines = [f"{'chosen rate':<13}" + "".join(f"{'rank ' + str(r):>9}" for r in ranks)]
     for m in methods:
         cells = "".join(
