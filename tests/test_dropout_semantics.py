@@ -15,7 +15,7 @@ P = 0.4
 KEYS = ["LoRALinear", "DoRALinear-factored", "DoRALinear-dense"]  # Part I's have no dropout
 
 
-def setup(nb, key, bias, trained, exact=False):
+def layers_and_input(nb, key, bias, trained, exact=False):
     torch.manual_seed(0)
     base = nn.Linear(30, 20, bias=bias, dtype=torch.float64).requires_grad_(False)
     exact = {"detach_norm": False} if exact else {}
@@ -31,7 +31,7 @@ def setup(nb, key, bias, trained, exact=False):
 def test_zero_update_gives_exactly_the_base_layer_under_dropout(nb, key, bias):
     """B = 0 and m = ||W0|| (the layers at init): the update term is zero whatever the mask,
     so the output and the input's gradient are the base layer's, undropped."""
-    base, fresh, x = setup(nb, key, bias, trained=False)
+    base, fresh, x = layers_and_input(nb, key, bias, trained=False)
     torch.manual_seed(5)
     y, y_base = fresh(x), base(x)
     assert rel(y, y_base) < 1e-13  # DoRA: m V / ||V|| = W0 up to rounding
@@ -46,7 +46,7 @@ def test_zero_update_gives_exactly_the_base_layer_under_dropout(nb, key, bias):
 def test_training_forward_is_clean_base_plus_dropped_update(nb, key, bias, exact):
     """y = x W0^T + b + x_d (W' - W0)^T, W' from Part I's layer (which builds it) with the same
     parameters; the gradients of x and every adapter parameter agree. Eval mode: no mask."""
-    base, ours, x = setup(nb, key, bias, trained=True, exact=exact)
+    base, ours, x = layers_and_input(nb, key, bias, trained=True, exact=exact)
     book_cls = nb.LinearWithDoRA if "DoRA" in key else nb.LinearWithLoRA
     book = book_cls(base, 4, 6, **({"detach_norm": False} if exact else {}))
     book.load_state_dict(ours.state_dict())
