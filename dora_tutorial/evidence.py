@@ -86,11 +86,15 @@ def table(found: dict[str, Comparison], extra: dict[str, str] | None = None, hea
     ]
     for name, c in found.items():
         low, high = c.verdict_interval
-        p = c.p if c.p_holm is None else c.p_holm
-        p = "<0.001" if p < 0.001 else f"{p:.3f}"
-        row = f"{name:<{width}}{c.diff:>+6.2f}  {low:+.2f}, {high:+.2f}  {p:>6}  "
-        rows.append((row + f"{short(c.verdict):<13}{(extra or {}).get(name, '')}").rstrip())
+        row = f"{name:<{width}}{c.diff:>+6.2f}  {low:+.2f}, {high:+.2f}  {decided_p(c):>6}  "
+        rows.append(row + f"{short(c.verdict):<13}{(extra or {}).get(name, '')}")
     return "\n".join(row.rstrip() for row in rows)
+
+
+def decided_p(c: Comparison) -> str:
+    """The p-value the verdict is decided at (Holm's in a family), as the tables print it."""
+    p = c.p if c.p_holm is None else c.p_holm
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def short(verdict: str) -> str:

@@ -257,8 +257,8 @@ def figure2_conclusions(analysis: dict) -> dict[str, str]:
     if {"DoRA / full FT", "LoRA / full FT"} <= set(ratios):
         d, lo = ratios["DoRA / full FT"], ratios["LoRA / full FT"]
         gap = analysis["closer"]
-        if gap["high"] < 0 or gap["low"] > 0:
-            closer = "DoRA" if gap["high"] < 0 else "LoRA"
+        closer = closer_method(gap)
+        if closer:
             verdict = f"{closer} moves the weights more like full fine-tuning" + (
                 ", as the paper reports" if closer == "DoRA" else ", not DoRA as the paper reports"
             )
@@ -289,6 +289,12 @@ def closer_to_full_ft(analysis: dict) -> dict:
         gap, scale = np.abs(dora / ft - 1) - np.abs(lora / ft - 1), "as |ratio - 1|"
     low, high = mean_interval(gap)
     return {"mean": float(gap.mean()), "low": float(low), "high": float(high), "scale": scale}
+
+
+def closer_method(gap: dict) -> str | None:
+    """'DoRA' or 'LoRA', whichever ``closer_to_full_ft``'s interval shows nearer full
+    fine-tuning; None when the interval covers 0."""
+    return "DoRA" if gap["high"] < 0 else "LoRA" if gap["low"] > 0 else None
 
 
 def _ratio(r: dict) -> str:

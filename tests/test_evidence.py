@@ -110,14 +110,14 @@ def test_the_readme_is_written_from_the_experiments_and_is_short():
     readme = (REPO / "README.md").read_text()
     vit = json.loads((REPO / "experiments" / "vit.json").read_text())
     mlp = json.loads((REPO / "figures" / "results.json").read_text())["figure2"]
-    section = update_readme.render(EVIDENCE, mlp, vit)
+    section = update_readme.render(EVIDENCE, ev.pooled(EVIDENCE), mlp, vit)
     assert update_readme.updated_readme(readme, section) == readme, (
         "README.md is out of date: run python -m tools.update_readme"
     )
     body = section.removeprefix(update_readme.START).removesuffix(update_readme.END)
     assert len(body) <= 2500
     detail = (REPO / "experiments" / "RESULTS.md").read_text()
-    assert detail == update_readme.detail(EVIDENCE)
+    assert detail == update_readme.detail(EVIDENCE, ev.pooled(EVIDENCE))
 
 
 def test_write_results_goes_where_the_environment_says(tmp_path, monkeypatch):

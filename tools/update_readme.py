@@ -19,8 +19,7 @@ from pathlib import Path
 
 from dora_tutorial import evidence as ev
 from dora_tutorial.files import write_atomic
-from dora_tutorial.stats import Comparison
-from dora_tutorial.weights import figure2_analysis
+from dora_tutorial.weights import closer_method, figure2_analysis
 
 REPO = Path(__file__).resolve().parents[1]
 START = "<!-- results: written by tools/update_readme.py, do not edit by hand -->"
@@ -28,17 +27,13 @@ END = "<!-- end of results -->"
 DETAIL = REPO / "experiments" / "RESULTS.md"
 
 
-def _p(c: Comparison) -> str:
-    return "<0.001" if c.p_holm < 0.001 else f"{c.p_holm:.3f}"
-
-
 def figure2_sentence(mlp: dict, vit: dict) -> str:
     """Whether DoRA moves the weights more like full fine-tuning than LoRA, on both networks
     (``figure2_analysis``: the paired difference of the two slopes' distances from full FT's)."""
 
     def part(analysis):
-        gap, r = analysis["closer"], analysis["ratios"]
-        who = "DoRA" if gap["high"] < 0 else "LoRA" if gap["low"] > 0 else "neither detected"
+        r = analysis["ratios"]
+        who = closer_method(analysis["closer"]) or "neither detected"
         return (
             f"{who} (slope / full FT's: DoRA {r['DoRA / full FT']['ratio']:.2f}, "
             f"LoRA {r['LoRA / full FT']['ratio']:.2f})"
@@ -50,8 +45,7 @@ def figure2_sentence(mlp: dict, vit: dict) -> str:
     )
 
 
-def render(evidence: dict, mlp_figure2: dict, vit: dict) -> str:
-    found = ev.pooled(evidence)
+def render(evidence: dict, found: dict, mlp_figure2: dict, vit: dict) -> str:
     vit_figure2 = figure2_analysis(vit["points"], vit["protocol"]["PAPER_CORRELATION"])
     networks, seeds = evidence["networks"], len(evidence["protocol"]["SEEDS"])
     size = f"{networks} x {seeds}"
@@ -61,7 +55,9 @@ def render(evidence: dict, mlp_figure2: dict, vit: dict) -> str:
             f"{c.diff:+.2f}" if c.verdict == "no difference detected" else f"**{c.diff:+.2f}**"
         )
         low, high = c.verdict_interval
-        rows.append(f"| {name} | {estimate} | {low:+.2f} to {high:+.2f} | {_p(c)} | {size} |")
+        rows.append(
+            f"| {name} | {estimate} | {low:+.2f} to {high:+.2f} | {ev.decided_p(c)} | {size} |"
+        )
     held = ev.held_out(evidence)
     stated = [k for k, c in found.items() if c.verdict != "no difference detected"]
     same = sum(held[k].diff * found[k].diff > 0 for k in stated)
@@ -93,8 +89,8 @@ def render(evidence: dict, mlp_figure2: dict, vit: dict) -> str:
     )
 
 
-def detail(evidence: dict) -> str:
-    found, held = ev.pooled(evidence), ev.held_out(evidence)
+def detail(evidence: dict, found: dict) -> str:
+    held = ev.held_out(evidence)
     noise, spread = ev.float_noise(evidence)
     check = {
         k: f"{h.diff:+.2f} [{h.low:+.2f}, {h.high:+.2f}] {ev.short(h.verdict)}"
@@ -153,13 +149,14 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if out of date")
     args = parser.parse_args()
     evidence = ev.load()
+    found = ev.pooled(evidence)
     vit = json.loads((REPO / "experiments" / "vit.json").read_text())
     mlp = json.loads((REPO / "figures" / "results.json").read_text())["figure2"]
     readme_path = REPO / "README.md"
     readme = readme_path.read_text()
     wanted = {
-        readme_path: updated_readme(readme, render(evidence, mlp, vit)),
-        DETAIL: detail(evidence),
+        readme_path: updated_readme(readme, render(evidence, found, mlp, vit)),
+        DETAIL: detail(evidence, found),
     }
     stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
     if args.check:
