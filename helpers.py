@@ -1,17 +1,6 @@
-"""Plumbing for DoRA.ipynb, re-exported: the notebook and the scripts say ``helpers.X``, and the
-code lives in the package dora_tutorial/, one module per concern: session (the release check,
-device, clock, seeds, wrapped text), models (the MLP, adapters, merging, inference time, optional
-PEFT parts), data (MNIST, the rotated-digits task), training (one loop, many seeds at once),
-stats (paired tests, Holm, LoRA at DoRA's budget), evidence (the pooled analysis), summary
-(Part I's conclusions, tables, results.json),
-weights (how fine-tuning moves the weights: the paper's Figure 2 as a test), plots, precision
-(low precision: does m train, what a merge loses), arguments (the practitioners' layers' argument
-checks) and cache (what DoRA layers keep for unmerged inference); beside them the instruments
-mnist_files, adapter_files, memory and check_dora.
-
-Helpers never define adapter layers: they take the notebook's layer classes as arguments.
-Nothing here or in dora_tutorial/ imports the maintainers' scripts (tools/).
-"""
+"""The notebook's plumbing, handed on: ``helpers.X`` is a name from one of the modules of
+dora_tutorial/, each named for what it holds (tools/README.md maps them). The layers are the
+notebook's own; what here needs one takes the layer class as an argument."""
 
 from dora_tutorial.adapter_files import (
     adapter_layers,
@@ -44,6 +33,8 @@ from dora_tutorial.evidence import table as comparison_table
 from dora_tutorial.memory import saved_tensor_bytes
 from dora_tutorial.models import (
     add_adapters,
+    add_to_class,
+    import_peft,
     inference_ms,
     layer_weights,
     make_mlp,
@@ -95,78 +86,3 @@ from dora_tutorial.weights import (
     relative_change,
     slope_ratio,
 )
-
-# The notebook's interface, by concern: every name here is called there (tests/test_tools.py
-# checks that each exists). Other public names are the building blocks these use, tested on
-# their own and used by scripts (Runs, Task, Comparison, timed, ...).
-__all__ = [
-    # Setup
-    "require_version",
-    "pick_device",
-    "wrap",
-    # models and adapters
-    "make_mlp",
-    "add_adapters",
-    "parameter_counts",
-    "layer_weights",
-    "adapter_layers",
-    "saved_tensor_bytes",
-    # data
-    "load_mnist",
-    "rotate",
-    "make_task",
-    # training
-    "train",
-    "finetune",
-    "accuracy",
-    # evidence
-    "compare",
-    "lora_at_budget",
-    "Comparison",
-    "what_we_learned",
-    "holm",
-    "results_table",
-    "run_summary",
-    "write_results",
-    "comparison_table",
-    "disagreements",
-    "rate_table",
-    "short",
-    "ablation_line",
-    "pooled",
-    "held_out",
-    "float_noise",
-    "findings",
-    # how fine-tuning moves the weights
-    "magnitude_moved",
-    "magnitude_table",
-    "figure2_points",
-    "figure2_analysis",
-    "figure2_table",
-    # the practitioners' layers
-    "check_adapter_args",
-    "check_dropout",
-    "check_linear",
-    "check_conv",
-    "choose_adapter_dtype",
-    "InferenceCache",
-    # shipping
-    "merge_adapters",
-    "magnitude_moves",
-    "merge_error",
-    "inference_ms",
-    "save_adapter",
-    "load_adapter",
-    "save_peft_adapter",
-    "load_peft_adapter",
-    "check_dora",
-    "optional_part",
-    # plots
-    "plot_idea",
-    "plot_digits",
-    "plot_methods",
-    "plot_paired",
-    "plot_rank_sweep",
-    "plot_learning_rates",
-    "plot_figure2",
-]

@@ -124,3 +124,30 @@ def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: i
     times = [timed(lambda: model(x), x.device)[0] for _ in range(warmup + repeats)][warmup:]
     model.train(was_training)
     return 1000 * statistics.median(times)
+
+
+def import_peft():
+    """PEFT's ``PeftModel``, or None with one line that says why: PEFT is optional, and an
+    installed peft can fail to import with any exception (NameError with torch 2.5 and
+    transformers 5), not only ImportError."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # tqdm, imported by peft, warns when ipywidgets is missing
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            from peft import PeftModel
+    except Exception as err:
+        print(wrap(f"Skipping the comparison with PEFT: cannot import peft ({err!r})."))
+        return None
+    return PeftModel
+
+
+def add_to_class(cls):
+    """``@add_to_class(C)`` above a function makes it a method of C: a class explained over
+    several notebook cells (as d2l.ai does)."""
+
+    def register(function):
+        setattr(cls, function.__name__, function)
+        return function
+
+    return register
