@@ -93,7 +93,7 @@ def inference(nb, base: nn.Module, rank: int, tokens: list[int], repeats: int, t
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inference", action="store_true", help="unmerged inference instead")
-    parser.add_argument("--repeats", type=int, help="timed steps (5) or rounds (15)")
+    parser.add_argument("--repeats", type=int, help="timed rounds: training 5, inference 15")
     parser.add_argument("--tokens", type=int, nargs="+", help="training: 2048; inference: 1 1024")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
