@@ -44,29 +44,22 @@ _CHROMIUM_FLAGS = (
 # Prepended to every script: the notebook panel open on arguments[0].
 _JS_PRELUDE = """
 const app = window.jupyterapp;
-function NB(path) {
-  if (!app || !app.shell) return null;
-  for (const w of app.shell.widgets('main'))
-    if (w.context && w.context.path === path && w.content && w.content.widgets) return w;
-  return null;
-}
+const NB = path => (app && app.shell && [...app.shell.widgets('main')].find(
+  w => w.context && w.context.path === path && w.content && w.content.widgets)) || null;
 """
 _JS_STATE = """
 const w = NB(arguments[0]);
 if (!w) return null;
 const nb = w.content, code = nb.widgets.filter(c => c.model.type === 'code');
-const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
-const imgs = [...nb.node.querySelectorAll('img')];
 return {
   cells: nb.widgets.length,
   rendered: nb.node.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown').length,
   markdown: nb.widgets.filter(c => c.model.type === 'markdown').length,
   math: nb.node.querySelectorAll('mjx-container').length,
-  images: imgs.length,
-  images_complete: imgs.filter(i => i.complete).length,
+  images_loading: [...nb.node.querySelectorAll('img')].filter(i => !i.complete).length,
   outputs: nb.node.querySelectorAll('.jp-OutputArea-output').length,
   fonts: document.fonts.status,
-  kernel: kernel ? kernel.status : 'none',
+  kernel: w.sessionContext.session?.kernel?.status ?? 'none',
   running: code.filter(c => c.model.executionState === 'running').length,
   counted: code.filter(c => c.model.executionCount !== null).length,
   runnable: code.filter(c => c.model.sharedModel.getSource().trim() !== '').length,
@@ -156,11 +149,9 @@ app.commands.execute('notebook:restart-run-all');
 """
 # The file browser open, as a reader has it: the notebook's column is narrower.
 _JS_FILE_BROWSER = "if (app.shell.leftCollapsed) app.commands.execute('filebrowser:activate');"
-_JS_ACCEPT_DIALOGS = """
-const buttons = [...document.querySelectorAll('.jp-Dialog .jp-mod-accept')];
-buttons.forEach(button => button.click());
-return buttons.length;
-"""
+_JS_ACCEPT_DIALOGS = (
+    "document.querySelectorAll('.jp-Dialog .jp-mod-accept').forEach(b => b.click());"
+)
 _JS_SCROLL_TO = """
 NB(arguments[0]).content.widgets[arguments[1]].node.scrollIntoView({block: arguments[2]});
 """
@@ -275,8 +266,7 @@ def _wait(driver, path: str, ready, what: str, polls: int = 1, timeout: float = 
 
 
 def _settled(s: dict) -> bool:  # MathJax, images and fonts done
-    done = s["rendered"] >= s["markdown"] and s["images_complete"] == s["images"]
-    return done and s["fonts"] == "loaded"
+    return s["rendered"] >= s["markdown"] and not s["images_loading"] and s["fonts"] == "loaded"
 
 
 def _check_page(driver, path: str, notebook: dict, phase: str, shots: Path | None) -> list[str]:
@@ -302,21 +292,16 @@ def _run_all(driver, path: str) -> list[str]:
     if not _wait(driver, path, lambda s: s["kernel"] == "idle", "an idle kernel")["runnable"]:
         return []
     _js(driver, _JS_RUN_ALL, path)
-    deadline = time.monotonic() + 30
-    while not _js(driver, _JS_ACCEPT_DIALOGS):  # "Restart Kernel?" -> Restart
-        if time.monotonic() > deadline:
-            raise TimeoutError("no 'Restart Kernel?' dialog within 30 s")
-        time.sleep(0.2)
+    _wait(driver, path, lambda s: s["dialog"], "a 'Restart Kernel?' dialog", timeout=30)
+    _js(driver, _JS_ACCEPT_DIALOGS)  # Restart
     _wait(driver, path, lambda s: s["started"] > 0, "the first cell to start")
-    start, quiet = time.monotonic(), 0
-    while quiet < 3:  # Run All queues every cell: each is "running" until its reply comes
-        state = _js(driver, _JS_STATE, path)
-        if state["dialog"]:  # e.g. "the kernel appears to have died"
-            return [f"FAIL page: dialog during the run: {' | '.join(state['dialog'])}"]
-        if time.monotonic() - start > RUN_ALL_TIMEOUT:
-            return [f"FAIL page: run-all: still running after {RUN_ALL_TIMEOUT} s"]
-        quiet = quiet + 1 if state["running"] == 0 and state["kernel"] == "idle" else 0
-        time.sleep(0.5)
+
+    def done(s):  # Run All queues every cell: each is "running" until its reply comes
+        return s["dialog"] or (s["running"] == 0 and s["kernel"] == "idle")
+
+    state = _wait(driver, path, done, "the end of Run All", polls=6, timeout=RUN_ALL_TIMEOUT)
+    if state["dialog"]:  # e.g. "the kernel appears to have died"
+        return [f"FAIL page: dialog during the run: {' | '.join(state['dialog'])}"]
     ran = f"{state['counted']} of {state['runnable']} code cells ran"
     print(f"run: {ran}")
     if state["counted"] < state["runnable"]:
