@@ -195,16 +195,9 @@ def _jupyterlab(root: Path, home: Path, log_path: Path):
     command = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", "--port=0"]
     command += ["--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", "--allow-root"]
     command += [f"--LabApp.{key}={value}" for key, value in lab.items()]
-    with open(log_path, "wb") as server_log:  # its own session: kernels and all stop together
-        server = subprocess.Popen(
-            command,
-            cwd=root,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=server_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    with open(log_path, "wb") as log:  # its own session: kernels and all stop together
+        io = {"stdin": subprocess.DEVNULL, "stdout": log, "stderr": subprocess.STDOUT}
+        server = subprocess.Popen(command, cwd=root, env=env, start_new_session=True, **io)
     try:
         info = home / "runtime" / f"jpserver-{server.pid}.json"  # says which port it took
         deadline = time.monotonic() + 90
@@ -312,8 +305,7 @@ def _run_all(driver, path: str) -> list[str]:
 def check(notebook_path: Path, run: bool = True, shots: Path | None = None) -> list[str]:
     """Open the notebook in JupyterLab, check it, run it (unless ``run=False``), check again."""
     notebook_path = notebook_path.resolve()
-    root = REPO if notebook_path.is_relative_to(REPO) else notebook_path.parent
-    path = notebook_path.relative_to(root).as_posix()
+    root, path = notebook_path.parent, notebook_path.name
     before = notebook_path.read_bytes()
     notebook = json.loads(before)
     problems = []
