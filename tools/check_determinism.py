@@ -1,10 +1,7 @@
 """Check that re-running DoRA.ipynb on this machine reproduces every stored text output.
 
-    .venv/bin/python -m tools.check_determinism
-
-Stricter than nbval: it compares every code cell, the ones nbval ignores too, with only the
-timings masked (tests/nbval_sanitize.cfg); it holds on the machine that made the stored outputs.
-Exit status 1 lists the cells that differ.
+Stricter than nbval: every code cell is compared, those nbval ignores too, with only the timings
+masked (tests/nbval_sanitize.cfg). It holds on the machine that made the stored outputs.
 """
 
 from __future__ import annotations
@@ -16,20 +13,16 @@ import sys
 from pathlib import Path
 
 import nbformat
+from nbval.plugin import get_sanitize_patterns
 
 from dora_tutorial.notebook import execute
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def sanitizers(path: Path = REPO / "tests" / "nbval_sanitize.cfg") -> list[tuple[str, str]]:
-    """The (regex, replacement) pairs of an nbval sanitize file."""
-    lines = [line.strip() for line in path.read_text().splitlines()]
-    return [
-        (line[len("regex:") :].strip(), nxt[len("replace:") :].strip())
-        for line, nxt in zip(lines, lines[1:], strict=False)
-        if line.startswith("regex:") and nxt.startswith("replace:")
-    ]
+def sanitizers() -> list[tuple[str, str]]:
+    """The (regex, replacement) pairs of tests/nbval_sanitize.cfg, read by nbval's own parser."""
+    return get_sanitize_patterns((REPO / "tests" / "nbval_sanitize.cfg").read_text())
 
 
 def cell_texts(notebook, rules) -> list[str]:
@@ -57,9 +50,8 @@ def main() -> int:
     fresh = cell_texts(execute(path), rules)
     differ = [i for i, (a, b) in enumerate(zip(stored, fresh, strict=True)) if a != b]
     for i in differ:
-        print(f"code cell {i} differs:")
         diff = difflib.unified_diff(stored[i].splitlines(), fresh[i].splitlines(), lineterm="")
-        print("\n".join(list(diff)[2:22]))
+        print(f"code cell {i} differs:", *list(diff)[2:22], sep="\n")
     if differ:
         print(f"determinism check FAILED: {len(differ)} of {len(stored)} code cells differ")
         return 1

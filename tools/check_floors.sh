@@ -1,19 +1,15 @@
 #!/usr/bin/env bash
-# Floor run: install the oldest versions requirements.txt admits (tools/floors.py turns every
-# "name>=X" of requirements.txt and requirements-dev.txt into "name==X"), then run the unit
-# tests and execute the notebook headless with them.
-# Other versions give slightly other numbers, so nothing is compared with the stored outputs:
-# every test must pass and every cell must run.
+# Floor run: install the oldest versions the requirements files admit (tools/floors.py turns each
+# "name>=X" into "name==X"), then lint, run the unit tests and execute the notebook with them.
+# Other versions print slightly other numbers, so outputs are not compared: everything must run.
 #
 #   bash tools/check_floors.sh                                   # the floors
 #   bash tools/check_floors.sh torch==2.8.0 torchvision==0.23.0  # another combination
 #   PYTHON=python3.12 bash tools/check_floors.sh                 # another Python
 #
-# Wheels are kept in a wheelhouse that outlives the run (DORA_WHEELHOUSE, default
-# ~/.cache/dora-floors/wheels): PyPI's torch wheels bring about 3 GB of CUDA libraries, and pip's
-# own HTTP cache stores nothing when the index answers without caching headers (as the one this
-# project's CI reaches does). A warm run installs offline from there. The virtualenv (about 6 GB)
-# lives in a temporary folder that is removed at the end.
+# Wheels stay in a wheelhouse (DORA_WHEELHOUSE, default ~/.cache/dora-floors/wheels) because pip's
+# HTTP cache keeps nothing from an index that sends no caching headers, and torch's wheels bring
+# gigabytes of CUDA libraries; a warm run installs offline. The virtualenv is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -1,14 +1,12 @@
-"""Execute DoRA.ipynb top to bottom, headless, and store its outputs and figures.
+"""Execute DoRA.ipynb headless, in a fresh kernel, and save what it made.
 
-    .venv/bin/python -m tools.run_notebook                # CPU; writes runs/ (untracked)
-    .venv/bin/python -m tools.run_notebook --regenerate   # maintainers: the committed outputs
+    .venv/bin/python -m tools.run_notebook                # CPU, into runs/ (untracked)
+    .venv/bin/python -m tools.run_notebook --regenerate   # over DoRA.ipynb and figures/
     .venv/bin/python -m tools.run_notebook --device cuda --output /tmp/DoRA-cuda.ipynb
 
-Makes MNIST available, runs every cell in a fresh kernel (printing each cell's output as it
-finishes), then writes the executed notebook, each figure of a cell tagged ``fig-NAME`` as
-``NAME.png`` and the summary's ``results.json``: into ``runs/`` by default, over the committed
-DoRA.ipynb and ``figures/`` with ``--regenerate``. A run on another device than the CPU prints
-other numbers, so it refuses to write the committed files.
+It saves the executed notebook, the PNG of each cell tagged ``fig-NAME`` as ``NAME.png`` and the
+summary's ``results.json``. The committed ones come from the CPU: another device's run may not
+overwrite them.
 """
 
 from __future__ import annotations
@@ -29,49 +27,44 @@ REPO = Path(__file__).resolve().parents[1]
 RUNS = REPO / "runs"  # a reader's run goes here (.gitignore), never over the committed files
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--notebook", type=Path, default=REPO / "DoRA.ipynb")
     parser.add_argument("--output", type=Path, help="the notebook (default: runs/DoRA.ipynb)")
     parser.add_argument("--figures", type=Path, help="PNGs (default: beside the notebook)")
     parser.add_argument("--regenerate", action="store_true", help="write the committed files")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = helpers.pick_device(None if args.device == "auto" else args.device)
-    if args.regenerate and (args.output or args.figures):
-        parser.error("--regenerate writes the committed files: give no --output or --figures")
     if args.regenerate:
+        if args.output or args.figures:
+            parser.error("--regenerate writes the committed files: give no --output or --figures")
         args.output, args.figures = args.notebook, REPO / "figures"
     output, figures = destinations(args.notebook, args.output, args.figures, device)
     if output is None:
         parser.error(
-            f"a {device.type} run must not overwrite the committed DoRA.ipynb or figures/, which "
-            f"come from the CPU: pass --output elsewhere, e.g. --output /tmp/DoRA-{device.type}"
-            f".ipynb (its figures then go to /tmp/DoRA-{device.type}-figures/)"
+            f"a {device.type} run must not overwrite the committed DoRA.ipynb or figures/: pass "
+            f"--output elsewhere, e.g. --output /tmp/DoRA-{device.type}.ipynb"
         )
-
     helpers.load_mnist()
     os.environ["DORA_DEVICE"] = str(device)  # read by helpers.pick_device() in the kernel
     start = time.perf_counter()
-    results = figures / "results.json"  # figures/results.json for the committed run
     figures.mkdir(parents=True, exist_ok=True)  # the kernel writes results.json there
-    notebook = execute(args.notebook, results)
+    notebook = execute(args.notebook, figures / "results.json")
     print(f"executed {args.notebook.name} on {device} in {time.perf_counter() - start:.1f} s")
     write_atomic(output, [nbformat.writes(notebook).encode()])
-    for path in [*save_figures(notebook, figures), results]:
+    for path in [output, *save_figures(notebook, figures), figures / "results.json"]:
         print(f"saved {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
 
 def destinations(notebook: Path, output, figures, device) -> tuple[Path | None, Path]:
-    """(notebook, figures folder) to write; (None, _) for another device's run that would
-    replace the committed files. An --output elsewhere gets its figures beside it."""
+    """(notebook, figures folder) to write, figures beside the notebook unless named; (None, _)
+    for another device's run that would replace the committed files."""
     if output is None:
         output, figures = RUNS / notebook.name, figures or RUNS / "figures"
     figures = figures or output.with_name(f"{output.stem}-figures")
-    if device.type == "cpu":
-        return output, figures
     committed = {(REPO / "DoRA.ipynb").resolve(), notebook.resolve(), (REPO / "figures").resolve()}
-    if output.resolve() in committed or figures.resolve() in committed:
+    if device.type != "cpu" and {output.resolve(), figures.resolve()} & committed:
         return None, figures
     return output, figures
 
