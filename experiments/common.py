@@ -1,19 +1,38 @@
-"""What the experiments share: the notebook's tasks, and learning-rate grids that widen."""
+"""What the experiments share: the notebook's settings, tasks and fine-tuning, rate grids that
+widen, and the paired comparisons they save."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
+import tempfile
+from pathlib import Path
 
 import helpers
+from dora_tutorial.notebook import import_notebook_definitions, protocol
 
 STEPS = (1, 2, 5)  # a widened grid goes on in 1-2-5 steps
-RATES = (3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2)  # experiments/cnn.py's grid
+SMOKE = "--smoke" in sys.argv  # tiny sizes, to a temporary file: does it all run? (no results)
+
+
+def start():
+    """The notebook's definitions, its settings (shrunk under --smoke) and the device."""
+    nb = import_notebook_definitions()
+    p = protocol(nb)
+    if SMOKE:
+        p.update(FT_TRAIN_SIZE=256, VAL_SIZE=128, SEEDS=p["SEEDS"][:2], MNIST_SIZE=512)
+    return nb, p, helpers.pick_device()
+
+
+def results_path(name: str) -> Path:
+    """experiments/<name>.json, or a temporary file under --smoke."""
+    return (Path(tempfile.gettempdir()) if SMOKE else Path(__file__).parent) / f"{name}.json"
 
 
 def tasks(p: dict, device, seed: int = 0):
-    """(MNIST, the rotated task with its validation split), as the notebook builds them; ``seed``
-    picks the fine-tuning subset and the validation split."""
-    data = helpers.load_mnist()
+    """(MNIST, the rotated task with its validation split drawn by ``seed``), as in the notebook."""
+    data = [part[: p.get("MNIST_SIZE")] for part in helpers.load_mnist()]  # all but in --smoke
     mnist = helpers.make_task(*data, device=device)
     rotated = helpers.make_task(
         *data,
@@ -32,12 +51,8 @@ def widen(rates, best: float) -> float | None:
     if best not in (rates[0], rates[-1]):
         return None
     exponent = math.floor(math.log10(best))
-    i = STEPS.index(round(best / 10**exponent))
-    if best == rates[-1]:
-        exponent, i = (exponent + 1, 0) if i == len(STEPS) - 1 else (exponent, i + 1)
-    else:
-        exponent, i = (exponent - 1, len(STEPS) - 1) if i == 0 else (exponent, i - 1)
-    return float(f"{STEPS[i] * 10.0**exponent:.3g}")
+    step = 3 * exponent + STEPS.index(round(best / 10**exponent)) + (1 if best == rates[-1] else -1)
+    return float(f"{STEPS[step % 3] * 10.0 ** (step // 3):.3g}")
 
 
 def tune(score, grid) -> dict[float, float]:
@@ -52,64 +67,64 @@ def tune(score, grid) -> dict[float, float]:
     return dict(sorted(scores.items()))
 
 
-def pretrain(model, mnist, p: dict) -> helpers.Runs:
-    """Pretrain ``model`` on MNIST in place with ``helpers.train``, one model: the algorithm of
-    the notebook's plain loop (``train_one_model``: same batches, same Adam), which the MLP
-    uses; experiments/cnn.py pretrains its CNN with this."""
-    return helpers.train(
-        model,
-        mnist,
-        epochs=p["PRETRAIN_EPOCHS"],
-        lr=p["PRETRAIN_LR"],
-        batch_size=p["BATCH_SIZE"],
-        log=None,
+def pretrain(model, mnist, rotated, p: dict, epochs: int) -> dict:
+    """Pretrain ``model`` on MNIST in place (the notebook's plain loop, rate and batch size);
+    its test accuracy (%) on MNIST and on the rotated digits."""
+    runs = helpers.train(
+        model, mnist, epochs=epochs, lr=p["PRETRAIN_LR"], batch_size=p["BATCH_SIZE"], log=print
     )
+    on_rotated = 100 * helpers.accuracy(model, rotated.test_x, rotated.test_y)
+    return {"mnist": float(runs.final[0]), "rotated": on_rotated}
 
 
-def alpha_at(rank: int, p: dict) -> float:
-    """The notebook's alpha at another rank: its rank sweep keeps alpha / rank = ALPHA / RANK."""
-    return p["ALPHA"] * rank / p["RANK"]
-
-
-def fine_tune(
-    pretrained, task, wrapper, lr: float, p: dict, evaluate_on: str = "val", rank: int | None = None
-):
-    """The notebook's fine-tuning protocol for one method at one rate, every seed at once (at
-    the notebook's RANK and ALPHA, or at ``rank`` with ``alpha_at(rank)``)."""
+def fine_tune(pretrained, task, p: dict, wrapper, lr: float, rank: int | None = None, **kw):
+    """One method at one rate, every seed at once, as the notebook fine-tunes (at another rank
+    with the alpha / rank of its rank sweep)."""
+    rank = rank or p["RANK"]
+    kw = {"seeds": p["SEEDS"], "epochs": p["FT_EPOCHS"], "batch_size": p["BATCH_SIZE"], **kw}
+    alpha = p["ALPHA"] * rank / p["RANK"]
     return helpers.finetune(
-        pretrained,
-        task,
-        seeds=p["SEEDS"],
-        wrapper=wrapper,
-        rank=p["RANK"] if rank is None else rank,
-        alpha=p["ALPHA"] if rank is None else alpha_at(rank, p),
-        lr=lr,
-        epochs=p["FT_EPOCHS"],
-        batch_size=p["BATCH_SIZE"],
-        evaluate_on=evaluate_on,
-        log=None,
+        pretrained, task, wrapper=wrapper, rank=rank, alpha=alpha, lr=lr, log=None, **kw
     )
 
 
-def choose_rates(pretrained, task, methods: dict, p: dict, rates=RATES, rank=None) -> dict:
-    """Each method ({name: wrapper}) at each rate, scored on the validation set: the best mean
-    wins. Returns {"rates", "validation": {method: {rate: [mean, std]}}, "chosen": {method:
-    rate}, "table"}; prints the table's rows as they come. ``rank``: see ``fine_tune``."""
-    scores: dict[str, dict[str, list[float]]] = {name: {} for name in methods}
-    lines = [f"{'lr':>8}" + "".join(f"{name:>18}" for name in methods)]
-    heading = f"validation accuracy (%), mean ± std over {len(p['SEEDS'])} seeds"
-    if rank is not None:
-        heading += f", rank {rank}, alpha {alpha_at(rank, p):g}"
-    print(heading, flush=True)
-    print(lines[0], flush=True)
-    for lr in rates:
-        cells = []
-        for name, wrapper in methods.items():
-            acc = fine_tune(pretrained, task, wrapper, lr, p, rank=rank).final
-            scores[name][f"{lr:g}"] = [float(acc.mean()), float(acc.std(ddof=1))]
-            cells.append(f"{acc.mean():.2f} ± {acc.std(ddof=1):.2f}")
-        lines.append(f"{lr:>8g}" + "".join(f"{cell:>18}" for cell in cells))
-        print(lines[-1], flush=True)
-    chosen = {name: float(max(s, key=lambda lr: s[lr][0])) for name, s in scores.items()}
-    table = "\n".join([heading, *lines])
-    return {"rates": list(rates), "validation": scores, "chosen": chosen, "table": table}
+def validate(pretrained, task, p: dict, name: str, wrapper, lr: float, **kw):
+    """``fine_tune`` scored on the validation split: (the runs, [mean, std] over the seeds)."""
+    runs = fine_tune(pretrained, task, p, wrapper, lr, evaluate_on="val", **kw)
+    score = [float(runs.final.mean()), float(runs.final.std(ddof=1))]
+    print(f"{name} lr {lr:g}: validation {score[0]:.2f} ± {score[1]:.2f} %", flush=True)
+    return runs, score
+
+
+def choose(pretrained, task, p: dict, methods: dict, grids: dict, **kw) -> tuple[dict, dict]:
+    """Each method ({name: wrapper or (wrapper, rank)}) on the validation split over its grid,
+    widened: ({name: {rate: [mean, std]}}, {name: (the best rate, its runs)})."""
+    validation, best = {}, {}
+    for name, method in methods.items():
+        wrapper, rank = method if isinstance(method, tuple) else (method, None)
+        scores = validation[name] = {}
+
+        def score(lr, name=name, wrapper=wrapper, rank=rank, scores=scores):
+            runs, scores[f"{lr:g}"] = validate(
+                pretrained, task, p, name, wrapper, lr, rank=rank, **kw
+            )
+            if name not in best or runs.final.mean() > best[name][1].final.mean():
+                best[name] = (lr, runs)  # the best so far; the others are let go
+            return scores[f"{lr:g}"][0]
+
+        tune(score, grids[name])
+        validation[name] = dict(sorted(scores.items(), key=lambda kv: float(kv[0])))
+    return validation, best
+
+
+def outcome(runs: dict[str, helpers.Runs]) -> dict:
+    """The test results as saved: the table, each seed's accuracy, and the notebook's paired
+    tests of DoRA against LoRA and of full fine-tuning against DoRA, worded."""
+    pairs = ("DoRA", "LoRA"), ("full FT", "DoRA")
+    comparisons = [helpers.compare(a, runs[a], b, runs[b]) for a, b in pairs]
+    return {
+        "table": helpers.results_table(runs),
+        "final": {name: [float(a) for a in r.final] for name, r in runs.items()},
+        "comparisons": [dataclasses.asdict(c) for c in comparisons],
+        "sentences": [c.sentence() for c in comparisons],
+    }

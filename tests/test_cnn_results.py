@@ -1,61 +1,67 @@
-"""experiments/cnn.json belongs to the notebook as it is, and the notebook prints it unchanged.
-
-* It records the notebook settings it ran with: if a setting changes, this fails until
-  ``experiments/cnn.py`` is rerun (as tests/test_evidence.py does for the MLP's).
-* Its learning rates are the best on the validation set, and its sentences are what
-  ``helpers.Comparison`` writes from its numbers: nothing in it was edited by hand.
-* The notebook's CNN cell prints its table and sentences (nbval does not compare that cell's
-  output, as the table holds timings, so the stored output is compared here).
-"""
+"""experiments/cnn.json and vit.json alike: run with the notebook's settings, each rate the best
+on the validation split and inside its grid, each verdict what its interval says, and the
+notebook shows them as saved. The ViT's own checks are in tests/test_vit_results.py."""
 
 import json
 
 import nbformat
+import pytest
 
 import helpers
 from dora_tutorial.notebook import protocol
+from experiments import vit
 
 REPO = helpers.REPO
-CNN = json.loads((REPO / "experiments" / "cnn.json").read_text())
+SAVED = {
+    name: json.loads((REPO / "experiments" / f"{name}.json").read_text()) for name in ("cnn", "vit")
+}
 
 
-def test_cnn_experiment_ran_with_the_notebooks_settings(nb):
-    assert CNN["protocol"] == protocol(nb), (
-        "rerun experiments/cnn.py: the notebook's settings changed"
+@pytest.mark.parametrize("name, keys", [("cnn", None), ("vit", vit.USED)])  # None: all it has
+def test_ran_with_the_notebooks_settings(nb, name, keys):
+    settings = protocol(nb)
+    assert SAVED[name]["protocol"] == {key: settings[key] for key in keys or settings}, (
+        f"rerun experiments/{name}.py: the notebook's settings changed"
     )
 
 
-def test_cnn_learning_rates_are_the_best_on_the_validation_set():
-    assert set(CNN["chosen"]) == set(CNN["validation"]) == {"full FT", "LoRA", "DoRA"}
-    for method, rates in CNN["validation"].items():
-        assert set(rates) == {f"{lr:g}" for lr in CNN["rates"]}
-        best = max(rates, key=lambda lr: rates[lr][0])
-        assert CNN["chosen"][method] == float(best)
+@pytest.mark.parametrize("name", SAVED)
+@pytest.mark.parametrize("method", ["full FT", "LoRA", "DoRA"])
+def test_the_chosen_rate_is_the_best_on_validation_and_inside_its_grid(name, method):
+    scores = {float(lr): mean for lr, (mean, _) in SAVED[name]["validation"][method].items()}
+    chosen = SAVED[name]["chosen"][method]
+    assert scores[chosen] == max(scores.values())
+    assert min(scores) < chosen < max(scores), f"{chosen} at the grid's edge"
 
 
-def test_cnn_sentences_come_from_the_saved_numbers(nb):
-    comparisons = [helpers.Comparison(**c) for c in CNN["comparisons"]]
-    for c, saved in zip(comparisons, CNN["sentences"], strict=True):  # the same numbers
-        assert f"95 % CI {c.low:+.2f} to {c.high:+.2f}" in saved
-    assert [(c.a, c.b) for c in comparisons] == [("DoRA", "LoRA"), ("full FT", "DoRA")]
-    assert all(c.n == len(protocol(nb)["SEEDS"]) for c in comparisons)
-    for method, final in CNN["final"].items():
-        assert len(final) == len(protocol(nb)["SEEDS"])
-        row = next(line for line in CNN["table"].splitlines() if line.startswith(method))
-        assert f"{sum(final) / len(final):.2f} ±" in row
+@pytest.mark.parametrize("name, n_seeds", [("cnn", None), ("vit", vit.N_SEEDS)])  # None: all
+def test_each_verdict_is_what_its_paired_interval_says(nb, name, n_seeds):
+    seeds = len(protocol(nb)["SEEDS"][:n_seeds])
+    for saved, sentence in zip(SAVED[name]["comparisons"], SAVED[name]["sentences"], strict=True):
+        c = helpers.Comparison(**saved)
+        assert c.test == "paired t-test" and c.n == seeds
+        if c.low <= 0 <= c.high:
+            assert "no difference detected" in sentence
+        else:
+            side = "ahead of" if c.low > 0 else "behind"
+            assert sentence.startswith(f"{c.a} is {side} {c.b}")
 
 
-def test_the_notebook_prints_the_saved_cnn_results():
+@pytest.mark.parametrize(
+    "name, source", [("cnn", 'open("experiments/cnn.json")'), ("vit", "vit_run = ")]
+)
+def test_the_notebook_shows_the_saved_results(name, source):
     notebook = nbformat.read(REPO / "DoRA.ipynb", as_version=4)
-    cell = next(
-        c
-        for c in notebook.cells
-        if c.cell_type == "code" and 'open("experiments/cnn.json")' in c.source
-    )
+    cell = next(c for c in notebook.cells if c.cell_type == "code" and source in c.source)
     printed = "".join(out.get("text", "") for out in cell.outputs)
-    assert CNN["table"] in printed and CNN["validation_table"] in printed
-    flat = " ".join(printed.split())
-    for c in CNN["comparisons"]:  # worded now, from the saved numbers
-        assert " ".join(helpers.Comparison(**c).sentence().split()) in flat
-    markdown = "\n".join(c.source for c in notebook.cells if c.cell_type == "markdown")
-    assert ".venv/bin/python -m experiments.cnn" in markdown  # how to regenerate it
+    saved = SAVED[name]
+    comparisons = {f"{c['a']} - {c['b']}": helpers.Comparison(**c) for c in saved["comparisons"]}
+    tables = [saved["table"], saved["validation_table"]]
+    words = [c.sentence() for c in comparisons.values()]  # worded now, from the saved numbers
+    if name == "vit":
+        tables += [saved["figure2"]["table"], helpers.comparison_table(comparisons)]
+        words = list(saved["figure2"]["conclusions"].values())
+    assert all(table in printed for table in tables)
+    assert all(" ".join(w.split()) in " ".join(printed.split()) for w in words)
+    drawn = any("image/png" in out.get("data", {}) for out in cell.outputs)
+    assert drawn == (name == "vit")
