@@ -1,8 +1,6 @@
 """The notebook's figures. Each draws only the numbers it is given, at a fixed size: nbval
 compares their text."""
 
-from __future__ import annotations
-
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -93,12 +91,12 @@ def plot_methods(results: dict[str, Runs], start: float, title: str, pair=("DoRA
     for ax in (ax_acc, ax_diff):
         ax.xaxis.get_major_locator().set_params(integer=True)  # no "epoch 2.5"
         ax.grid(alpha=0.3)
-    ax_acc.set(xlabel="epoch (0: the pretrained model)", ylabel="test accuracy (%)")
+    ax_acc.set(xlabel="epoch (0: the pretrained model)", ylim=(start * 100 - 2, None))
+    ax_acc.set_ylabel("test accuracy (%)")
     ax_diff.set(xlabel="epoch", ylabel="difference (points)")
+    ax_diff.set(title=f"{pair[0]} - {pair[1]}: mean of the per-seed differences")
     ax_acc.legend(title=f"mean of {len(diff)} seeds", loc="lower right")
-    ax_acc.set_ylim(start * 100 - 2, None)
     ax_diff.legend(loc="upper right")
-    ax_diff.set_title(f"{pair[0]} - {pair[1]}: mean of the per-seed differences")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -119,8 +117,7 @@ def plot_paired(pairs: dict[str, tuple[Runs, Runs]], title: str):
     ax.errorbar([], [], xerr=[], **bar, label="mean, 95 % interval")
     ax.axvline(0, color="0.4", ls="--", lw=1)
     ax.set_yticks(range(len(pairs)), list(reversed(list(pairs))))
-    ax.set_ylim(-0.6, len(pairs) - 0.4)
-    ax.set_xlabel("difference in final test accuracy (points)")
+    ax.set(ylim=(-0.6, len(pairs) - 0.4), xlabel="difference in final test accuracy (points)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title)
     fig.legend(loc="lower center", ncol=2, fontsize=8)
@@ -166,16 +163,13 @@ def plot_figure2(points: dict[str, list[dict]], title: str):
     )
     all_points = [p for pts in points.values() for p in pts]
     checkpoints = sorted({p["checkpoint"] for p in all_points})
-    colour = dict(
-        zip(checkpoints, plt.cm.viridis(np.linspace(0, 1, len(checkpoints))), strict=True)
-    )
+    colours = plt.cm.viridis(np.linspace(0, 1, len(checkpoints)))
+    colour = dict(zip(checkpoints, colours, strict=True))
     x = np.linspace(0, max(p["dD"] for p in all_points) * 1.05, 100)
     for ax, (method, pts) in zip(axes[0], points.items(), strict=True):
         for checkpoint in checkpoints:  # later checkpoints on top
-            group = [p for p in pts if p["checkpoint"] == checkpoint]
-            ax.scatter(
-                [p["dD"] for p in group], [p["dM"] for p in group], color=colour[checkpoint], s=10
-            )
+            group = np.array([(p["dD"], p["dM"]) for p in pts if p["checkpoint"] == checkpoint])
+            ax.scatter(*group.T, color=colour[checkpoint], s=10)
         ax.plot(x, x / (1 - x), color="k", ls="--", lw=1)
         s = figure2_slopes(pts, checkpoints[-1])
         last = [p["dD"] for p in pts if p["checkpoint"] == checkpoints[-1]]
@@ -187,8 +181,7 @@ def plot_figure2(points: dict[str, list[dict]], title: str):
     handles = [
         plt.Line2D([], [], color="k", ls="--", label="orthogonal update: ΔD / (1 - ΔD)"),
         plt.Line2D([], [], color="C3", label="fitted line, last checkpoint"),
-    ]
-    handles += [
+    ] + [
         plt.Line2D([], [], marker="o", ls="", color=colour[c], label=f"checkpoint {c}")
         for c in checkpoints
     ]

@@ -1,8 +1,6 @@
 """How fine-tuning moves the weights (the DoRA paper's Figure 2, as a test): direction and
 magnitude change per layer, their slopes and correlations over seeds, and the verdicts."""
 
-from __future__ import annotations
-
 import math
 
 import numpy as np
@@ -252,10 +250,10 @@ def figure2_table(analysis: dict) -> str:
         orthogonal = m["slopes"][checkpoints[-1]]["orthogonal_mean"]
         lines.append(f"{name:<9}{cells}{orthogonal:>11.2f}{paper:>8}")
     lines += ["", f"{'method':<9}" + "".join(f"{'r at ' + c:>21}" for c in checkpoints)]
-    for name, m in methods.items():
-        lines.append(
-            f"{name:<9}" + "".join(f"{_bracket(v, '+.2f'):>21}" for v in m["correlations"].values())
-        )
+    lines += [
+        f"{name:<9}" + "".join(f"{_bracket(v, '+.2f'):>21}" for v in m["correlations"].values())
+        for name, m in methods.items()
+    ]
     if analysis["ratios"]:
         lines += ["", "slope ratio at the last checkpoint, paired by seed [95 % CI]:"]
         lines += [f"  {k:<16}{_bracket(r, key='ratio')}" for k, r in analysis["ratios"].items()]

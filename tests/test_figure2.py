@@ -1,70 +1,53 @@
-"""Figure 2 as a test: the measures, the orthogonal-update reference, the slope and its interval,
-the paired ratio, per-checkpoint correlations and the verdicts, each on data whose answer is
-known."""
+"""Figure 2 as a test: the measures, the orthogonal-update reference, the slopes, the paired
+ratio, per-checkpoint correlations and the verdicts, each on data whose answer is known."""
 
+import dataclasses
 import math
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 from torch import nn
 
 import helpers
 
-
-def orthogonal_update(w0: torch.Tensor, sizes: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A random update per row, with its component along the row removed, scaled to ``sizes``."""
-    g = torch.Generator().manual_seed(seed)
-    d = torch.randn(w0.shape, generator=g, dtype=torch.float64)
-    d -= (d * w0).sum(1, keepdim=True) / (w0 * w0).sum(1, keepdim=True) * w0
-    return d / d.norm(dim=1, keepdim=True) * sizes.unsqueeze(1)
-
-
 W0 = torch.randn(16, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-UNIT = orthogonal_update(W0, torch.ones(16, dtype=torch.float64))  # unit rows, across W0's
-ANGLE = torch.linspace(0.1, 1.2, 16, dtype=torch.float64).unsqueeze(1)
+NORM = W0.norm(dim=1, keepdim=True)
+D = torch.randn(16, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+UNIT = F.normalize(D - (D * W0).sum(1, keepdim=True) / NORM**2 * W0)  # across W0's rows
 T = torch.linspace(0.05, 2.0, 16, dtype=torch.float64).unsqueeze(1)  # update / row, across it
+COS_T = 1 / (1 + T**2).sqrt()
+ANGLE = torch.linspace(0.1, 1.2, 16, dtype=torch.float64).unsqueeze(1)
+COS, SIN = torch.cos(ANGLE), torch.sin(ANGLE)
 SCALE = torch.linspace(0.5, 1.5, 16, dtype=torch.float64).unsqueeze(1)
-ONE = 1 - 1 / math.sqrt(1 + 0.3**2)  # dD of updates 0.3 times their rows' length, across them
+ONE = 1 - 1 / math.sqrt(1 + 0.3**2)  # dD where every row is turned by the same update 0.3
 
 
 @pytest.mark.parametrize(
     ("weight", "dD", "dM", "orthogonal"),
-    [  # updates across the rows lie on the curve, dM = dD / (1 - dD) where all rows turn alike
-        (
-            W0 + T * W0.norm(dim=1, keepdim=True) * UNIT,
-            (1 - 1 / (1 + T**2).sqrt()).mean().item(),
-            ((1 + T**2).sqrt() - 1).mean().item(),
-            ((1 + T**2).sqrt() - 1).mean().item(),
-        ),
-        (W0 + 0.3 * W0.norm(dim=1, keepdim=True) * UNIT, ONE, ONE / (1 - ONE), ONE / (1 - ONE)),
+    [  # updates across the rows lie on the curve, dD / (1 - dD) where every row turns alike
+        (W0 + T * NORM * UNIT, (1 - COS_T).mean(), (1 / COS_T - 1).mean(), (1 / COS_T - 1).mean()),
+        (W0 + 0.3 * NORM * UNIT, ONE, ONE / (1 - ONE), ONE / (1 - ONE)),
         # turning each row within a plane keeps its length; scaling it keeps its direction
-        (
-            torch.cos(ANGLE) * W0 + torch.sin(ANGLE) * W0.norm(dim=1, keepdim=True) * UNIT,
-            (1 - torch.cos(ANGLE)).mean().item(),
-            0.0,
-            (1 / torch.cos(ANGLE) - 1).mean().item(),  # an orthogonal update of the same angles
-        ),
-        (SCALE * W0, 0.0, (SCALE - 1).abs().mean().item(), 0.0),
+        (COS * W0 + SIN * NORM * UNIT, (1 - COS).mean(), 0.0, (1 / COS - 1).mean()),
+        (SCALE * W0, 0.0, (SCALE - 1).abs().mean(), 0.0),
     ],
     ids=["orthogonal", "orthogonal, one angle", "rotation", "scaling"],
 )
-def test_only_updates_across_the_rows_lie_on_the_orthogonal_update_curve(
-    weight, dD, dM, orthogonal
-):
+def test_only_updates_across_the_rows_lie_on_the_curve(weight, dD, dM, orthogonal):
     c = helpers.relative_change(weight, W0)
-    assert c["dD"] == pytest.approx(dD, abs=1e-12) and c["dM"] == pytest.approx(dM, abs=1e-12)
-    assert c["orthogonal"] == pytest.approx(orthogonal, abs=1e-12)
+    expected = [float(dD), float(dM), float(orthogonal)]
+    assert [c["dD"], c["dM"], c["orthogonal"]] == pytest.approx(expected, abs=1e-12)
 
 
 def test_rows_turned_by_90_degrees_count_but_have_no_orthogonal_reference():
     k = len(W0)
     change = helpers.relative_change(torch.cat([-W0[:1], W0[1:] * 1.1]), W0)
-    assert change["turned"] == 1
     assert change["dD"] == pytest.approx(2 / k) and change["dM"] == pytest.approx(0.1 * (k - 1) / k)
-    assert change["orthogonal"] == pytest.approx(0.0, abs=1e-12)  # the others did not turn
+    assert change["turned"] == 1 and change["orthogonal"] == pytest.approx(0, abs=1e-12)
     every = helpers.relative_change(-W0, W0)
     assert every["turned"] == k and math.isnan(every["orthogonal"]) and every["dD"] == 2
     slopes = helpers.figure2_slopes([dict(p, orthogonal=math.nan) for p in points([1, 2])])
@@ -80,17 +63,15 @@ def test_relative_change_rejects_what_it_cannot_measure(weight0, error):
         helpers.relative_change(W0, weight0)
 
 
-def points(slopes, intercept=0.01, noise=0.0, seed=0, layers=6, checkpoints=4):
-    """Synthetic Figure 2 points: per seed k, dM = slopes[k] * dD + intercept + N(0, noise^2)."""
-    rng = np.random.default_rng(seed)
-    dd = np.linspace(0.01, 0.1, layers * checkpoints)
+def points(slopes, intercept=0.01, noise=0.0, seed=0):
+    """Synthetic Figure 2 points, 6 layers at 4 checkpoints: per seed k,
+    dM = slopes[k] * dD + intercept + N(0, noise^2)."""
+    rng, dd = np.random.default_rng(seed), np.linspace(0.01, 0.1, 24)
+    dm = [s * dd + intercept + noise * rng.standard_normal(24) for s in slopes]
     return [
-        dict(seed=k, checkpoint=i % checkpoints + 1, layer=i // checkpoints, dD=x, dM=y)
-        | {"orthogonal": x / (1 - x)}
-        for k, s in enumerate(slopes)
-        for i, (x, y) in enumerate(
-            zip(dd, s * dd + intercept + noise * rng.standard_normal(len(dd)), strict=True)
-        )
+        dict(seed=k, checkpoint=i % 4 + 1, layer=i // 4, dD=x, dM=y, orthogonal=x / (1 - x))
+        for k, row in enumerate(dm)
+        for i, (x, y) in enumerate(zip(dd, row, strict=True))
     ]
 
 
@@ -146,10 +127,8 @@ def test_correlations_do_not_mix_checkpoints():
         for i in range(6)
     ]
     per = helpers.checkpoint_correlations(pts)
-    assert list(per) == [1, 2, 3, 4]
-    for v in per.values():
-        assert v["r"] == pytest.approx([-1, -1, -1]) and v["mean"] == pytest.approx(-1)
-    assert np.corrcoef([p["dD"] for p in pts], [p["dM"] for p in pts])[0, 1] > 0.9  # pooled
+    expected = {c: {"r": pytest.approx([-1] * 3), "mean": pytest.approx(-1)} for c in range(1, 5)}
+    assert {c: {"r": v["r"], "mean": v["mean"]} for c, v in per.items()} == expected
 
 
 @pytest.mark.parametrize(
@@ -163,11 +142,8 @@ def test_correlations_do_not_mix_checkpoints():
     ],
 )
 def test_the_conclusions_say_what_the_numbers_support(full_ft, dora, pattern, follows, closer):
-    pts = {
-        "full FT": points(full_ft, noise=0.0005),
-        "LoRA": points([0.8, 0.9, 0.85, 0.8]),
-        "DoRA": points(dora),
-    }
+    lora = [0.8, 0.9, 0.85, 0.8]
+    pts = {"full FT": points(full_ft, noise=0.0005), "LoRA": points(lora), "DoRA": points(dora)}
     said = helpers.figure2_analysis(pts, {"full FT": -0.62})["conclusions"]
     assert pattern in said["full FT pattern"] and "-0.62" in said["full FT pattern"]
     assert follows in said["DoRA decoupled vs LoRA"]
@@ -187,20 +163,15 @@ def test_figure2_points_from_recorded_weights():
     with pytest.raises(ValueError, match="no layer named"):
         helpers.figure2_points(runs, pretrained, ["9"])
     with pytest.raises(ValueError, match="record_weights"):
-        helpers.figure2_points(
-            helpers.Runs((7,), [], 1, *[np.zeros((1, 2))] * 2, [0.0]), pretrained, ["2"]
-        )
+        helpers.figure2_points(dataclasses.replace(runs, weights=[]), pretrained, ["2"])
 
 
-def test_the_table_fits_the_notebook():
-    pts = {method: points([0.5, 1.0]) for method in ("full FT", "LoRA", "DoRA")}
+def test_the_table_fits_the_notebook_and_the_figure_titles_each_panel_with_its_slope():
+    slopes = {"full FT": [1.0, 1.2], "LoRA": [0.8, 1.0], "DoRA": [0.2, 0.4]}
+    pts = {method: points(s) for method, s in slopes.items()}
     table = helpers.figure2_table(helpers.figure2_analysis(pts, {"full FT": -0.62}))
     assert all(len(line) <= 100 for line in table.splitlines())
-
-
-def test_plot_figure2_titles_each_panel_with_its_slope_and_keeps_the_legend_inside():
-    slopes = {"full FT": [1.0, 1.2], "LoRA": [0.8, 1.0], "DoRA": [0.2, 0.4]}
-    fig = helpers.plot_figure2({method: points(s) for method, s in slopes.items()}, "test")
+    fig = helpers.plot_figure2(pts, "test")
     titles = [f"{method}: slope {np.mean(s):.2f}" for method, s in slopes.items()]
     assert [ax.get_title() for ax in fig.axes] == titles
     box = fig.legends[0].get_window_extent().transformed(fig.transFigure.inverted())
