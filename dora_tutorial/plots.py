@@ -1,8 +1,7 @@
 """The notebook's figures. Each draws only the numbers it is given, at a fixed size: nbval
 compares their text."""
 
-from __future__ import annotations
-
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
@@ -13,15 +12,12 @@ from dora_tutorial.weights import figure2_slopes
 
 def plot_digits(images: torch.Tensor, rotated: torch.Tensor, labels: torch.Tensor):
     """Two rows of digits: as pretrained on (top) and as fine-tuned on (bottom)."""
-    import matplotlib.pyplot as plt
-
     n = len(images)
     fig, axes = plt.subplots(2, n, figsize=(1.1 * n, 2.8))
     for i in range(n):
         for row, batch in enumerate((images, rotated)):
             axes[row, i].imshow(batch[i].cpu().numpy(), cmap="gray_r")
-            axes[row, i].set_xticks([])
-            axes[row, i].set_yticks([])
+            axes[row, i].set(xticks=[], yticks=[])
         axes[0, i].set_title(str(int(labels[i])))
     axes[0, 0].set_ylabel("MNIST")
     axes[1, 0].set_ylabel("rotated")
@@ -31,65 +27,53 @@ def plot_digits(images: torch.Tensor, rotated: torch.Tensor, labels: torch.Tenso
 
 
 def plot_idea():
-    """The idea in two dimensions: one weight row w0 as a length times a direction, and what
-    LoRA and DoRA can do to it. Computed, not drawn by hand: a rank-1 update moves w0 along one
-    line, so LoRA's length and angle change together; DoRA takes the direction of a point on
-    that line, V / ||V||, and gives it a length m of its own."""
-    import matplotlib.pyplot as plt
-
+    """One weight row w0 in two dimensions, as a length and a direction: a rank-1 update (LoRA)
+    moves it along one line, so length and angle change together; DoRA takes the direction of
+    a point on that line, V / ||V||, and gives it a length m of its own."""
     w0 = torch.tensor([1.0, 0.35])
     across = torch.tensor([-w0[1], w0[0]]) / w0.norm()  # perpendicular to w0
     d = across + 0.3 * w0 / w0.norm()  # the update's direction b a: mostly across w0
     lora = [w0 + t * d for t in (-0.6, -0.3, 0.3, 0.6)]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), sharex=True, sharey=True)
 
-    def arrow(ax, v, color, alpha=1.0, lw=2):
+    def arrow(ax, v, color, label=None, alpha=1.0, lw=2):
         style = {"arrowstyle": "->", "color": color, "lw": lw, "alpha": alpha}
         ax.annotate("", xy=tuple(v.tolist()), xytext=(0, 0), arrowprops=style)
+        if label:  # an annotation has no legend entry: an empty line of the same style has
+            ax.plot([], [], color=color, lw=lw, alpha=alpha, label=label)
 
-    def key(ax, color, label, lw=2, alpha=1.0):
-        ax.plot([], [], color=color, lw=lw, alpha=alpha, label=label)
-
-    arrow(axes[0], w0, "C0")
-    arrow(axes[0], 0.5 * w0 / w0.norm(), "C3")
-    key(axes[0], "C0", f"w0, length ||w0|| = {w0.norm():.2f}")
-    key(axes[0], "C3", "its direction w0 / ||w0||\n(drawn at length 0.5)")
+    arrow(axes[0], w0, "C0", f"w0, length ||w0|| = {w0.norm():.2f}")
+    arrow(axes[0], 0.5 * w0 / w0.norm(), "C3", "its direction w0 / ||w0||\n(drawn at length 0.5)")
     axes[0].set_title("a weight row: a length and a direction")
     line = torch.stack([w0 - 0.8 * d, w0 + 0.8 * d])
     for ax in axes[1:]:
         ax.plot(line[:, 0], line[:, 1], ls=":", color="C1")
-        arrow(ax, w0, "C0")
+        arrow(ax, w0, "C0", "w0")
     for v in lora:
         arrow(axes[1], v, "C1", alpha=0.7)
-    key(axes[1], "C0", "w0")
-    key(axes[1], "C1", "w0 + updates along one line:\nlength and angle change together")
+    updates = "w0 + updates along one line:\nlength and angle change together"
+    axes[1].plot([], [], color="C1", lw=2, label=updates)
     axes[1].set_title("LoRA: w0 + a rank-1 update")
     direction = lora[-1] / lora[-1].norm()
-    arrow(axes[2], lora[-1], "C1", alpha=0.4, lw=7)  # wide, under the m V / ||V|| on its ray
+    # wide, under the m V / ||V|| on its ray
+    arrow(axes[2], lora[-1], "C1", "V = w0 + one of those updates", alpha=0.4, lw=7)
     for m in (0.6, 0.9, 1.2, 1.5):
         arrow(axes[2], m * direction, "C2")
-    key(axes[2], "C0", "w0")
-    key(axes[2], "C1", "V = w0 + one of those updates", lw=7, alpha=0.4)
-    key(axes[2], "C2", "m V / ||V||: V's direction,\nany length m")
+    axes[2].plot([], [], color="C2", lw=2, label="m V / ||V||: V's direction,\nany length m")
     axes[2].set_title("DoRA: V's direction, a length m")
     for ax in axes:
-        ax.set_aspect("equal")
         ax.axhline(0, color="0.85", lw=0.8)
         ax.axvline(0, color="0.85", lw=0.8)
-        ax.set_xlim(-0.3, 1.8)
-        ax.set_ylim(-0.6, 1.9)  # room for the legends above the dotted line
+        ax.set(aspect="equal", xlim=(-0.3, 1.8), ylim=(-0.6, 1.9))  # legends above the line
         ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return fig
 
 
 def plot_methods(results: dict[str, Runs], start: float, title: str, pair=("DoRA", "LoRA")):
-    """Left: mean test accuracy per epoch of each method from epoch 0 (``start``, the
-    pretrained model's accuracy), band: the 95 % interval of the mean over seeds. Right: the
-    per-seed difference of ``pair`` (A - B) per epoch, its mean and 95 % interval: where the
-    two methods' curves coincide on the left, the right panel shows how far apart they are."""
-    import matplotlib.pyplot as plt
-
+    """Left: each method's mean test accuracy per epoch from ``start`` (the pretrained model's),
+    with the 95 % interval over seeds. Right: the per-seed difference A - B of ``pair``, which
+    shows how far apart two curves are where they coincide on the left."""
     fig, (ax_acc, ax_diff) = plt.subplots(1, 2, figsize=(10, 4.4))
     for i, (name, runs) in enumerate(results.items()):
         acc = np.concatenate([np.full((len(runs.seeds), 1), start), runs.test_acc], 1) * 100
@@ -98,19 +82,21 @@ def plot_methods(results: dict[str, Runs], start: float, title: str, pair=("DoRA
         style = {"marker": "osD^v"[i % 5], "ls": "-" if i % 2 == 0 else "--"}  # none hidden
         ax_acc.plot(epochs, acc.mean(0), color=f"C{i}", label=name, **style)
         ax_acc.fill_between(epochs[1:], low, high, color=f"C{i}", alpha=0.2)
-    a, b = (100 * results[name].test_acc for name in pair)
-    diff = a - b
+    diff = np.subtract(*(100 * results[name].test_acc for name in pair))
     epochs = np.arange(1, diff.shape[1] + 1)
     low, high = np.array([mean_interval(diff[:, e - 1]) for e in epochs]).T
     ax_diff.axhline(0, color="0.5", lw=1)
     ax_diff.plot(epochs, diff.mean(0), marker="o", color="C2", label=f"{pair[0]} - {pair[1]}")
     ax_diff.fill_between(epochs, low, high, color="C2", alpha=0.2, label="95 % interval")
-    _label(ax_acc, "epoch (0: the pretrained model)", "test accuracy (%)", integer_x=True)
-    _label(ax_diff, "epoch", "difference (points)", integer_x=True)
-    ax_acc.legend(title=f"mean of {a.shape[0]} seeds", loc="lower right")
-    ax_acc.set_ylim(start * 100 - 2, None)
+    for ax in (ax_acc, ax_diff):
+        ax.xaxis.get_major_locator().set_params(integer=True)  # no "epoch 2.5"
+        ax.grid(alpha=0.3)
+    ax_acc.set(xlabel="epoch (0: the pretrained model)", ylim=(start * 100 - 2, None))
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_diff.set(xlabel="epoch", ylabel="difference (points)")
+    ax_diff.set(title=f"{pair[0]} - {pair[1]}: mean of the per-seed differences")
+    ax_acc.legend(title=f"mean of {len(diff)} seeds", loc="lower right")
     ax_diff.legend(loc="upper right")
-    ax_diff.set_title(f"{pair[0]} - {pair[1]}: mean of the per-seed differences")
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -119,28 +105,19 @@ def plot_methods(results: dict[str, Runs], start: float, title: str, pair=("DoRA
 def plot_paired(pairs: dict[str, tuple[Runs, Runs]], title: str):
     """One row per comparison A - B: each seed's difference in final test accuracy (dots),
     their mean and its 95 % interval (bar); the dashed line is no difference."""
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(8, 0.8 + 0.9 * len(pairs)))
+    bar = {"fmt": "D", "color": "C3", "capsize": 4}
     for row, (runs_a, runs_b) in enumerate(reversed(pairs.values())):
         d = runs_a.final - runs_b.final
         low, high = mean_interval(d)
         lane = 0.08 * (np.argsort(np.argsort(d)) % 3 - 1)  # neighbours in value: other lanes
         ax.plot(d, row + 0.18 + lane, "o", color="0.55", ms=4)
-        ax.errorbar(
-            d.mean(),
-            row - 0.12,
-            xerr=[[d.mean() - low], [high - d.mean()]],
-            fmt="D",
-            color="C3",
-            capsize=4,
-        )
+        ax.errorbar(d.mean(), row - 0.12, xerr=[[d.mean() - low], [high - d.mean()]], **bar)
     ax.plot([], [], "o", color="0.55", ms=4, label="one seed")
-    ax.errorbar([], [], xerr=[], fmt="D", color="C3", capsize=4, label="mean, 95 % interval")
+    ax.errorbar([], [], xerr=[], **bar, label="mean, 95 % interval")
     ax.axvline(0, color="0.4", ls="--", lw=1)
     ax.set_yticks(range(len(pairs)), list(reversed(list(pairs))))
-    ax.set_ylim(-0.6, len(pairs) - 0.4)
-    ax.set_xlabel("difference in final test accuracy (points)")
+    ax.set(ylim=(-0.6, len(pairs) - 0.4), xlabel="difference in final test accuracy (points)")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title)
     fig.legend(loc="lower center", ncol=2, fontsize=8)
@@ -150,26 +127,22 @@ def plot_paired(pairs: dict[str, tuple[Runs, Runs]], title: str):
 
 def plot_rank_sweep(sweep: dict[tuple[str, int], Runs], reference: Runs, title: str):
     """Final accuracy (mean ± std) against rank and against trainable parameters."""
-    import matplotlib.pyplot as plt
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    ref = reference.final
-    methods = list(dict.fromkeys(method for method, _ in sweep))
-    for i, method in enumerate(methods):
+    for i, method in enumerate(dict.fromkeys(method for method, _ in sweep)):
         ranks = sorted(rank for m, rank in sweep if m == method)
         accs = [sweep[method, r].final for r in ranks]
         params = [sweep[method, r].trainable for r in ranks]
         mean, std = np.array([a.mean() for a in accs]), np.array([a.std(ddof=1) for a in accs])
         for ax, x in zip(axes, (ranks, params), strict=True):
             ax.errorbar(x, mean, yerr=std, marker="o", capsize=3, color=f"C{i + 1}", label=method)
+    ref, sd = reference.final.mean(), reference.final.std(ddof=1)
     for ax, xlabel in zip(axes, ("rank r", "trainable parameters"), strict=True):
-        ax.axhline(ref.mean(), color="C0", label="full FT")
-        ax.axhspan(
-            ref.mean() - ref.std(ddof=1), ref.mean() + ref.std(ddof=1), color="C0", alpha=0.15
-        )
+        ax.axhline(ref, color="C0", label="full FT")
+        ax.axhspan(ref - sd, ref + sd, color="C0", alpha=0.15)
         ax.set_xscale("log", base=2 if xlabel == "rank r" else 10)
         ax.xaxis.set_minor_formatter(plt.NullFormatter())
-        _label(ax, xlabel, "final test accuracy (%)")
+        ax.set(xlabel=xlabel, ylabel="final test accuracy (%)")
+        ax.grid(alpha=0.3)
     axes[0].set_xticks(ranks, [str(r) for r in ranks])
     counts = [runs.trainable for runs in sweep.values()]
     ticks = [
@@ -183,26 +156,20 @@ def plot_rank_sweep(sweep: dict[tuple[str, int], Runs], reference: Runs, title: 
 
 
 def plot_figure2(points: dict[str, list[dict]], title: str):
-    """Figure 2 as a test: relative dM against dD, one panel per method (shared axes), every
-    seed, layer and checkpoint (colour: checkpoint); the orthogonal-update curve dD / (1 - dD)
-    and the method's fitted line at the last checkpoint (mean over seeds)."""
-    import matplotlib.pyplot as plt
-
+    """Relative dM against dD of every seed, layer and checkpoint, one panel per method, with
+    the orthogonal-update curve and the fitted line at the last checkpoint (mean over seeds)."""
     fig, axes = plt.subplots(
         1, len(points), figsize=(4 * len(points), 3.6), sharex=True, sharey=True, squeeze=False
     )
     all_points = [p for pts in points.values() for p in pts]
     checkpoints = sorted({p["checkpoint"] for p in all_points})
-    colour = {
-        c: plt.cm.viridis(i / max(len(checkpoints) - 1, 1)) for i, c in enumerate(checkpoints)
-    }
+    colours = plt.cm.viridis(np.linspace(0, 1, len(checkpoints)))
+    colour = dict(zip(checkpoints, colours, strict=True))
     x = np.linspace(0, max(p["dD"] for p in all_points) * 1.05, 100)
     for ax, (method, pts) in zip(axes[0], points.items(), strict=True):
         for checkpoint in checkpoints:  # later checkpoints on top
-            group = [p for p in pts if p["checkpoint"] == checkpoint]
-            ax.scatter(
-                [p["dD"] for p in group], [p["dM"] for p in group], color=colour[checkpoint], s=10
-            )
+            group = np.array([(p["dD"], p["dM"]) for p in pts if p["checkpoint"] == checkpoint])
+            ax.scatter(*group.T, color=colour[checkpoint], s=10)
         ax.plot(x, x / (1 - x), color="k", ls="--", lw=1)
         s = figure2_slopes(pts, checkpoints[-1])
         last = [p["dD"] for p in pts if p["checkpoint"] == checkpoints[-1]]
@@ -214,8 +181,7 @@ def plot_figure2(points: dict[str, list[dict]], title: str):
     handles = [
         plt.Line2D([], [], color="k", ls="--", label="orthogonal update: ΔD / (1 - ΔD)"),
         plt.Line2D([], [], color="C3", label="fitted line, last checkpoint"),
-    ]
-    handles += [
+    ] + [
         plt.Line2D([], [], marker="o", ls="", color=colour[c], label=f"checkpoint {c}")
         for c in checkpoints
     ]
@@ -226,11 +192,8 @@ def plot_figure2(points: dict[str, list[dict]], title: str):
 
 
 def plot_learning_rates(validation: dict[str, dict[str, float]], ranks, title: str):
-    """Mean validation accuracy against learning rate (log axis), one panel per rank, one line
-    per method; ``validation`` is {"LoRA r4": {rate: accuracy}, "full FT": {...}, ...} and
-    full fine-tuning, which has no rank, is drawn in every panel."""
-    import matplotlib.pyplot as plt
-
+    """Validation accuracy against learning rate, one panel per rank, from ``validation``:
+    {"LoRA r4": {rate: accuracy}, ..., "full FT": {...}} (no rank: in every panel)."""
     fig, axes = plt.subplots(1, len(ranks), figsize=(4 * len(ranks), 3.4), sharey=True)
     for ax, rank in zip(np.atleast_1d(axes), ranks, strict=True):
         for i, method in enumerate(("full FT", "LoRA", "DoRA", "scaled LoRA")):
@@ -249,11 +212,3 @@ def plot_learning_rates(validation: dict[str, dict[str, float]], ranks, title: s
     fig.suptitle(title)
     fig.tight_layout()
     return fig
-
-
-def _label(ax, xlabel: str, ylabel: str, integer_x: bool = False) -> None:
-    if integer_x:
-        ax.xaxis.get_major_locator().set_params(integer=True)  # no "epoch 2.5"
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
