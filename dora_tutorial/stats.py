@@ -83,12 +83,16 @@ def _p(p: float) -> str:
 
 def compare(name_a: str, runs_a: Runs, name_b: str, runs_b: Runs) -> Comparison:
     """Compare the final test accuracies of two configurations that ran the same seeds."""
+    _same_seeds(name_a, runs_a, name_b, runs_b)
+    return compare_values(name_a, runs_a.final, name_b, runs_b.final)
+
+
+def _same_seeds(name_a: str, runs_a: Runs, name_b: str, runs_b: Runs) -> None:
     if tuple(runs_a.seeds) != tuple(runs_b.seeds):
         raise ValueError(
             f"{name_a} ran seeds {tuple(runs_a.seeds)}, {name_b} {tuple(runs_b.seeds)}: "
             "a paired comparison needs the same seeds in the same order"
         )
-    return compare_values(name_a, runs_a.final, name_b, runs_b.final)
 
 
 def compare_values(name_a: str, a, name_b: str, b) -> Comparison:
@@ -122,16 +126,12 @@ def holm(comparisons: list[Comparison]) -> list[Comparison]:
 
 
 def lora_at_budget(lora: dict[int, Runs], dora: Runs) -> Runs:
-    """LoRA's final accuracy at DoRA's trainable-parameter count, seed by seed (``lora`` is
-    {rank: Runs}, on DoRA's seeds), as a Runs that ``compare`` pairs with ``dora``. DoRA's
-    magnitudes add one parameter per output row, so its count lies between two LoRA ranks'.
-    Only ``final``, ``seeds`` and ``trainable`` of the result mean anything."""
+    """LoRA's final accuracy at DoRA's trainable-parameter count, seed by seed (``lora``:
+    {rank: Runs}), as a Runs that ``compare`` pairs with ``dora``; only its ``final`` means
+    anything. DoRA's magnitudes add one parameter per output row: its count lies between two
+    LoRA ranks'."""
     for rank, runs in lora.items():
-        if tuple(runs.seeds) != tuple(dora.seeds):
-            raise ValueError(
-                f"LoRA at rank {rank} ran seeds {tuple(runs.seeds)}, DoRA {tuple(dora.seeds)}: "
-                "a paired comparison needs the same seeds in the same order"
-            )
+        _same_seeds(f"LoRA at rank {rank}", runs, "DoRA", dora)
     counts = {r: runs.trainable for r, runs in lora.items()}
     final = interpolate_at(counts, {r: runs.final for r, runs in lora.items()}, dora.trainable)
     nothing = np.full((len(final), 1), np.nan)
@@ -150,11 +150,8 @@ def interpolate_at(counts: dict, accuracy: dict, target: float) -> np.ndarray:
             f"{target:,} trainable parameters lie outside the range of {counts}: "
             "interpolation cannot extrapolate"
         )
-    hi = int(np.searchsorted(logs, np.log(target)))  # the first count >= target
-    if logs[hi] == np.log(target):
-        return np.asarray(accuracy[keys[hi]], dtype=float)
-    w = (np.log(target) - logs[hi - 1]) / (logs[hi] - logs[hi - 1])
-    return (1 - w) * np.asarray(accuracy[keys[hi - 1]]) + w * np.asarray(accuracy[keys[hi]])
+    per_seed = np.array([accuracy[k] for k in keys], dtype=float).T
+    return np.array([np.interp(np.log(target), logs, seed) for seed in per_seed])
 
 
 def mean_interval(values) -> tuple[float, float]:
