@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 import helpers
+from dora_tutorial.stats import mean_interval
 
 
 def runs(accuracies, seeds=None):
@@ -80,6 +81,11 @@ def test_results_table_and_wrapping():
     assert table[1].split()[:6] == ["LoRA", "0", "92.00", "±", "2.00", "87.03-96.97"]
     # 87.03-96.97: 92 ± t(0.975, 2 degrees) * 2 / sqrt(3)
     assert all(len(line) <= helpers.WIDTH for line in helpers.wrap("word " * 60).splitlines())
+
+
+def test_mean_interval_of_ten_values_follows_the_t_table():
+    # 4.5 ± t(0.975, 9 degrees) 2.2622 * sd 3.0277 / sqrt(10)
+    assert mean_interval(np.arange(10.0)) == pytest.approx((2.3341, 6.6659), abs=1e-4)
 
 
 def _per_epoch(epochs, trainable=1000):
