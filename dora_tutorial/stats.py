@@ -43,16 +43,22 @@ class Comparison:
         return "ahead" if self.diff > 0 else "behind"
 
     @property
+    def level(self) -> float:
+        """The confidence level the verdict is decided at: 95 % alone; in a family, Holm tests
+        this comparison at 5 % * p / p_holm (5 % / k for the k-th largest p, before the running
+        maximum)."""
+        if self.p_holm is None or not 0 < self.p < 1:
+            return LEVEL
+        return 1 - (1 - LEVEL) * self.p / self.p_holm
+
+    @property
     def verdict_interval(self) -> tuple[float, float]:
-        """The interval at the level the verdict is decided at, so that it excludes zero exactly
-        when there is a verdict: alone the 95 % CI; in a family, Holm tests this comparison at
-        5 % * p / p_holm (5 % / k for the k-th largest p, before the running maximum)."""
+        """The interval at ``level``: it excludes zero exactly when there is a verdict."""
         from scipy import stats
 
-        if self.p_holm is None or not 0 < self.p < 1:
+        if self.level == LEVEL:
             return self.low, self.high
-        alpha = (1 - LEVEL) * self.p / self.p_holm
-        half = stats.t.ppf(1 - alpha / 2, self.df) * self.se
+        half = stats.t.ppf(0.5 + self.level / 2, self.df) * self.se
         return self.diff - half, self.diff + half
 
     def sentence(self) -> str:
@@ -65,7 +71,7 @@ class Comparison:
         level = "95 %"
         if self.p_holm is not None:
             numbers += f", Holm-adjusted over {self.family} p {_p(self.p_holm)}"
-            level = f"Holm's level for it ({100 * (1 - (1 - LEVEL) * self.p / self.p_holm):.1f} %)"
+            level = f"Holm's level for it ({100 * self.level:.1f} %)"
         if self.verdict == "no difference detected":
             low, high = self.verdict_interval
             return (

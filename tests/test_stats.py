@@ -39,6 +39,7 @@ def test_degenerate_spreads_give_no_nan():
     assert same.p == 1.0 and same.verdict == "no difference detected" and same.low == same.high
     shifted = helpers.compare("A", runs([91, 92, 93]), "B", runs([90, 91, 92]))
     assert shifted.verdict == "ahead" and shifted.diff == pytest.approx(1.0)
+    assert helpers.holm([shifted, same])[0].sentence().startswith("A is ahead of B by 1.00")
 
 
 def test_sentences_follow_the_interval():
