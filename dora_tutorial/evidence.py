@@ -47,39 +47,35 @@ def pooled(evidence: dict) -> dict[str, Comparison]:
     """Every comparison over the analysed networks (not the held-out last one), Holm-adjusted
     as one family. ``n`` of each comparison counts networks."""
     analysed = [differences(evidence, net) for net in evidence["accuracy"][: evidence["networks"]]]
-    found = {}
+    found = []
     for name in analysed[0]:
-        a = [net[name][0].mean() for net in analysed]
-        b = [net[name][1].mean() for net in analysed]
-        found[name] = compare_values(_names(name)[0], a, _names(name)[1], b)
-    return dict(zip(found, holm(list(found.values())), strict=True))
+        a, b = ([net[name][i].mean() for net in analysed] for i in (0, 1))
+        found.append(_compare(name, a, b))
+    return dict(zip(analysed[0], holm(found), strict=True))
 
 
 def held_out(evidence: dict) -> dict[str, Comparison]:
     """The same comparisons on the held-out network alone, paired by seed, each at 95 %."""
     net = differences(evidence, evidence["accuracy"][evidence["networks"]])
-    return {
-        name: compare_values(_names(name)[0], a, _names(name)[1], b) for name, (a, b) in net.items()
-    }
+    return {name: _compare(name, a, b) for name, (a, b) in net.items()}
 
 
-def _names(comparison: str) -> list[str]:
-    """'DoRA - LoRA, equal budget, rank 1' -> ['DoRA', 'LoRA']."""
-    return comparison.split(",")[0].split(" - ")
+def _compare(name: str, a, b) -> Comparison:
+    """``compare_values`` named after the comparison: 'DoRA - LoRA, rank 1' is DoRA, LoRA."""
+    first, second = name.split(",")[0].split(" - ")
+    return compare_values(first, a, second, b)
 
 
 def float_noise(evidence: dict) -> tuple[float, float]:
-    """(how far float rounding alone moved one seed's accuracy, the seed-to-seed spread): the
-    standard deviation over seeds of the difference between the two kernel choices' runs, over
-    sqrt 2, against the spread of the first run, in points."""
+    """(how far float rounding alone moved one seed's accuracy, a new seed's spread), in points:
+    the two kernel choices' runs of the same seeds differ by sqrt 2 times the former."""
     runs = np.asarray(evidence["float_noise"]["accuracy"], dtype=float)
     return float((runs[0] - runs[1]).std(ddof=1) / np.sqrt(2)), float(runs[0].std(ddof=1))
 
 
 def table(found: dict[str, Comparison], extra: dict[str, str] | None = None, head: str = "") -> str:
-    """One row per comparison: the estimate, the interval its verdict is decided at (Holm's level
-    in a family, else 95 %), the p-value it is decided at, the verdict; ``extra`` adds a column
-    (``head`` its title), e.g. the pooled verdict beside a ten-seed one."""
+    """One row per comparison: the estimate, and the interval and p-value its verdict is decided
+    at; ``extra`` adds a column titled ``head``, e.g. the pooled verdict beside a ten-seed one."""
     width = max(map(len, found)) + 1
     rows = [
         f"{'comparison':<{width}}{'diff':>6}  {'interval':<12}  {'p':>6}  {'verdict':<13}{head}"
@@ -98,13 +94,11 @@ def decided_p(c: Comparison) -> str:
 
 
 def short(verdict: str) -> str:
-    """A verdict in a table's column: 'ahead', 'behind' or 'not detected'."""
     return "not detected" if verdict == "no difference detected" else verdict
 
 
 def finding(c: Comparison, what: str) -> str:
-    """One computed sentence: a result when the adjusted interval excludes zero, else the margin
-    the interval rules out."""
+    """A result when the adjusted interval excludes zero, else the margins it rules out."""
     low, high = c.verdict_interval
     if c.verdict == "no difference detected":
         return (
@@ -116,8 +110,7 @@ def finding(c: Comparison, what: str) -> str:
 
 
 def findings(found: dict[str, Comparison]) -> list[str]:
-    """The pooled analysis in four computed sentences: low rank, moderate rank, equal budget,
-    full fine-tuning."""
+    """Low rank, moderate rank, equal budget, full fine-tuning: one sentence each."""
     rank = max(int(k.rsplit(" ", 1)[1]) for k in found if k.startswith("full FT"))
     return [
         finding(found["DoRA - LoRA, rank 1"], "At rank 1, each method at its own tuned rate"),
@@ -130,8 +123,7 @@ def findings(found: dict[str, Comparison]) -> list[str]:
 
 
 def ablation_line(found: dict[str, Comparison], ranks) -> str:
-    """What the ablation says, rank by rank, from the pooled verdicts: does the extra scale help
-    over LoRA, and does the normalisation help over the extra scale?"""
+    """Rank by rank: does the per-row scale help over LoRA, the normalisation over the scale?"""
     parts = []
     for r in ranks:
         scale, norm = found[f"scaled LoRA - LoRA, rank {r}"], found[f"DoRA - scaled LoRA, rank {r}"]
@@ -143,7 +135,7 @@ def ablation_line(found: dict[str, Comparison], ranks) -> str:
 
 
 def disagreements(ten_seeds: dict[str, Comparison], found: dict[str, Comparison]) -> str:
-    """One line: where this run's ten-seed verdicts differ from the pooled ones."""
+    """Where this run's ten-seed verdicts differ from the pooled ones."""
     differ = [k for k, c in ten_seeds.items() if c.verdict != found[k].verdict]
     if not differ:
         return "each ten-seed verdict is also the pooled one."

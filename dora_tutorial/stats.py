@@ -1,9 +1,8 @@
-"""Comparisons of final test accuracies: paired or Welch t-tests, 95 % intervals, Holm's
-adjustment, and LoRA interpolated to DoRA's trainable-parameter budget."""
+"""Comparisons of final test accuracies: scipy's paired t-test and interval, Holm's adjustment,
+and LoRA interpolated to DoRA's trainable-parameter budget."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -16,10 +15,9 @@ POWER = 0.80  # for "the smallest difference these seeds could detect"
 
 @dataclass(frozen=True)
 class Comparison:
-    """Mean final test accuracy of A minus B, in points, with its 95 % interval and p-value.
-
-    Paired (a t-test on the per-seed differences) when A and B ran with the same seeds, else
-    Welch's t-test. ``p_holm`` is set when the comparison is one of a family (Holm)."""
+    """Mean final test accuracy of A minus B, in points, paired by seed, with its 95 % interval
+    and p-value; ``p_holm`` is set when it is one of a family. ``se`` and ``df`` give the
+    interval at any other level; ``values`` are the per-seed values of A and of B."""
 
     a: str
     b: str
@@ -32,9 +30,9 @@ class Comparison:
     detectable: float
     p_holm: float | None = None
     family: int = 1
-    se: float = 0.0  # standard error of ``diff``
-    df: float = 1.0  # degrees of freedom of the t-test
-    values: tuple = ((), ())  # the per-seed values of A and of B
+    se: float = 0.0
+    df: float = 1.0
+    values: tuple = ((), ())
 
     @property
     def verdict(self) -> str:
@@ -45,22 +43,27 @@ class Comparison:
         return "ahead" if self.diff > 0 else "behind"
 
     @property
+    def level(self) -> float:
+        """The confidence level the verdict is decided at: 95 % alone; in a family, Holm tests
+        this comparison at 5 % * p / p_holm (5 % / k for the k-th largest p, before the running
+        maximum)."""
+        if self.p_holm is None or not 0 < self.p < 1:
+            return LEVEL
+        return 1 - (1 - LEVEL) * self.p / self.p_holm
+
+    @property
     def verdict_interval(self) -> tuple[float, float]:
-        """The interval at the level the verdict is decided at: it reaches zero exactly when
-        the verdict's p (Holm-adjusted in a family) reaches 5 %. Alone: the 95 % CI. In a
-        family, Holm tests this comparison at 5 % * p / p_holm (5 % / k for the k-th largest p,
-        before Holm's running maximum); the interval at 1 minus that level."""
+        """The interval at ``level``: it excludes zero exactly when there is a verdict."""
         from scipy import stats
 
-        if self.p_holm is None or not 0 < self.p < 1:
+        if self.level == LEVEL:
             return self.low, self.high
-        alpha = (1 - LEVEL) * self.p / self.p_holm
-        q = stats.t.ppf(1 - alpha / 2, self.df)
-        return self.diff - q * self.se, self.diff + q * self.se
+        half = stats.t.ppf(0.5 + self.level / 2, self.df) * self.se
+        return self.diff - half, self.diff + half
 
     def sentence(self) -> str:
-        """One sentence from the numbers: the difference, its interval, the test, the verdict;
-        when no difference is detected, what the interval the verdict is decided at rules out."""
+        """The difference, its interval, the test and the verdict; with no verdict, what the
+        interval the verdict is decided at rules out."""
         numbers = (
             f"95 % CI {self.low:+.2f} to {self.high:+.2f}; {self.test}, {self.n} seeds, "
             f"p {_p(self.p)}"
@@ -68,7 +71,7 @@ class Comparison:
         level = "95 %"
         if self.p_holm is not None:
             numbers += f", Holm-adjusted over {self.family} p {_p(self.p_holm)}"
-            level = f"Holm's level for it ({100 * (1 - (1 - LEVEL) * self.p / self.p_holm):.1f} %)"
+            level = f"Holm's level for it ({100 * self.level:.1f} %)"
         if self.verdict == "no difference detected":
             low, high = self.verdict_interval
             return (
@@ -85,121 +88,84 @@ def _p(p: float) -> str:
 
 
 def compare(name_a: str, runs_a: Runs, name_b: str, runs_b: Runs) -> Comparison:
-    """Compare the final test accuracies of two configurations (see ``Comparison``): paired
-    when both ran with the same seeds, seed k against seed k."""
-    paired = tuple(runs_a.seeds) == tuple(runs_b.seeds)
-    return compare_values(name_a, runs_a.final, name_b, runs_b.final, paired=paired)
+    """Compare the final test accuracies of two configurations that ran the same seeds."""
+    _same_seeds(name_a, runs_a, name_b, runs_b)
+    return compare_values(name_a, runs_a.final, name_b, runs_b.final)
 
 
-def compare_values(name_a: str, a, name_b: str, b, paired: bool = True) -> Comparison:
-    """``compare`` on per-seed values (a paired t-test on a - b, or Welch's). The comparison
-    keeps the values, so that runs on other seed sets can be pooled with it."""
-    from scipy import stats  # on Colab; imported here so that importing helpers stays quick
+def _same_seeds(name_a: str, runs_a: Runs, name_b: str, runs_b: Runs) -> None:
+    if tuple(runs_a.seeds) != tuple(runs_b.seeds):
+        raise ValueError(
+            f"{name_a} ran seeds {tuple(runs_a.seeds)}, {name_b} {tuple(runs_b.seeds)}: "
+            "a paired comparison needs the same seeds in the same order"
+        )
+
+
+def compare_values(name_a: str, a, name_b: str, b) -> Comparison:
+    """``compare`` on per-seed values, seed k of A against seed k of B: scipy's paired t-test."""
+    from scipy import stats  # imported here so that importing helpers stays quick
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if min(len(a), len(b)) < 2:
-        raise ValueError("a comparison needs at least 2 seeds per configuration")
-    if paired:
-        if len(a) != len(b):
-            raise ValueError(f"a paired comparison needs as many a as b: {len(a)}, {len(b)}")
-        d = a - b
-        n, test, se, df = len(d), "paired t-test", d.std(ddof=1) / math.sqrt(len(d)), len(d) - 1
-    else:
-        va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-        n, test, se = min(len(a), len(b)), "Welch t-test", math.sqrt(va + vb)
-        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)) if se else 1.0
-    diff = float(a.mean() - b.mean())
-    q = stats.t.ppf(0.5 + LEVEL / 2, df)
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError(f"a paired comparison needs at least 2 seeds, as many A as B: {a}, {b}")
+    diff, se, df = float(a.mean() - b.mean()), float(stats.sem(a - b)), len(a) - 1
     if se > 0:
-        p = float(2 * stats.t.sf(abs(diff) / se, df))
+        result = stats.ttest_rel(a, b)
+        p, (low, high) = float(result.pvalue), map(float, result.confidence_interval(LEVEL))
     else:  # every seed gave the same difference: no spread to test against
-        p = 0.0 if diff else 1.0
-    detectable = float((q + stats.t.ppf(POWER, df)) * se)
+        p, low, high = (0.0 if diff else 1.0), diff, diff
+    detectable = float((stats.t.ppf(0.5 + LEVEL / 2, df) + stats.t.ppf(POWER, df)) * se)
+    n, test, pairs = len(a), "paired t-test", (tuple(map(float, a)), tuple(map(float, b)))
     return Comparison(
-        name_a,
-        name_b,
-        diff,
-        diff - q * se,
-        diff + q * se,
-        p,
-        n,
-        test,
-        detectable,
-        se=se,
-        df=df,
-        values=(tuple(map(float, a)), tuple(map(float, b))),
+        name_a, name_b, diff, low, high, p, n, test, detectable, se=se, df=df, values=pairs
     )
 
 
 def holm(comparisons: list[Comparison]) -> list[Comparison]:
-    """The same comparisons with Holm's step-down adjusted p-values (family-wise error 5 %)."""
-    m = len(comparisons)
-    order = sorted(range(m), key=lambda i: comparisons[i].p)
-    adjusted, running = [0.0] * m, 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * comparisons[i].p))
+    """The same comparisons with Holm's step-down adjusted p-values (family-wise error 5 %): the
+    k-th smallest p times (m - k + 1), then a running maximum so that the order is kept."""
+    m, adjusted, running = len(comparisons), {}, 0.0
+    for k, i in enumerate(sorted(range(m), key=lambda i: comparisons[i].p)):
+        running = max(running, min(1.0, (m - k) * comparisons[i].p))
         adjusted[i] = running
     return [replace(c, p_holm=adjusted[i], family=m) for i, c in enumerate(comparisons)]
 
 
 def lora_at_budget(lora: dict[int, Runs], dora: Runs) -> Runs:
-    """LoRA's final accuracy at DoRA's trainable-parameter count, seed by seed, as a Runs that
-    ``compare`` pairs with ``dora``: "DoRA against LoRA at equal budget", beside equal rank.
-
-    ``lora`` is {rank: Runs} (at least two ranks). For each seed, LoRA's final accuracy is
-    interpolated linearly in log(trainable parameters) between the two ranks whose counts
-    bracket DoRA's (DoRA's magnitudes add one parameter per output row, so its count lies
-    between two LoRA ranks); an exact count takes that rank's accuracy. Every LoRA run must
-    have DoRA's seeds, in the same order, so seed k stays paired with seed k. Only ``final``
-    (and ``seeds``, ``trainable``) of the result mean anything: it has no models or history.
-    """
-    if len(lora) < 2:
-        raise ValueError(f"interpolating needs LoRA at two ranks or more, got {list(lora)}")
+    """LoRA's final accuracy at DoRA's trainable-parameter count, seed by seed (``lora``:
+    {rank: Runs}), as a Runs that ``compare`` pairs with ``dora``; only its ``final`` means
+    anything. DoRA's magnitudes add one parameter per output row: its count lies between two
+    LoRA ranks'."""
     for rank, runs in lora.items():
-        if tuple(runs.seeds) != tuple(dora.seeds):
-            raise ValueError(
-                f"LoRA at rank {rank} ran seeds {tuple(runs.seeds)}, DoRA {tuple(dora.seeds)}: "
-                "a paired comparison needs the same seeds in the same order"
-            )
-    ranks = sorted(lora, key=lambda r: lora[r].trainable)
-    counts = np.array([lora[r].trainable for r in ranks], dtype=float)
-    if (np.diff(counts) <= 0).any():
-        raise ValueError(f"two LoRA ranks have the same trainable count: {counts.tolist()}")
-    target = dora.trainable
-    if not counts[0] <= target <= counts[-1]:
-        raise ValueError(
-            f"DoRA's {target:,} trainable parameters lie outside LoRA's range "
-            f"({counts[0]:,.0f} to {counts[-1]:,.0f} at ranks {ranks[0]} to {ranks[-1]}): "
-            "add a LoRA rank on the other side, interpolation cannot extrapolate"
-        )
-    final = interpolate_at(
-        {r: lora[r].trainable for r in ranks}, {r: lora[r].final for r in ranks}, target
-    )
+        _same_seeds(f"LoRA at rank {rank}", runs, "DoRA", dora)
+    counts = {r: runs.trainable for r, runs in lora.items()}
+    final = interpolate_at(counts, {r: runs.final for r, runs in lora.items()}, dora.trainable)
     nothing = np.full((len(final), 1), np.nan)
-    return Runs(tuple(dora.seeds), [], target, nothing, final[:, None] / 100, [])
+    return Runs(tuple(dora.seeds), [], dora.trainable, nothing, final[:, None] / 100, [])
 
 
 def interpolate_at(counts: dict, accuracy: dict, target: float) -> np.ndarray:
-    """Per-seed accuracy at ``target`` trainable parameters, linear in log(count) between the
-    two configurations ({key: count}, {key: per-seed array}) whose counts bracket it; an exact
-    count takes that configuration's accuracy."""
+    """Per-seed accuracy at ``target`` trainable parameters ({key: count}, {key: per-seed
+    array}), linear in log(count) between the two counts that bracket it."""
     keys = sorted(counts, key=counts.get)
     logs = np.log([counts[k] for k in keys])
+    if (np.diff(logs) == 0).any():
+        raise ValueError(f"two configurations have the same trainable count: {counts}")
     if not logs[0] <= np.log(target) <= logs[-1]:
-        raise ValueError(f"{target:,} parameters lie outside {counts}: interpolation only")
-    hi = int(np.searchsorted(logs, np.log(target)))  # the first count >= target
-    if logs[hi] == np.log(target):
-        return np.asarray(accuracy[keys[hi]], dtype=float)
-    w = (np.log(target) - logs[hi - 1]) / (logs[hi] - logs[hi - 1])
-    return (1 - w) * np.asarray(accuracy[keys[hi - 1]]) + w * np.asarray(accuracy[keys[hi]])
+        raise ValueError(
+            f"{target:,} trainable parameters lie outside the range of {counts}: "
+            "interpolation cannot extrapolate"
+        )
+    per_seed = np.array([accuracy[k] for k in keys], dtype=float).T
+    return np.array([np.interp(np.log(target), logs, seed) for seed in per_seed])
 
 
-def mean_interval(values: np.ndarray) -> tuple[float, float]:
-    """The 95 % confidence interval of the mean of ``values`` (t quantile, n - 1 degrees)."""
+def mean_interval(values) -> tuple[float, float]:
+    """The 95 % confidence interval of the mean of ``values``."""
     from scipy import stats
 
+    values = np.asarray(values, dtype=float)
     if len(values) < 2:
         raise ValueError("an interval needs at least 2 values")
-    n, mean = len(values), values.mean()
-    half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * values.std(ddof=1) / math.sqrt(n)
-    return mean - half, mean + half
+    half = stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1) * stats.sem(values)
+    return values.mean() - half, values.mean() + half

@@ -10,59 +10,47 @@ import numpy as np
 
 from dora_tutorial.files import write_json as _write_json
 from dora_tutorial.session import REPO
-from dora_tutorial.stats import Comparison, compare, compare_values, holm, mean_interval
+from dora_tutorial.stats import compare, compare_values, holm, mean_interval
 from dora_tutorial.training import Runs
 
 
 def what_we_learned(
     runs: dict[str, Runs], pretrained_accuracy: float, rank: int, rates: dict | None = None
 ) -> list[str]:
-    """Part I's conclusions in five plain sentences, each computed from the run: where the
-    methods land, DoRA against LoRA after the last epoch and before it (paired tests; the
-    earlier epochs Holm-adjusted as one family), full FT against DoRA, and what DoRA costs and
-    these runs cannot say. ``rates`` ({method: learning rate}): when the method ahead before
-    the last epoch trains at the larger rate, the sentence says so."""
+    """Part I's conclusions in five sentences computed from the run. ``rates`` ({method:
+    learning rate}): when the method ahead before the last epoch trains at the larger rate, the
+    sentence on the earlier epochs says so."""
     ft, lora, dora = (runs[name] for name in ("full FT", "LoRA", "DoRA"))
-    n = len(dora.seeds)
+    n, extra = len(dora.seeds), dora.trainable - lora.trainable
     vs_lora, vs_ft = compare("DoRA", dora, "LoRA", lora), compare("full FT", ft, "DoRA", dora)
+    interval = f"95 % CI {vs_lora.low:+.2f} to {vs_lora.high:+.2f}"
+    side = "ahead of" if vs_lora.verdict == "ahead" else "behind"
     said = [
         f"On the rotated digits, where the pretrained network gets {100 * pretrained_accuracy:.1f}"
         f" %, full fine-tuning reaches {ft.final.mean():.1f} %, LoRA {lora.final.mean():.1f} % "
-        f"and DoRA {dora.final.mean():.1f} % (means of {n} seeds)."
+        f"and DoRA {dora.final.mean():.1f} % (means of {n} seeds).",
+        f"After the last epoch, at rank {rank}, {n} paired seeds cannot tell DoRA from LoRA: "
+        f"DoRA - LoRA = {vs_lora.diff:+.2f} points ({interval}): differences beyond these bounds "
+        "are ruled out, ones inside them are not."
+        if vs_lora.verdict == "no difference detected"
+        else f"At rank {rank} DoRA is {side} LoRA by {abs(vs_lora.diff):.2f} "
+        f"points ({interval}, paired over {n} seeds).",
     ]
-    if vs_lora.verdict == "no difference detected":
-        said.append(
-            f"After the last epoch, at rank {rank}, {n} paired seeds cannot tell DoRA from LoRA: "
-            f"DoRA - LoRA = {vs_lora.diff:+.2f} points (95 % CI {vs_lora.low:+.2f} to "
-            f"{vs_lora.high:+.2f}): differences beyond these bounds are ruled out, ones inside "
-            "them are not."
-        )
-    else:
-        said.append(
-            f"At rank {rank} DoRA is {vs_lora.verdict} of LoRA by {abs(vs_lora.diff):.2f} points "
-            f"(95 % CI {vs_lora.low:+.2f} to {vs_lora.high:+.2f}, paired over {n} seeds)."
-        )
     if dora.test_acc.shape[1] > 1:
         said.append(_before_the_end(dora, lora, rates))
-    gap = "ahead of" if vs_ft.verdict == "ahead" else "not ahead of"
-    extra = dora.trainable - lora.trainable
-    said.append(
+    return said + [
         f"Full fine-tuning, which trains {ft.trainable / dora.trainable:.1f} times as many "
-        f"numbers as DoRA, is {gap} it: {vs_ft.diff:+.2f} points (95 % CI {vs_ft.low:+.2f} to "
-        f"{vs_ft.high:+.2f})."
-    )
-    said.append(
+        f"numbers as DoRA, is {'ahead of' if vs_ft.verdict == 'ahead' else 'not ahead of'} it: "
+        f"{vs_ft.diff:+.2f} points (95 % CI {vs_ft.low:+.2f} to {vs_ft.high:+.2f}).",
         f"DoRA's magnitudes add {extra:,} trainable numbers to LoRA's {lora.trainable:,} "
         f"({extra / lora.trainable:.0%}), one per output row; whether they buy more at a lower "
-        "rank or at an equal budget, one rank cannot say: Part II measures it."
-    )
-    return said
+        "rank or at an equal budget, one rank cannot say: Part II measures it.",
+    ]
 
 
-def _before_the_end(dora: Runs, lora: Runs, rates: dict | None = None) -> str:
-    """DoRA - LoRA after each epoch before the last, as one Holm family: the epochs where a
-    difference is detected (with it), and those where none is; and, when the method ahead
-    trains at the larger learning rate, that an early lead can be that rate's faster start."""
+def _before_the_end(dora: Runs, lora: Runs, rates: dict | None) -> str:
+    """DoRA - LoRA after each epoch before the last, Holm-adjusted as one family, the epochs
+    grouped by verdict; an early lead of the method at the larger rate may be a faster start."""
     earlier = range(dora.test_acc.shape[1] - 1)
     family = holm(
         [
@@ -71,21 +59,27 @@ def _before_the_end(dora: Runs, lora: Runs, rates: dict | None = None) -> str:
         ]
     )
     groups = {}
-    for e, c in enumerate(family, 1):
-        groups.setdefault(_who(c), []).append((e, c))
+    for epoch, c in enumerate(family, 1):
+        groups.setdefault(c.verdict, []).append((str(epoch), f"{c.diff:+.2f}"))
     parts = []
-    for who, members in groups.items():
-        part = f"{who} after {in_words([e for e, _ in members], 'epoch')}"
-        if who != "no difference detected":
-            part += f" ({', '.join(f'{c.diff:+.2f}' for _, c in members)} points)"
-            leader, other = ("DoRA", "LoRA") if who == "DoRA ahead" else ("LoRA", "DoRA")
-            if rates is not None and rates[leader] > rates[other]:
-                part += (
-                    f", with {leader} at the larger learning rate ({rates[leader]:g} against "
-                    f"{rates[other]:g}, each chosen on the validation set): possibly just a "
-                    "faster start"
-                )
-        parts.append(part)
+    for verdict, members in groups.items():
+        epochs, diffs = zip(*members, strict=True)
+        when = (
+            f"epoch {epochs[0]}"
+            if len(epochs) == 1
+            else "epochs " + " and ".join([", ".join(epochs[:-1]), epochs[-1]])
+        )
+        if verdict == "no difference detected":
+            parts.append(f"{verdict} after {when}")
+            continue
+        parts.append(f"DoRA {verdict} after {when} ({', '.join(diffs)} points)")
+        leader, other = ("DoRA", "LoRA") if verdict == "ahead" else ("LoRA", "DoRA")
+        if rates is not None and rates[leader] > rates[other]:
+            parts[-1] += (
+                f", with {leader} at the larger learning rate ({rates[leader]:g} against "
+                f"{rates[other]:g}, each chosen on the validation set): possibly just a "
+                "faster start"
+            )
     over = "epoch 1" if len(earlier) == 1 else f"epochs 1-{len(earlier)}"
     return (
         f"Before the last epoch ({over}, paired, Holm-adjusted together): "
@@ -93,59 +87,34 @@ def _before_the_end(dora: Runs, lora: Runs, rates: dict | None = None) -> str:
     )
 
 
-def _who(c: Comparison) -> str:
-    """'DoRA ahead', 'DoRA behind' or 'no difference detected'."""
-    return c.verdict if c.verdict == "no difference detected" else f"{c.a} {c.verdict}"
-
-
-def in_words(numbers, noun: str) -> str:
-    """[] -> 'no rank'; [4] -> 'rank 4'; [1, 16] -> 'ranks 1 and 16'; [2, 4, 8] -> 'ranks 2, 4
-    and 8'."""
-    numbers = [str(x) for x in numbers]
-    if not numbers:
-        return f"no {noun}"
-    if len(numbers) == 1:
-        return f"{noun} {numbers[0]}"
-    return f"{noun}s {', '.join(numbers[:-1])} and {numbers[-1]}"
-
-
 def _accuracy_rows(results: dict[str, Runs]) -> list[dict]:
     """Per method: trainable parameters, final test accuracy's mean, std and 95 % interval."""
-    rows = []
-    for name, runs in results.items():
-        acc = runs.final
-        low, high = mean_interval(acc)
-        rows.append(
-            {
-                "method": name,
-                "trainable": runs.trainable,
-                "mean": float(acc.mean()),
-                "std": float(acc.std(ddof=1)),
-                "ci": [float(low), float(high)],
-            }
-        )
-    return rows
+    return [
+        {
+            "method": name,
+            "trainable": runs.trainable,
+            "mean": float(runs.final.mean()),
+            "std": float(runs.final.std(ddof=1)),
+            "ci": [float(x) for x in mean_interval(runs.final)],
+        }
+        for name, runs in results.items()
+    ]
 
 
 def results_table(results: dict[str, Runs], timing: bool = True) -> str:
     """Method | trainable | final test accuracy: mean ± std, 95 % CI of the mean | s / epoch
     (``timing=False``: without the time per epoch)."""
-    seconds = [float(np.mean(runs.seconds)) for runs in results.values()] if timing else None
-    seeds = len(next(iter(results.values())).seeds)
-    return _accuracy_table(_accuracy_rows(results), seeds, seconds)
-
-
-def _accuracy_table(rows: list[dict], seeds: int, seconds: list[float] | None = None) -> str:
     head = f"{'method':<18}{'trainable':>10}  {'test accuracy (%)':<17}{'95 % CI':>15}"
-    lines = [head + (f"{'s / epoch':>11}" if seconds else "")]
-    for i, row in enumerate(rows):
+    lines = [head + (f"{'s / epoch':>11}" if timing else "")]
+    for row, runs in zip(_accuracy_rows(results), results.values(), strict=True):
         interval = "{:.2f}-{:.2f}".format(*row["ci"])
         lines.append(
             f"{row['method']:<18}{row['trainable']:>10,}  {row['mean']:>6.2f} ± "
-            f"{row['std']:<6.2f}{interval:>17}" + (f"{seconds[i]:>9.2f} s" if seconds else "")
+            f"{row['std']:<6.2f}{interval:>17}"
+            + (f"{np.mean(runs.seconds):>9.2f} s" if timing else "")
         )
-    note = "; s / epoch: all seeds together" if seconds else ""
-    return "\n".join(lines) + f"\n({seeds} seeds each{note})"
+    seeds = len(next(iter(results.values())).seeds)
+    return "\n".join(lines) + f"\n({seeds} seeds each{'; s / epoch: all seeds together' * timing})"
 
 
 def run_summary(results: dict[str, Runs], pretrained_accuracy: float, comparisons, figure2) -> dict:

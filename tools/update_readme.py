@@ -3,11 +3,8 @@
     .venv/bin/python -m tools.update_readme           # rewrite both
     .venv/bin/python -m tools.update_readme --check   # exit 1 if either is out of date
 
-Reads experiments/evidence.json (the pooled analysis, ``dora_tutorial.evidence``),
-experiments/vit.json (Figure 2 on a transformer) and figures/results.json (the committed
-notebook run's Figure 2 conclusions). The README gets the findings and one table; the detail
-page the held-out check, the rates and each network's numbers. Only the README's text between
-the two markers is replaced.
+From experiments/evidence.json (the pooled analysis), experiments/vit.json and the committed
+notebook run's figures/results.json; only the README's text between the markers is replaced.
 """
 
 from __future__ import annotations
@@ -28,15 +25,13 @@ DETAIL = REPO / "experiments" / "RESULTS.md"
 
 
 def figure2_sentence(mlp: dict, vit: dict) -> str:
-    """Whether DoRA moves the weights more like full fine-tuning than LoRA, on both networks
-    (``figure2_analysis``: the paired difference of the two slopes' distances from full FT's)."""
+    """Which method's magnitude-direction slope is closer to full FT's, on both networks."""
 
     def part(analysis):
         r = analysis["ratios"]
-        who = closer_method(analysis["closer"]) or "neither detected"
         return (
-            f"{who} (slope / full FT's: DoRA {r['DoRA / full FT']['ratio']:.2f}, "
-            f"LoRA {r['LoRA / full FT']['ratio']:.2f})"
+            f"{closer_method(analysis['closer']) or 'neither detected'} (slope / full FT's: "
+            f"DoRA {r['DoRA / full FT']['ratio']:.2f}, LoRA {r['LoRA / full FT']['ratio']:.2f})"
         )
 
     return (
@@ -48,7 +43,6 @@ def figure2_sentence(mlp: dict, vit: dict) -> str:
 def render(evidence: dict, found: dict, mlp_figure2: dict, vit: dict) -> str:
     vit_figure2 = figure2_analysis(vit["points"], vit["protocol"]["PAPER_CORRELATION"])
     networks, seeds = evidence["networks"], len(evidence["protocol"]["SEEDS"])
-    size = f"{networks} x {seeds}"
     rows = []
     for name, c in found.items():
         estimate = (
@@ -56,7 +50,8 @@ def render(evidence: dict, found: dict, mlp_figure2: dict, vit: dict) -> str:
         )
         low, high = c.verdict_interval
         rows.append(
-            f"| {name} | {estimate} | {low:+.2f} to {high:+.2f} | {ev.decided_p(c)} | {size} |"
+            f"| {name} | {estimate} | {low:+.2f} to {high:+.2f} | {ev.decided_p(c)} | "
+            f"{networks} x {seeds} |"
         )
     held = ev.held_out(evidence)
     stated = [k for k, c in found.items() if c.verdict != "no difference detected"]
@@ -90,19 +85,12 @@ def render(evidence: dict, found: dict, mlp_figure2: dict, vit: dict) -> str:
 
 
 def detail(evidence: dict, found: dict) -> str:
-    held = ev.held_out(evidence)
-    noise, spread = ev.float_noise(evidence)
     check = {
         k: f"{h.diff:+.2f} [{h.low:+.2f}, {h.high:+.2f}] {ev.short(h.verdict)}"
-        for k, h in held.items()
+        for k, h in ev.held_out(evidence).items()
     }
-    means = [ev.differences(evidence, net) for net in evidence["accuracy"]]
-    per_network = [
-        f"| {name} | "
-        + " | ".join(f"{(a - b).mean():+.2f}" for a, b in (m[name] for m in means))
-        + " |"
-        for name in found
-    ]
+    noise, spread = ev.float_noise(evidence)
+    nets = [ev.differences(evidence, net) for net in evidence["accuracy"]]
     labels = [str(j) for j in range(evidence["networks"])] + ["held out"]
     return "\n".join(
         [
@@ -125,7 +113,12 @@ def detail(evidence: dict, found: dict) -> str:
             "",
             "| comparison | " + " | ".join(labels) + " |",
             "|---|" + "---:|" * len(labels),
-            *per_network,
+            *(
+                f"| {name} | "
+                + " | ".join(f"{(a - b).mean():+.2f}" for a, b in (net[name] for net in nets))
+                + " |"
+                for name in found
+            ),
             "",
             "## Learning rates, chosen on the validation set of network 0",
             "",
@@ -147,26 +140,24 @@ def updated_readme(readme: str, section: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if out of date")
-    args = parser.parse_args()
-    evidence = ev.load()
+    evidence, check = ev.load(), parser.parse_args().check
     found = ev.pooled(evidence)
     vit = json.loads((REPO / "experiments" / "vit.json").read_text())
     mlp = json.loads((REPO / "figures" / "results.json").read_text())["figure2"]
-    readme_path = REPO / "README.md"
-    readme = readme_path.read_text()
+    readme = REPO / "README.md"
     wanted = {
-        readme_path: updated_readme(readme, render(evidence, found, mlp, vit)),
+        readme: updated_readme(readme.read_text(), render(evidence, found, mlp, vit)),
         DETAIL: detail(evidence, found),
     }
     stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
-    if args.check:
-        for path in stale:
-            print(f"{path.relative_to(REPO)} is out of date: run python -m tools.update_readme")
-        return 1 if stale else 0
     for path in stale:
-        write_atomic(path, [wanted[path].encode()])
-    print("README.md and experiments/RESULTS.md are up to date")
-    return 0
+        if check:
+            print(f"{path.relative_to(REPO)} is out of date: run python -m tools.update_readme")
+        else:
+            write_atomic(path, [wanted[path].encode()])
+    if not check:
+        print("README.md and experiments/RESULTS.md are up to date")
+    return 1 if check and stale else 0
 
 
 if __name__ == "__main__":
