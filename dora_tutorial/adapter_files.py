@@ -8,8 +8,8 @@ import json
 import math
 import os
 import re
-from collections import Counter
 from pathlib import Path
+from statistics import mode
 
 import torch
 from torch import nn
@@ -79,8 +79,7 @@ def _adapter_params(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """The adapter alone, its tensors copied to the CPU so that a file saved on a GPU loads
-    anywhere."""
+    """The adapter alone, on the CPU (a file saved on a GPU loads anywhere)."""
     layers = _adapter_layers_of(model)
     return {
         "format": _FORMAT,
@@ -95,10 +94,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     torch.save(adapter_state_dict(model), buffer)
     write_atomic(Path(path), [buffer.getvalue()])
     return Path(path)
-
-
-def _names(items) -> str:
-    return ", ".join(repr(i) for i in sorted(items)) or "none"
 
 
 def _refuse(problems: list[str], headline: str) -> None:
@@ -124,14 +119,13 @@ def _mismatch(have: dict, want: dict) -> str | None:
 
 def load_adapter(model: nn.Module, source) -> nn.Module:
     """Copy a saved adapter (a path, or a dict from ``adapter_state_dict``) into ``model``,
-    wrapped the same way. Everything is checked before a tensor is copied."""
+    wrapped the same way; everything is checked before a tensor is copied."""
     adapter, layers = _read_adapter(source), _adapter_layers_of(model)
     saved, tensors = adapter["layers"], adapter["tensors"]
     if set(saved) != set(layers):
         raise ValueError(
-            "the adapter belongs to other layers: the file has adapters for "
-            f"{_names(set(saved) - set(layers))} that the model lacks, and the model has adapter "
-            f"layers {_names(set(layers) - set(saved))} that the file lacks"
+            f"the adapter belongs to other layers: the file has {sorted(saved)}, the model "
+            f"{sorted(layers)}"
         )
     problems = [
         f"layer {n!r}: {p}"
@@ -158,7 +152,9 @@ def load_adapter(model: nn.Module, source) -> nn.Module:
 
 
 def _read_adapter(source) -> dict:
-    """Our adapter dict from a path or a dict, refused unless it is one with finite tensors."""
+    """Our adapter dict from a model, a path or a dict, refused unless it has finite tensors."""
+    if isinstance(source, nn.Module):
+        return adapter_state_dict(source)
     where = "the adapter dict"
     if isinstance(source, str | os.PathLike):
         where = repr(os.fspath(source))
@@ -195,14 +191,10 @@ _PEFT_PREFIX = "base_model.model."
 _PEFT_NAMES = {"lora.A": "lora_A.weight", "lora.B": "lora_B.weight", "m": "lora_magnitude_vector"}
 
 
-def _as_adapter(source) -> dict:
-    return adapter_state_dict(source) if isinstance(source, nn.Module) else _read_adapter(source)
-
-
 def to_peft_state_dict(source) -> dict[str, torch.Tensor]:
     """Our adapter (a model, a path or an adapter dict) under PEFT's saved-adapter keys, for
     ``peft.set_peft_model_state_dict`` with ``LoraConfig(**peft_config_kwargs(source))``."""
-    adapter = _as_adapter(source)
+    adapter = _read_adapter(source)
     tensors, out = adapter["tensors"], {}
     for name in adapter["layers"]:
         prefix = f"{name}." if name else ""
@@ -228,19 +220,16 @@ def _from_peft_key(key: str) -> tuple[str, str]:
 
 
 def peft_config_kwargs(source) -> dict:
-    """``peft.LoraConfig`` keyword arguments that reproduce our adapter's layout: the most common
-    rank and alpha, and layers that differ (a head clipped to full rank) as ``"^<name>"`` in
-    ``rank_pattern`` / ``alpha_pattern``, which PEFT applies to that exact module only."""
-    info = _as_adapter(source)["layers"]
+    """``peft.LoraConfig`` options for our adapter: the most common rank and alpha, and layers
+    that differ (a head clipped to full rank) as ``"^<name>"`` patterns (that module only)."""
+    info = _read_adapter(source)["layers"]
     kinds, dropouts = ({i.get(k, 0.0) for i in info.values()} for k in ("kind", "dropout"))
     if len(kinds) != 1 or len(dropouts) != 1:
         raise ValueError(
             f"PEFT has one kind of adapter and one lora_dropout per model, the layers have "
             f"{sorted(kinds)} and {sorted(dropouts)}"
         )
-    common = {
-        k: Counter(i[k] for i in info.values()).most_common(1)[0][0] for k in ("rank", "alpha")
-    }
+    common = {k: mode(i[k] for i in info.values()) for k in ("rank", "alpha")}
 
     def pattern(key):
         return {f"^{re.escape(n)}": i[key] for n, i in info.items() if i[key] != common[key]}
@@ -347,8 +336,8 @@ _PEFT_PLAIN = {"peft_type": "LORA", "inference_mode": True}  # PEFT's defaults d
 
 
 def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
-    """Write the model's adapter as the directory ``PeftModel.from_pretrained`` loads,
-    atomically; an existing directory is replaced only if it holds an earlier adapter."""
+    """The directory ``PeftModel.from_pretrained`` loads, written atomically; an existing one
+    is replaced only if it holds an earlier adapter."""
     from safetensors.torch import save  # safetensors comes with peft (requirements.txt)
 
     adapter = adapter_state_dict(model)
@@ -363,9 +352,8 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
 
 
 def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Copy a PEFT LoRA/DoRA adapter directory (``save_pretrained``'s) into ``model``, wrapped
-    to fit, checked as ``from_peft_state_dict`` and ``load_adapter`` check. Dropout acts only
-    in training: the model keeps its own."""
+    """``load_adapter`` for a directory ``save_pretrained`` wrote. Dropout acts only in
+    training: the model keeps its own."""
     from safetensors.torch import load
 
     config = _read(Path(directory, _CONFIG), json.loads)

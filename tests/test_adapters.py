@@ -92,7 +92,11 @@ LOAD_ERRORS = {
     "other rank": ({"rank": 8}, None, "layer '0': the file has rank 4, the model rank 8; wrap"),
     "other alpha": ({"alpha": 16}, None, "wrap the model with alpha=8"),
     "LoRA model": ({"cls": "LinearWithLoRA"}, None, "DORA adapter (LinearWithDoRA), the model"),
-    "other layers": ({"sizes": (40, 32, 10)}, None, "other layers: the file has adapters for '4'"),
+    "other layers": (
+        {"sizes": (40, 32, 10)},
+        None,
+        "other layers: the file has ['0', '2', '4'], the",
+    ),
     "other sizes": ({"sizes": (40, 16, 24, 10)}, None, "'0.lora.B': shape (32, 4) in the file"),
     "missing tensor": ({}, lambda a: {**a, "tensors": {}}, "'2.m': in the model, not in the file"),
     "nan in a file": ({}, lambda a: saved(with_nan(a)), "'2.lora.B' is not a tensor of finite"),
