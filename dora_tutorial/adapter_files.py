@@ -43,19 +43,6 @@ def _adapter_layers_of(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def _sizes(A: torch.Tensor, B: torch.Tensor) -> dict:
-    """The wrapped layer's sizes, read from A and B (a convolution's are kernels)."""
-    if A.dim() == 2:
-        return {"in_features": int(A.shape[1]), "out_features": int(B.shape[0])}
-    groups = A.shape[0] // B.shape[1]
-    return {
-        "in_channels": int(A.shape[1] * groups),
-        "out_channels": int(B.shape[0]),
-        "kernel_size": [int(k) for k in A.shape[2:]],
-        "groups": int(groups),
-    }
-
-
 def _layer_info(layer: nn.Module) -> dict:
     rank = int(layer.lora.A.shape[0])
     return {
@@ -63,7 +50,6 @@ def _layer_info(layer: nn.Module) -> dict:
         "kind": "dora" if hasattr(layer, "m") else "lora",
         "rank": rank,
         "alpha": float(layer.lora.scaling * rank),
-        **_sizes(layer.lora.A, layer.lora.B),
         "dropout": float(getattr(layer, "dropout", 0.0)),
     }
 
@@ -281,7 +267,6 @@ def from_peft_state_dict(state_dict: dict, config) -> dict:
             "alpha": float(
                 _pattern_value(name, options.get("alpha_pattern"), options["lora_alpha"])
             ),
-            **_sizes(A, parts["lora.B"]),
             "dropout": float(options.get("lora_dropout") or 0.0),
         }
         if dora:
