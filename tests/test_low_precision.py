@@ -45,8 +45,6 @@ def test_float32_adapters_on_a_half_precision_base(nb, cls_name, dtype):
         assert layer.cache.value.dtype == torch.float32
     opted_out = getattr(nb, cls_name)(base_layer(cls_name, dtype), 2, 4, adapter_dtype=dtype)
     assert adapter_dtypes(opted_out) == {dtype}
-    full = getattr(nb, cls_name)(base_layer(cls_name, torch.float64), rank=2, alpha=4)
-    assert adapter_dtypes(full) == {torch.float64}  # full precision keeps its dtype
 
 
 # a float32 Part III layer fed half inputs, and every linear layer converted with .to(dtype)
@@ -93,8 +91,7 @@ def test_m_trains_on_a_half_precision_base_as_in_float32(nb, cls_name, dtype):
 
 @pytest.mark.parametrize("cls_name", LINEAR + CONV)
 def test_merging_on_bfloat16_rounds_once(nb, cls_name):
-    """The update lost in a merge equals that of rounding the exact W' once; W' built in
-    bfloat16 step by step loses clearly more, so the comparison tells the two apart."""
+    """The update lost in a merge equals that of rounding the exact W' once."""
     layer = getattr(nb, cls_name)(base_layer(cls_name, torch.bfloat16), 2, 4)
     looks_trained(layer, 2, b_std=1e-3, m_spread=0.01)
     W0 = layer.conv.weight if cls_name in CONV else layer.linear.weight
@@ -104,11 +101,6 @@ def test_merging_on_bfloat16_rounds_once(nb, cls_name):
     assert 0 < least and lost <= 1.01 * least
     merged = (nb.merge_conv if cls_name in CONV else nb.merge)(layer)
     assert merged.weight.dtype == torch.bfloat16 and torch.equal(merged.weight, W)
-    if cls_name == "DoRALinear":
-        with torch.no_grad():
-            V = W0 + layer.lora.delta_weight().to(W0.dtype)
-            naive = layer.m.to(W0.dtype)[:, None] * V / V.norm(dim=1, keepdim=True)
-        assert helpers.merge_error(naive, exact, W0)[0] > 1.5 * least
 
 
 def test_adamw_leaves_m_and_biases_out_of_weight_decay(nb):
