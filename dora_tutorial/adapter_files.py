@@ -247,8 +247,6 @@ def from_peft_state_dict(state_dict: dict, config) -> dict:
     for key, tensor in state_dict.items():
         name, ours = _from_peft_key(key)
         layers.setdefault(name, {})[ours] = tensor
-    if not layers:
-        raise ValueError("no LoRA/DoRA tensors found in the PEFT state dict")
     info, tensors, problems = {}, {}, []
     for name, parts in layers.items():
         if "lora.A" not in parts or "lora.B" not in parts:
@@ -317,7 +315,6 @@ def _peft_options_problems(options: dict) -> list[str]:
 
 _CONFIG, _WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _REPLACEABLE = {_CONFIG, _WEIGHTS, "adapter_model.bin", "README.md"}  # an earlier save's files
-_PEFT_PLAIN = {"peft_type": "LORA", "inference_mode": True}  # PEFT's defaults do the rest
 
 
 def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
@@ -326,7 +323,7 @@ def save_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> Path:
     from safetensors.torch import save  # safetensors comes with peft (requirements.txt)
 
     adapter = adapter_state_dict(model)
-    config = {**_PEFT_PLAIN, **peft_config_kwargs(adapter)}
+    config = {"peft_type": "LORA", "inference_mode": True, **peft_config_kwargs(adapter)}
     tensors = {k: t.contiguous() for k, t in to_peft_state_dict(adapter).items()}
     files = {
         _CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
