@@ -1,12 +1,10 @@
-"""Argument checks of the practitioners' layers: a clear error when the layer is built, not deep
-inside a forward pass."""
+"""Argument checks: a clear error when a layer is built, not deep inside a forward pass."""
 
 import torch
 from torch import nn
 
 
 def check_adapter_args(in_features, out_features, rank, alpha):
-    """Raise a clear error for a rank or alpha that makes no sense for this layer."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     if rank > min(in_features, out_features):
@@ -26,7 +24,6 @@ def check_dropout(p):
 
 
 def check_linear(module):
-    """Adapters here wrap nn.Linear only."""
     if not isinstance(module, nn.Linear):
         raise TypeError(
             f"expected an nn.Linear to wrap, got {type(module).__name__}; "
@@ -44,7 +41,6 @@ def choose_adapter_dtype(weight, adapter_dtype=None):
 
 
 def check_conv(module, rank, alpha):
-    """Raise a clear error for what the conv adapters do not support, and for bad rank / alpha."""
     if not isinstance(module, nn.Conv2d):
         raise TypeError(
             f"expected an nn.Conv2d to wrap, got {type(module).__name__}; "

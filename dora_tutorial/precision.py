@@ -1,8 +1,5 @@
-"""Low precision: does a layer's magnitude train, and how much of the update survives a merge.
-
-For the notebook's low-precision cells and the conformance check. A bfloat16 m near 0.6 has
-neighbours 2^-8 apart, far more than an Adam step at fine-tuning rates: it silently stays put.
-"""
+"""Low precision: does a magnitude train, and how much of the update survives a merge? (A
+bfloat16 m near 0.6 has neighbours 2^-8 apart, more than an Adam step: it silently stays put.)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """bfloat16 and float16: float32 adapters on a half-precision base that train, merges that round
-once, AdamW that leaves m alone."""
+once; AdamW that leaves m alone."""
 
 import copy
 
@@ -45,8 +45,6 @@ def test_float32_adapters_on_a_half_precision_base(nb, cls_name, dtype):
         assert layer.cache.value.dtype == torch.float32
     opted_out = getattr(nb, cls_name)(base_layer(cls_name, dtype), 2, 4, adapter_dtype=dtype)
     assert adapter_dtypes(opted_out) == {dtype}
-    full = getattr(nb, cls_name)(base_layer(cls_name, torch.float64), rank=2, alpha=4)
-    assert adapter_dtypes(full) == {torch.float64}  # full precision keeps its dtype
 
 
 # a float32 Part III layer fed half inputs, and every linear layer converted with .to(dtype)
@@ -93,48 +91,29 @@ def test_m_trains_on_a_half_precision_base_as_in_float32(nb, cls_name, dtype):
 
 @pytest.mark.parametrize("cls_name", LINEAR + CONV)
 def test_merging_on_bfloat16_rounds_once(nb, cls_name):
-    """The update lost in a merge equals that of rounding the exact W' once; W' built in
-    bfloat16 step by step loses clearly more, so the comparison tells the two apart."""
+    """The update lost in a merge equals that of rounding the exact W' once."""
     layer = getattr(nb, cls_name)(base_layer(cls_name, torch.bfloat16), 2, 4)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        layer.lora.B.normal_(std=1e-3)
-        if hasattr(layer, "m"):
-            layer.m.mul_(1 + 0.01 * torch.randn_like(layer.m))
+    looks_trained(layer, 2, b_std=1e-3, m_spread=0.01)
     W0 = layer.conv.weight if cls_name in CONV else layer.linear.weight
     exact = copy.deepcopy(layer).double().merged_weight()  # float64, the same parameters
-    lost, least = helpers.merge_error(layer.merged_weight().detach(), exact, W0)
+    W = layer.merged_weight().detach()
+    lost, least = helpers.merge_error(W, exact, W0)
     assert 0 < least and lost <= 1.01 * least
-    merge = nb.merge_conv if cls_name in CONV else nb.merge
-    merged = merge(layer)
-    assert merged.weight.dtype == torch.bfloat16
-    assert torch.equal(merged.weight, layer.merged_weight())
-    if cls_name == "DoRALinear":
-        with torch.no_grad():
-            V = W0 + layer.lora.delta_weight().to(W0.dtype)
-            naive = layer.m.to(W0.dtype)[:, None] * V / V.norm(dim=1, keepdim=True)
-        assert helpers.merge_error(naive, exact, W0)[0] > 1.5 * least
+    merged = (nb.merge_conv if cls_name in CONV else nb.merge)(layer)
+    assert merged.weight.dtype == torch.bfloat16 and torch.equal(merged.weight, W)
 
 
 def test_adamw_leaves_m_and_biases_out_of_weight_decay(nb):
-    """Decay alone (zero gradients) shrinks A and B but neither m nor the bias; AdamW over all
-    parameters shrinks m, which is what the groups are for."""
+    """Decay alone (zero gradients) shrinks A, B and W0 but neither m nor the bias."""
     torch.manual_seed(0)
     layer = nb.DoRALinear(nn.Linear(8, 5), rank=2, alpha=4)
-    with torch.no_grad():
-        layer.lora.B.normal_()
+    nn.init.normal_(layer.lora.B)
     start = copy.deepcopy(layer.state_dict())
-
-    def steps(optimizer):
-        for _ in range(5):
-            optimizer.zero_grad()
-            (0.0 * layer(torch.randn(3, 8)).sum()).backward()  # gradients all zero
-            optimizer.step()
-
-    steps(helpers.adamw(layer, lr=0.1, weight_decay=0.5))
-    now = copy.deepcopy(layer.state_dict())
+    optimizer = helpers.adamw(layer, lr=0.1, weight_decay=0.5)
+    for _ in range(5):
+        optimizer.zero_grad()
+        (0.0 * layer(torch.randn(3, 8)).sum()).backward()  # gradients all zero
+        optimizer.step()
+    now = layer.state_dict()
     assert all(torch.equal(now[k], start[k]) for k in ("m", "linear.bias"))
-    for name in ("lora.A", "lora.B", "linear.weight"):
-        assert now[name].norm() < 0.9 * start[name].norm(), name
-    steps(torch.optim.AdamW(layer.parameters(), lr=0.1, weight_decay=0.5))
-    assert (layer.m.detach() < now["m"]).all()
+    assert all(now[k].norm() < 0.9 * start[k].norm() for k in ("lora.A", "lora.B", "linear.weight"))
