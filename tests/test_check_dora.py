@@ -303,12 +303,26 @@ def user_dir(tmp_path, monkeypatch):
         (["layers.py:Float32Norm"], 4, "FAIL 8. zero rows, low precision [robustness]"),
         (["layers.py:LoRA"], 2, "this looks like LoRA, not DoRA"),
         (["--conv2d", "layers.py:ReferenceDoRA"], 0, "ReferenceDoRA on nn.Conv2d"),
+        # usage errors: on stderr, nothing on stdout
+        (["missing.py:MyDoRA"], 2, "error: no such file: missing.py"),
+        (["layers.py:ReferenceDora"], 2, "has no 'ReferenceDora'; did you mean 'ReferenceDoRA'?"),
+        (["layers.py"], 2, "error: expected FILE.py:NAME or module:NAME, got 'layers.py'"),
+        (["no_such_module:MyDoRA"], 2, "error: no module named 'no_such_module'"),
     ],
 )
-def test_cli_exit_status(user_dir, capsys, args, status, says):
+def test_cli_exit_status_and_what_it_says(user_dir, capsys, args, status, says):
     assert main(args) == status
     out = capsys.readouterr()
-    assert says in out.out and not out.err
+    stream, other = (
+        (out.err, out.out) if says.startswith(("error", "has no")) else (out.out, out.err)
+    )
+    assert says in stream and not other
+
+
+def test_cli_without_a_target_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit, match="2"):
+        main([])
+    assert "give FILE.py:NAME or module:NAME, or --peft" in capsys.readouterr().err
 
 
 def test_cli_runs_as_a_module_and_import_does_not_load_peft(user_dir):
@@ -344,24 +358,6 @@ def test_cli_json_gives_every_check_kind_result_and_numbers(user_dir, capsys):
     assert checks[3]["status"] == "pass" and checks[3]["within_rounding"]
     assert 0 < checks[3]["numbers"]["error"] <= checks[3]["numbers"]["tolerance"]
     assert checks[9]["status"] == "skip"
-
-
-@pytest.mark.parametrize(
-    "target, says",
-    [
-        ("missing.py:MyDoRA", "no such file: missing.py"),
-        ("layers.py:ReferenceDora", "has no 'ReferenceDora'; did you mean 'ReferenceDoRA'?"),
-        ("layers.py", "expected FILE.py:NAME or module:NAME, got 'layers.py'"),
-        ("no_such_module:MyDoRA", "no module named 'no_such_module'"),
-    ],
-)
-def test_cli_usage_errors_say_what_is_wrong(user_dir, capsys, target, says):
-    assert main([target]) == 2
-    out = capsys.readouterr()
-    assert out.err.startswith("check_dora.py: error: ") and says in out.err and not out.out
-    with pytest.raises(SystemExit, match="2"):
-        main([])
-    assert "give FILE.py:NAME or module:NAME, or --peft" in capsys.readouterr().err
 
 
 STAND_IN_PEFT = """

@@ -40,13 +40,13 @@ The factory gets an nn.Linear (--conv2d: an nn.Conv2d, 3x3, stride 2, padding 1,
 read as the matrix (out, in * 9)) on the CPU, in float64 unless --dtype says otherwise. The
 layer's weight and bias are read from its outputs on one-hot inputs in training mode; A, B and
 m are found by shape and initial values, never by name (B zeros; m the row norms of W0, or its
-column norms: the wrong variant, which the report names); where they are not found, only check
-1 runs. The checks set A, B and m to known values and compare with the reference computed in
-float64 from the layer's own parameters, within the rounding of the dtype the layer computes
-in. Each check isolates one convention, the others taken as the layer has them: a layer
-scaling by alpha instead of alpha / r fails the scaling check only. Dropout is checked for a
-factory that takes dropout=p, merging for a layer with merged_weight(), merge_and_unload() or
-merge(); otherwise they are not applicable.
+column norms: the wrong variant, which the report names); where they are not found, only the
+first check runs. The checks set A, B and m to known values and compare with the reference
+computed in float64 from the layer's own parameters, within the rounding of the dtype the
+layer computes in. Each check isolates one convention, the others taken as the layer has them:
+a layer scaling by alpha instead of alpha / r fails the scaling check only. Dropout is checked
+for a factory that takes dropout=p, merging for a layer with merged_weight(), merge_and_unload()
+or merge(); otherwise they are not applicable.
 
 The checks:
 {checks}
@@ -111,7 +111,9 @@ def _parser():
     target = "FILE.py:NAME or package.module:NAME, called as NAME(linear, rank, alpha)"
     parser.add_argument("target", nargs="?", help=target)
     parser.add_argument("--peft", action="store_true", help="also check Hugging Face PEFT's DoRA")
-    parser.add_argument("--conv2d", action="store_true", help="NAME(conv, rank, alpha), Conv2d")
+    parser.add_argument(
+        "--conv2d", action="store_true", help="NAME(conv, rank, alpha) on nn.Conv2d"
+    )
     parser.add_argument("--dtype", choices=list(DTYPES), default="float64", help="of the layers")
     parser.add_argument("--json", action="store_true", help="every check's kind, result, numbers")
     return parser

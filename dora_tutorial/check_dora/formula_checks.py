@@ -202,7 +202,7 @@ def reference_formula(run: Run):
     """Forward and gradients of A, B, m and the input match the formula under the conventions
     measured so far, on _SHAPES: what no convention check catches (a wrong gradient of m, a
     rank or shape handled wrongly, a layer taking only 2-D inputs)."""
-    worst, what, where, tol = 0.0, "", "", 0.0
+    found = []  # (error / tolerance, error, tolerance, what, on which shape)
     for i, (n_in, n_out, rank, alpha, bias, lead) in enumerate(_SHAPES):
         base = run.base(n_in, n_out, bias=bias, seed=10 + i)
         x = run.inputs(lead, n_in, seed=20 + i)
@@ -216,21 +216,17 @@ def reference_formula(run: Run):
             errors = run.gradient_errors(layer, base, state, x, rank, alpha)
         except Exception as e:
             return False, f"the layer {describe(e)} ({shape})"
-        this_tol = run.forward_tol(as_matrix(base.weight), x)
-        name, err = max(errors.items(), key=lambda kv: kv[1] / this_tol)
-        if worst == 0.0 or err / this_tol > worst / tol:
-            worst, what, where, tol = err, name, shape, this_tol
+        tol = run.forward_tol(as_matrix(base.weight), x)
+        found += [(err / tol, err, tol, what, shape) for what, err in errors.items()]
+    _, worst, tol, what, where = max(found)
     c = run.conventions
-    conventions = [
-        says
-        for differs, says in (
-            (c.axis == 0, "magnitude per input column"),
-            (c.scaling != "alpha / rank", f"scaling {c.scaling}"),
-            (c.rescaled_bias, "bias rescaled"),
-            (not c.detached, "norm not detached"),
-        )
-        if differs
-    ]
+    differences = {
+        "magnitude per input column": c.axis == 0,
+        f"scaling {c.scaling}": c.scaling != "alpha / rank",
+        "bias rescaled": c.rescaled_bias,
+        "norm not detached": not c.detached,
+    }
+    conventions = [says for says, differs in differences.items() if differs]
     under = f" (with this layer's {', '.join(conventions)})" if conventions else ""
     if worst <= tol:
         says = (

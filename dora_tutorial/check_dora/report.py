@@ -95,9 +95,7 @@ class Report:
             ]
             summary = f"{len(failed)} of {n} checks fail: {'; '.join(kinds)}"
         else:
-            summary = (
-                f"{n - len(skipped)} of {n} checks pass" if skipped else f"all {n} checks pass"
-            )
+            summary = f"{f'{n - len(skipped)} of {n}' if skipped else f'all {n}'} checks pass"
         if rounding:
             summary += f", {rounding} within {self.precision} rounding"
         if skipped and not self.identified:
@@ -109,9 +107,7 @@ class Report:
     def __str__(self) -> str:
         precision = "" if self.dtype == "float64" else f" in {self.dtype}"
         found = (
-            f"found {self.adapter}"
-            if self.identified
-            else f"cannot check this layer: {self.problem}"
+            f"cannot check this layer: {self.problem}" if self.problem else f"found {self.adapter}"
         )
         lines = [f"DoRA conformance: {self.name}{precision}", _fill(f"  {found}", 4)]
         if self.precision != self.dtype:
