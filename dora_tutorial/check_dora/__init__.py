@@ -5,24 +5,15 @@
 
 or ``python -m dora_tutorial.check_dora my_module.py:MyDoRA`` (``--help`` is the manual).
 The core: reference.py (the formula), adapter.py (finding A, B and m), run.py (what the checks
-share), formula_checks.py (1-7), training_and_merging_checks.py (8-12), checker.py; around it
-report.py, tolerances.py, conv.py (--conv2d), peft.py (--peft) and cli.py.
+share), formula_checks.py and training_and_merging_checks.py, checker.py (the list of checks, in
+order, and check_dora); around it report.py, tolerances.py, conv.py (--conv2d), peft.py (--peft)
+and cli.py.
 """
 
 from .checker import CHECKS, check_dora
 from .cli import main
-from .peft import peft_dora_factory, peft_unavailable_reason
-from .report import CONVENTION, PAPER, ROBUSTNESS, CheckResult, Report
+from .peft import PeftDoRA, peft_unavailable_reason
+from .report import CONVENTION, PAPER, ROBUSTNESS, Report
 
-__all__ = [
-    "CHECKS",
-    "CONVENTION",
-    "PAPER",
-    "ROBUSTNESS",
-    "CheckResult",
-    "Report",
-    "check_dora",
-    "main",
-    "peft_dora_factory",
-    "peft_unavailable_reason",
-]
+__all__ = ["CHECKS", "CONVENTION", "PAPER", "ROBUSTNESS", "Report", "check_dora", "main"]
+__all__ += ["PeftDoRA", "peft_unavailable_reason"]

@@ -1,7 +1,5 @@
 """``python -m dora_tutorial.check_dora ...``: the command line."""
 
-import sys
+from dora_tutorial.check_dora.cli import main
 
-from dora_tutorial.check_dora import main
-
-sys.exit(main())
+raise SystemExit(main())

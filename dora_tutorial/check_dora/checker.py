@@ -2,18 +2,35 @@
 
 import functools
 import time
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
-from . import formula_checks, training_and_merging_checks
+from . import formula_checks as formula
+from . import training_and_merging_checks as in_use
 from .adapter import Adapter, NotIdentified, find_adapter
 from .conv import CONV2D
-from .reference import ALPHA, IN, LINEAR, OUT, RANK, Factory, as_matrix, rel
+from .reference import LINEAR, as_matrix, rel
 from .report import CheckResult, Report
-from .run import Run, describe
+from .run import ALPHA, IN, OUT, RANK, Run, describe
 from .tolerances import DTYPES, TOL, dtype_name, tolerance
 
-CHECKS = formula_checks.CHECKS + training_and_merging_checks.CHECKS
+# The checks in order: a check's number, in reports, exit statuses and --help, is its place here.
+CHECKS = [
+    formula.identity_at_init,
+    formula.magnitude_axis,
+    formula.normalisation,
+    formula.scaling,
+    formula.bias,
+    formula.norm_detached,
+    formula.reference_formula,
+    in_use.zero_rows_low_precision,
+    in_use.dropout,
+    in_use.merge_and_unmerge,
+    in_use.magnitude_trains_in_low_precision,
+    in_use.merge_precision,
+]
 _KINDS = {"linear": LINEAR, "conv2d": CONV2D}
 
 
@@ -45,15 +62,20 @@ def _identify(run: Run) -> tuple[Adapter, str]:
             f"the layer {describe(e)} on one-hot {dtype_name(run.dtype)} inputs ({IN} features)"
         ) from e
     W0 = as_matrix(base.weight.detach())
-    err = rel(W_init, W0.double())
-    if run.dtype == torch.float64 and TOL < err <= tolerance(torch.float32, IN):
+    if run.dtype == torch.float64 and TOL < rel(W_init, W0.double()) <= tolerance(
+        torch.float32, IN
+    ):
         run.precision = torch.float32
     adapter = find_adapter(layer, W0, base.bias.detach(), RANK, W_init, rtol=run.tol(IN))
     return adapter, adapter.describe(layer)
 
 
 def check_dora(
-    factory: Factory, *, name: str | None = None, kind: str = "linear", dtype=torch.float64
+    factory: Callable[..., nn.Module],
+    *,
+    name: str | None = None,
+    kind: str = "linear",
+    dtype=torch.float64,
 ) -> Report:
     """Check the DoRA layers factory(linear, rank, alpha) builds (factory(conv, rank, alpha)
     with kind="conv2d"); one CheckResult per check. dtype: of the base layers, the layer and the
@@ -68,26 +90,23 @@ def check_dora(
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
         try:
             run.adapter, report.adapter = _identify(run)
-            run.conventions.axis = run.adapter.axis  # judged by check 2, used by the others
+            run.conventions.axis = run.adapter.axis  # judged by its own check, used by the others
         except NotIdentified as e:
             report.problem = str(e)
         except Exception as e:  # a layer this tool did not foresee: say so, do not crash
             report.problem = f"looking for A, B and m {describe(e)}"
         report.precision = dtype_name(run.precision)
-        for c in CHECKS:
-            if c.needs_adapter and run.adapter is None:
-                report.results.append(CheckResult(c.number, c.title, "skip", "not run", c.kind))
-                continue
-            numbers = {}
-            try:
-                ok, detail, *more = c.run(run)
-                numbers = more[0] if more else {}
-            except Exception as e:
-                ok, detail = False, describe(e)
+        for number, c in enumerate(CHECKS, 1):
+            ok, detail, numbers = None, "not run", {}
+            if run.adapter is not None or not c.needs_adapter:
+                try:
+                    ok, detail, *more = c.run(run)
+                    numbers = {k: v for k, v in (more[0] if more else {}).items() if v is not None}
+                except Exception as e:
+                    ok, detail = False, describe(e)
             status = "skip" if ok is None else "pass" if ok else "fail"
-            numbers = {k: v for k, v in numbers.items() if v is not None}
             report.results.append(
-                CheckResult(c.number, c.title, status, detail, c.kind, numbers, report.precision)
+                CheckResult(number, c.title, status, detail, c.kind, numbers, report.precision)
             )
     report.seconds = time.perf_counter() - start
     return report

@@ -1,8 +1,6 @@
-"""The checks on a layer that wraps an nn.Conv2d (kind="conv2d", --conv2d).
-
-The kernel is read as the matrix (out, in * 3 * 3): a row per output channel, so the row norms
-are DoRA's norm over all axes but the output channel and m has one entry per output channel.
-"""
+"""The checks on a layer that wraps an nn.Conv2d (kind="conv2d", --conv2d). The kernel is read
+as the matrix (out, in * 3 * 3): a row per output channel, so the row norms are DoRA's norm over
+all axes but the output channel and m has one entry per output channel."""
 
 import math
 
@@ -10,16 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .reference import SEED, LayerKind, make_linear, read_weight
+from .reference import LayerKind, make_linear, read_weight
 
-_CONV = {"kernel_size": 3, "stride": 2, "padding": 1}
+_STRIDE, _PADDING = 2, 1
 
 
-def _make(n_in, n_out, bias=True, dtype=torch.float64, seed=SEED):
-    """An nn.Conv2d (n_in -> n_out channels, 3x3, stride 2, padding 1) with make_linear's
-    weights on its kernel."""
+def _make(n_in, n_out, bias, dtype, seed):
+    """An nn.Conv2d (n_in -> n_out channels, 3x3) with make_linear's weights on its kernel."""
     linear = make_linear(n_in * 9, n_out, bias=bias, dtype=dtype, seed=seed)
-    conv = nn.Conv2d(n_in, n_out, bias=bias, dtype=dtype, **_CONV)
+    conv = nn.Conv2d(n_in, n_out, 3, _STRIDE, _PADDING, bias=bias, dtype=dtype)
     with torch.no_grad():
         conv.weight.copy_(linear.weight.reshape(conv.weight.shape))
         if bias:
@@ -46,7 +43,7 @@ def _inputs(lead, n_in, seed, dtype=torch.float64):
 
 def _apply(x, W, b):
     """The checks' convolution with the kernel W, given as an (out, in * 9) matrix."""
-    return F.conv2d(x, W.reshape(W.shape[0], -1, 3, 3), b, _CONV["stride"], _CONV["padding"])
+    return F.conv2d(x, W.reshape(W.shape[0], -1, 3, 3), b, _STRIDE, _PADDING)
 
 
 CONV2D = LayerKind("nn.Conv2d", _make, _effective_weight, _inputs, _apply)

@@ -8,10 +8,9 @@ from torch import nn
 
 @functools.cache
 def peft_unavailable_reason() -> str | None:
-    """None when PEFT can be imported and used, else why not (in words).
-
-    Used, not only imported: PEFT can import fine and fail when it wraps a layer (e.g. an older
-    torchao installed beside it makes get_peft_model raise ImportError)."""
+    """None when PEFT can be imported and used, else why not. Used, not only imported: PEFT can
+    import fine and fail when it wraps a layer (an older torchao beside it makes get_peft_model
+    raise ImportError)."""
     try:
         from peft import LoraConfig, get_peft_model
     except Exception as e:  # not only ImportError: a broken install can raise anything
@@ -25,11 +24,11 @@ def peft_unavailable_reason() -> str | None:
     return None
 
 
-class _PeftDoRA(nn.Module):
-    """PEFT's DoRA on one layer (nn.Linear or nn.Conv2d): get_peft_model(nn.Sequential(layer),
-    use_dora=True, lora_dropout=dropout), with PEFT's merges as methods (check 10)."""
+class PeftDoRA(nn.Module):
+    """PEFT's DoRA on one layer (nn.Linear or nn.Conv2d), with PEFT's merges as methods; a
+    factory: PeftDoRA(layer, rank, alpha)."""
 
-    def __init__(self, linear, rank, alpha, dropout=0.0):
+    def __init__(self, layer, rank, alpha, dropout=0.0):
         super().__init__()
         reason = peft_unavailable_reason()
         if reason is not None:
@@ -39,7 +38,7 @@ class _PeftDoRA(nn.Module):
         config = LoraConfig(
             r=rank, lora_alpha=alpha, use_dora=True, target_modules=["0"], lora_dropout=dropout
         )
-        self.model = get_peft_model(nn.Sequential(linear), config)
+        self.model = get_peft_model(nn.Sequential(layer), config)
 
     def forward(self, x):
         return self.model(x)
@@ -52,8 +51,3 @@ class _PeftDoRA(nn.Module):
 
     def unmerge(self):
         self.model.unmerge_adapter()
-
-
-def peft_dora_factory(linear: nn.Linear, rank: int, alpha: float, dropout=0.0) -> nn.Module:
-    """The factory for PEFT's DoRA (B = 0 at initialisation, PEFT's default)."""
-    return _PeftDoRA(linear, rank, alpha, dropout)

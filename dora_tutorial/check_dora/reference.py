@@ -9,48 +9,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EPS = 1e-12  # the reference's floor for ||V||: the paper's formula gives 0 / 0 on a zero row
-IN, OUT, RANK, ALPHA = 11, 7, 3, 5  # pairwise different: shapes say which axis is which
-SEED = 0
-
-# the scaling rules a layer might use; the first one is DoRA's (and LoRA's)
-SCALINGS: dict[str, Callable[[float, int], float]] = {
-    "alpha / rank": lambda alpha, rank: alpha / rank,
-    "alpha": lambda alpha, rank: float(alpha),
-    "alpha / sqrt(rank)": lambda alpha, rank: alpha / math.sqrt(rank),
-    "1": lambda alpha, rank: 1.0,
-}
-
-Factory = Callable[[nn.Linear, int, float], nn.Module]
-
 
 def reference_weight(W0, A, B, m, scaling, axis=1, detach=True):
     """(W', k): DoRA's W' = k V with V = W0 + scaling B A and k = m / ||V||."""
     V = W0 + scaling * (B @ A)
-    norm = torch.linalg.vector_norm(V, dim=axis, keepdim=True).clamp_min(EPS)
-    if detach:
-        norm = norm.detach()
-    k = m.reshape(norm.shape) / norm
+    norm = V.norm(dim=axis, keepdim=True).clamp_min(1e-12)  # the paper's formula: 0 / 0 on 0 rows
+    k = m.reshape(norm.shape) / (norm.detach() if detach else norm)
     return k * V, k
 
 
 def reference_forward(
     x, W0, b, A, B, m, scaling, *, axis=1, detach=True, rescale_bias=False, apply=F.linear
 ):
-    """DoRA's output y = x W'^T + b.
-
-    The defaults are the paper's conventions; the keywords give the variants the checks
-    recognise (axis=0: per input column; detach=False: the norm differentiated; rescale_bias:
-    the bias multiplied by m / ||V|| too)."""
+    """DoRA's output y = x W'^T + b. The defaults are the paper's conventions; the keywords the
+    variants the checks recognise (axis=0: per input column; detach=False: the norm
+    differentiated; rescale_bias: the bias multiplied by m / ||V|| too)."""
     W, k = reference_weight(W0, A, B, m, scaling, axis, detach)
-    if b is not None and rescale_bias:
-        b = k.flatten() * b
-    return apply(x, W, b)
-
-
-def norms(W, axis):
-    """Norm of every row (axis=1) or column (axis=0) of W."""
-    return torch.linalg.vector_norm(W, dim=axis)
+    return apply(x, W, k.flatten() * b if b is not None and rescale_bias else b)
 
 
 def rel(a, b):
@@ -64,8 +39,8 @@ def pct(x):
 
 
 def as_matrix(t):
-    """A kernel (out, in, kh, kw) as the matrix (out, in * kh * kw): every weight is compared as
-    that matrix. Vectors and matrices as they are."""
+    """A kernel (out, in, kh, kw) as the matrix (out, in * kh * kw), the form every weight is
+    compared in; vectors and matrices as they are."""
     return t.flatten(1) if t.dim() > 2 else t
 
 
@@ -85,7 +60,7 @@ class LayerKind:
     apply: Callable[..., torch.Tensor]
 
 
-def make_linear(n_in, n_out, bias=True, dtype=torch.float64, seed=SEED):
+def make_linear(n_in, n_out, bias, dtype, seed):
     """An nn.Linear with reproducible weights in nn.Linear's range and a bias of order 1."""
     g = torch.Generator().manual_seed(seed)
     linear = nn.Linear(n_in, n_out, bias=bias, dtype=dtype)
@@ -98,10 +73,9 @@ def make_linear(n_in, n_out, bias=True, dtype=torch.float64, seed=SEED):
 
 
 def read_weight(layer, n, to_inputs=lambda basis: basis, from_outputs=lambda y: y):
-    """(W', y(0)) of the affine map a layer computes, in float64: y(e_j) - y(0) is column j of W'.
-
-    The n one-hot vectors e_j and 0 go through ``to_inputs`` into the layer; ``from_outputs``
-    turns its outputs into (n + 1, out) rows. No ``merged_weight()`` method is needed."""
+    """(W', y(0)) of the affine map a layer computes, in float64: y(e_j) - y(0) is column j of
+    W', so no ``merged_weight()`` method is needed. The n one-hot vectors e_j and 0 go through
+    ``to_inputs`` into the layer; ``from_outputs`` turns its outputs into (n + 1, out) rows."""
     dtype = next((p.dtype for p in layer.parameters() if p.is_floating_point()), torch.float64)
     eye = torch.eye(n, dtype=dtype)
     with torch.no_grad():

@@ -1,13 +1,11 @@
 """What a conformance run found: one CheckResult per check, and the Report of a layer."""
 
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from .tolerances import TOL
 
-_WIDTH = 96  # report lines wrap here: they fit a terminal and a notebook's output area
-
-# The kinds of finding, most serious first: the exit status the kind gives, and its meaning.
+# The kinds of finding, most serious first: the exit status each gives, and its meaning.
 PAPER, CONVENTION, ROBUSTNESS = "paper", "convention", "robustness"
 _EXIT_STATUS = {PAPER: 1, CONVENTION: 3, ROBUSTNESS: 4}
 _KIND_MEANING = {
@@ -17,8 +15,9 @@ _KIND_MEANING = {
 }
 
 
-def _fill(text, indent, **options):
-    return textwrap.fill(text, _WIDTH, subsequent_indent=" " * indent, **options)
+def _fill(text, indent):
+    """Wrapped at 96 columns: they fit a terminal and a notebook's output area."""
+    return textwrap.fill(text, 96, subsequent_indent=" " * indent, break_on_hyphens=False)
 
 
 @dataclass
@@ -35,14 +34,9 @@ class CheckResult:
     precision: str = "float64"
 
     @property
-    def passed(self) -> bool:
-        return self.status == "pass"
-
-    @property
     def within_rounding(self) -> bool:
         """Passed, but only within the rounding of a dtype below float64."""
-        error = self.numbers.get("error")
-        return self.passed and error is not None and error > TOL
+        return self.status == "pass" and self.numbers.get("error", 0) > TOL
 
     def __str__(self) -> str:
         mark = "FAIL" if self.status == "fail" else self.status
@@ -50,15 +44,7 @@ class CheckResult:
         if self.within_rounding:
             n = self.numbers
             text += f" (within {self.precision} rounding: {n['error']:.0e} <= {n['tolerance']:.0e})"
-        return _fill(text, 10, break_on_hyphens=False)
-
-    def to_dict(self) -> dict:
-        return {
-            **{k: getattr(self, k) for k in ("number", "title", "kind")},
-            "kind_meaning": _KIND_MEANING[self.kind],
-            "result": self.status,
-            **{k: getattr(self, k) for k in ("within_rounding", "detail", "numbers")},
-        }
+        return _fill(text, 10)
 
 
 @dataclass
@@ -84,13 +70,10 @@ class Report:
 
     @property
     def failed(self) -> list[int]:
-        return [r.number for r in self.results if r.status == "fail"]
+        return self._numbers("fail")
 
-    def failed_of_kind(self, kind) -> list[int]:
-        return [r.number for r in self.results if r.status == "fail" and r.kind == kind]
-
-    def _numbers(self, status) -> str:
-        return ", ".join(str(r.number) for r in self.results if r.status == status)
+    def _numbers(self, status, kind=None) -> list[int]:
+        return [r.number for r in self.results if r.status == status and kind in (None, r.kind)]
 
     @property
     def exit_status(self) -> int:
@@ -98,37 +81,33 @@ class Report:
         PEFT (and nothing worse); 4 robustness only; 2 the layer could not be checked."""
         if not self.identified:
             return 2
-        return next((_EXIT_STATUS[k] for k in _EXIT_STATUS if self.failed_of_kind(k)), 0)
+        return min((_EXIT_STATUS[r.kind] for r in self.results if r.status == "fail"), default=0)
 
     def summary(self) -> str:
         """The verdict in one line, failures grouped by kind."""
-        n, failed = len(self.results), self.failed
-        skipped = sum(r.status == "skip" for r in self.results)
+        n, failed, skipped = len(self.results), self.failed, self._numbers("skip")
         rounding = sum(r.within_rounding for r in self.results)
         if failed:
             kinds = [
-                f"{_KIND_MEANING[k]} ({', '.join(map(str, self.failed_of_kind(k)))})"
-                for k in _EXIT_STATUS
-                if self.failed_of_kind(k)
+                f"{meaning} ({', '.join(map(str, numbers))})"
+                for kind, meaning in _KIND_MEANING.items()
+                if (numbers := self._numbers("fail", kind))
             ]
             summary = f"{len(failed)} of {n} checks fail: {'; '.join(kinds)}"
         else:
-            summary = f"{n - skipped} of {n} checks pass" if skipped else f"all {n} checks pass"
+            summary = f"{f'{n - len(skipped)} of {n}' if skipped else f'all {n}'} checks pass"
         if rounding:
             summary += f", {rounding} within {self.precision} rounding"
-        if skipped:
-            why = "not run (they need A, B and m)" if not self.identified else "not applicable"
-            summary += f", {skipped} {why}" + (
-                f" ({self._numbers('skip')})" if self.identified else ""
-            )
+        if skipped and not self.identified:
+            summary += f", {len(skipped)} not run (they need A, B and m)"
+        elif skipped:
+            summary += f", {len(skipped)} not applicable ({', '.join(map(str, skipped))})"
         return summary
 
     def __str__(self) -> str:
         precision = "" if self.dtype == "float64" else f" in {self.dtype}"
         found = (
-            f"found {self.adapter}"
-            if self.identified
-            else f"cannot check this layer: {self.problem}"
+            f"cannot check this layer: {self.problem}" if self.problem else f"found {self.adapter}"
         )
         lines = [f"DoRA conformance: {self.name}{precision}", _fill(f"  {found}", 4)]
         if self.precision != self.dtype:
@@ -143,11 +122,11 @@ class Report:
 
     def to_dict(self) -> dict:
         """Everything in the report, for ``--json``."""
-        keys = ("name", "dtype", "precision", "identified", "adapter", "problem", "passed")
+        results = [{**asdict(r), "within_rounding": r.within_rounding} for r in self.results]
         return {
-            **{k: getattr(self, k) for k in (*keys, "exit_status")},
+            **asdict(self),
+            **{k: getattr(self, k) for k in ("identified", "passed", "exit_status")},
             "summary": self.summary(),
-            "failed": {k: self.failed_of_kind(k) for k in _EXIT_STATUS},
-            "checks": [r.to_dict() for r in self.results],
-            "seconds": round(self.seconds, 3),
+            "failed": {k: self._numbers("fail", k) for k in _EXIT_STATUS},
+            "results": results,
         }

@@ -1,9 +1,9 @@
 """What the checks share: the Run (factory, layer type, A/B/m, the conventions measured so far),
-the check registry and the helpers that build layers and compare them with the reference.
+the Check, and the helpers that build layers and compare them with the reference.
 
-Each check isolates one convention: the others use the layer's own axis (check 2), scaling (4),
-bias placement (5) and detach (6), recorded in Run.conventions as those checks measure them, so
-that a layer wrong in one way fails that check only.
+Each check isolates one convention: the others use the layer's own axis, scaling, bias placement
+and detach, recorded in Run.conventions as their checks measure them, so that a layer wrong in
+one way fails that check only.
 """
 
 import math
@@ -14,23 +14,18 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .reference import (
-    ALPHA,
-    IN,
-    LINEAR,
-    OUT,
-    RANK,
-    SCALINGS,
-    SEED,
-    Factory,
-    LayerKind,
-    as_matrix,
-    norms,
-    reference_forward,
-    reference_weight,
-    rel,
-)
+from .reference import LINEAR, LayerKind, as_matrix, reference_forward, reference_weight, rel
 from .tolerances import LOW_PRECISION, tolerance
+
+IN, OUT, RANK, ALPHA = 11, 7, 3, 5  # pairwise different: shapes say which axis is which
+SEED = 0
+# the scaling rules a layer might use; the first one is DoRA's (and LoRA's)
+SCALINGS: dict[str, Callable[[float, int], float]] = {
+    "alpha / rank": lambda alpha, rank: alpha / rank,
+    "alpha": lambda alpha, rank: float(alpha),
+    "alpha / sqrt(rank)": lambda alpha, rank: alpha / math.sqrt(rank),
+    "1": lambda alpha, rank: 1.0,
+}
 
 
 @dataclass
@@ -42,25 +37,13 @@ class _Conventions:
     rescaled_bias: bool = False
     detached: bool = True
 
-    def differences(self) -> list[str]:
-        return [
-            says
-            for differs, says in (
-                (self.axis == 0, "magnitude per input column"),
-                (self.scaling != "alpha / rank", f"scaling {self.scaling}"),
-                (self.rescaled_bias, "bias rescaled"),
-                (not self.detached, "norm not detached"),
-            )
-            if differs
-        ]
-
 
 @dataclass
 class Run:
     """One conformance run. dtype: what base layers, layer and inputs are built in; precision:
     whose rounding the tolerances allow for (float32 for a layer computing in float32)."""
 
-    factory: Factory
+    factory: Callable[..., nn.Module]
     kind: LayerKind = LINEAR
     adapter: Adapter | None = None
     conventions: _Conventions = field(default_factory=_Conventions)
@@ -71,8 +54,12 @@ class Run:
         """The tolerance for results of sums of up to n terms."""
         return tolerance(self.precision, n)
 
-    def base(self, n_in=IN, n_out=OUT, bias=True, seed=SEED):
-        return self.kind.make_base(n_in, n_out, bias=bias, dtype=self.dtype, seed=seed)
+    def forward_tol(self, W0, x):
+        """The tolerance for forward and backward: sums of up to rows x max(in, out) terms."""
+        return self.tol(max(1, x.numel() // W0.shape[1]) * max(W0.shape))
+
+    def base(self, n_in=IN, n_out=OUT, bias=True, seed=SEED, dtype=None):
+        return self.kind.make_base(n_in, n_out, bias, dtype or self.dtype, seed)
 
     def inputs(self, lead, n_in, seed):
         return self.kind.inputs(lead, n_in, seed=seed, dtype=self.dtype)
@@ -97,7 +84,7 @@ class Run:
         n_out, n_in = W0.shape
         A = torch.randn(rank, n_in, generator=g, dtype=W0.dtype) / math.sqrt(n_in)
         B = torch.randn(n_out, rank, generator=g, dtype=W0.dtype) * b_scale / math.sqrt(rank)
-        base_norms = norms(W0, self.adapter.axis)
+        base_norms = W0.norm(dim=self.adapter.axis)
         m = (base_norms + 0.1) * (0.5 + torch.rand(len(base_norms), generator=g, dtype=W0.dtype))
         self.adapter.assign(layer, A, B, m)
         return [t.detach().double().clone() for t in self.adapter.tensors(layer)]
@@ -125,25 +112,39 @@ class Run:
             apply=self.kind.apply,
         )
 
+    def gradient_errors(self, layer, base, state, x, rank, alpha, detach=None):
+        """Relative differences of the output and the gradients of A, B, m, x: layer vs reference
+        (in float64, from the layer's own rounded parameters and inputs)."""
+        x = x.detach().clone().requires_grad_()
+        y = layer(x)
+        g = torch.Generator().manual_seed(2)
+        weights = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
+        (y * weights).sum().backward()
+        got = [y, *self.adapter.tensors(layer, grads=True), x.grad]
+        A, B, m, x = (t.detach().double().clone().requires_grad_() for t in (*state, x))
+        y = self.reference(x, base, A, B, m, rank, alpha, detach)
+        (y * weights.double()).sum().backward()
+        names = ["output", *(f"gradient of {n}" for n in ("A", "B", "m", "the input"))]
+        return {
+            n: math.inf if a is None or a.shape != b.shape else rel(a.double(), b)
+            for n, a, b in zip(names, got, [y, A.grad, B.grad, m.grad, x.grad], strict=True)
+        }
+
 
 @dataclass(frozen=True)
 class Check:
-    number: int
+    """run(Run) -> (passed, one line in plain words[, numbers]); passed is True, False or None
+    (the check does not apply to this layer: skipped). Its number is its place in CHECKS."""
+
     title: str
-    run: Callable[[Run], tuple]
-    needs_adapter: bool
     kind: str
+    run: Callable[[Run], tuple]
+    needs_adapter: bool = True
 
 
-def check(checks: list[Check], number, title, kind, needs_adapter=True):
-    """Register a check: a function Run -> (passed, one line in plain words[, numbers]);
-    passed is True, False or None (the check does not apply to this layer: skipped)."""
-
-    def register(fn):
-        checks.append(Check(number, title, fn, needs_adapter, kind))
-        return fn
-
-    return register
+def check(title, kind, needs_adapter=True):
+    """Make the function a Check (checker.CHECKS gives the order)."""
+    return lambda fn: Check(title, kind, fn, needs_adapter)
 
 
 def result(ok, detail, error, tol, **numbers):
@@ -155,27 +156,3 @@ def describe(e: BaseException) -> str:
     """An exception in one line."""
     text = str(e).strip().splitlines()
     return f"raised {type(e).__name__}" + (f": {text[0][:200]}" if text else "")
-
-
-def sum_length(W0, x):
-    """An upper bound on the terms in one sum of forward or backward: rows x max(in, out)."""
-    return max(1, x.numel() // W0.shape[1]) * max(W0.shape)
-
-
-def gradient_errors(run, layer, base, state, x, rank, alpha, detach=None):
-    """Relative differences of the output and the gradients of A, B, m, x: layer vs reference
-    (in float64, from the layer's own rounded parameters and inputs)."""
-    x = x.detach().clone().requires_grad_()
-    y = layer(x)
-    g = torch.Generator().manual_seed(2)
-    weights = torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype)
-    (y * weights).sum().backward()
-    got = [y, *run.adapter.grads(layer), x.grad]
-    A, B, m, x = (t.detach().double().clone().requires_grad_() for t in (*state, x))
-    y = run.reference(x, base, A, B, m, rank, alpha, detach)
-    (y * weights.double()).sum().backward()
-    names = ["output", *(f"gradient of {n}" for n in ("A", "B", "m", "the input"))]
-    return {
-        n: math.inf if a is None or a.shape != b.shape else rel(a.double(), b)
-        for n, a, b in zip(names, got, [y, A.grad, B.grad, m.grad, x.grad], strict=True)
-    }

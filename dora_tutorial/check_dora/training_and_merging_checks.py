@@ -1,5 +1,5 @@
-"""Checks 8-12, the layer in use: zero rows and half precision, dropout in training, merging
-for deployment, and training and merging on a bfloat16 or float16 base."""
+"""The layer in use: zero rows and half precision, dropout in training, merging for deployment,
+and training and merging on a bfloat16 or float16 base."""
 
 import copy
 import math
@@ -10,17 +10,13 @@ from torch import nn
 
 from dora_tutorial.precision import magnitude_moves, merge_error
 
-from .reference import IN, OUT, RANK, as_matrix, norms, pct, rel
+from .reference import as_matrix, pct, rel
 from .report import CONVENTION, PAPER, ROBUSTNESS
-from .run import Check, Run, check, describe, result, sum_length
+from .run import IN, RANK, Run, check, describe, result
 from .tolerances import LOW_PRECISION, dtype_name, tolerance
 
-CHECKS: list[Check] = []
-
-
-def _low_precision(run):
-    """float32, or the run's dtype if that is a half-precision one."""
-    return run.dtype if run.dtype in LOW_PRECISION else torch.float32
+_P_DROP = 0.5  # the dropout probability given to a factory that takes dropout=p
+_PEFT_DROPOUT = "y = base(x) + (k - 1) x_d W0^T + k s x_d A^T B^T"
 
 
 def _non_finite(run, layer, x):
@@ -30,38 +26,37 @@ def _non_finite(run, layer, x):
         return "output"
     weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(7))
     (y.float() * weights).sum().backward()
-    for what, grad in zip("ABm", run.adapter.grads(layer), strict=True):
+    for what, grad in zip("ABm", run.adapter.tensors(layer, grads=True), strict=True):
         if grad is not None and not torch.isfinite(grad).all():
             return f"gradient of {what}"
     return ""
 
 
-@check(CHECKS, 8, "zero rows, low precision", ROBUSTNESS)
-def _check_robustness(run: Run):
+@check("zero rows, low precision", ROBUSTNESS)
+def zero_rows_low_precision(run: Run):
     """No NaN or inf from an all-zero weight row or column (a per-column layer meets its 0 / 0
     on the column), at initialisation and after B and m moved; the layer converted with
     .to(bfloat16) / .to(float16) stays finite and within that dtype's rounding of float32's."""
-    x = run.kind.inputs((4,), IN, seed=8, dtype=_low_precision(run))
+    low = run.dtype if run.dtype in LOW_PRECISION else torch.float32
+    x = run.kind.inputs((4,), IN, seed=8, dtype=low)
     for what in ("row", "column"):
         for moved in (False, True):
-            base = run.kind.make_base(IN, OUT, dtype=_low_precision(run))
+            base = run.base(dtype=low)
             with torch.no_grad():  # row 2 or column 4 all zero
                 as_matrix(base.weight)[(2, slice(None)) if what == "row" else (slice(None), 4)] = 0
             layer = run.layer(base)
             if moved:
                 run.trained(layer, base)
-            bad = _non_finite(run, layer, x)
-            if bad:
-                when = "after B and m moved" if moved else "at initialisation"
+            if bad := _non_finite(run, layer, x):
                 return False, (
-                    f"an all-zero weight {what} gives NaN or inf in the {bad} {when}: the norm "
-                    f"of a zero {what} is 0 and m / ||V|| = 0 / 0, and one NaN poisons every "
-                    "weight at the first step; floor the norm (clamp_min(eps)). Zero rows and "
-                    "columns occur in pruned or damaged checkpoints (PEFT issue #2049)"
+                    f"an all-zero weight {what} gives NaN or inf in the {bad} "
+                    f"{'after B and m moved' if moved else 'at initialisation'}: m / ||V|| = 0 / 0 "
+                    "on it, and one NaN poisons every weight at the first step; floor the norm "
+                    "(clamp_min(eps)). Pruned or damaged checkpoints have such rows (PEFT #2049)"
                 )
 
     def trained_layer():
-        base = run.kind.make_base(64, 32, dtype=torch.float32, seed=6)
+        base = run.base(64, 32, seed=6, dtype=torch.float32)
         layer = run.layer(base, 4, 8)
         run.trained(layer, base, 4)
         return layer
@@ -69,37 +64,28 @@ def _check_robustness(run: Run):
     x = run.kind.inputs((8,), 64, seed=9, dtype=torch.float32)
     with torch.no_grad():
         expected = trained_layer()(x).double()
-    worst, tol = 0.0, 0.0
-    for dtype in (torch.bfloat16, torch.float16):
-        low = trained_layer().to(dtype)
-        name = dtype_name(dtype)
-        bad = _non_finite(run, low, x.to(dtype))
-        if bad:
+    found = []  # (error / tolerance, error, tolerance)
+    for dtype in LOW_PRECISION:
+        layer, name, tol = trained_layer().to(dtype), dtype_name(dtype), tolerance(dtype, 64)
+        if bad := _non_finite(run, layer, x.to(dtype)):
             return False, f"in {name} the {bad} has NaN or inf: the layer cannot train in {name}"
         with torch.no_grad():
-            err = rel(low(x.to(dtype)).double(), expected)
-        this_tol = tolerance(dtype, 64)
-        if err > this_tol:
+            err = rel(layer(x.to(dtype)).double(), expected)
+        if err > tol:
             says = (
                 f"in {name} the output is off by {pct(err)} from float32's, more than {name}'s "
-                f"rounding ({this_tol:.0e}): too inaccurate to train in half precision (sum "
-                "the squares of the norm in float32)"
+                f"rounding ({tol:.0e}): too inaccurate to train in half precision (sum the "
+                "squares of the norm in float32)"
             )
-            return result(False, says, err, this_tol)
-        if worst == 0.0 or err / this_tol > worst / tol:
-            worst, tol = err, this_tol
-    return (
-        True,
-        "no NaN or inf with an all-zero weight row or column; bfloat16 and float16 work",
-        {"low_precision_error": worst, "low_precision_tolerance": tol},
-    )
+            return result(False, says, err, tol)
+        found.append((err / tol, err, tol))
+    _, err, tol = max(found)
+    says = "no NaN or inf with an all-zero weight row or column; bfloat16 and float16 work"
+    return True, says, {"low_precision_error": err, "low_precision_tolerance": tol}
 
 
-_P_DROP = 0.5  # the dropout probability check 9 gives a factory that takes dropout=p
-
-
-@check(CHECKS, 9, "dropout", CONVENTION)
-def _check_dropout(run: Run):
+@check("dropout", CONVENTION)
+def dropout(run: Run):
     """PEFT's placement of dropout=p in training, y = x W0^T + b + x_d (W' - W0)^T with x_d the
     mask F.dropout(x, p) draws from the same random state; none in eval mode. Not applicable
     to a factory without ``dropout`` (PEFT's ``lora_dropout``)."""
@@ -118,193 +104,156 @@ def _check_dropout(run: Run):
         y = layer(x).double()
     torch.manual_seed(12)
     x_d = F.dropout(x, _P_DROP).double()  # the same mask: the same random state
-    W0 = as_matrix(base.weight.detach()).double()
-    b = base.bias.detach().double()
-    W = run.weight(base, A, B, m)
-    apply = run.kind.apply
-    expected = apply(x.double(), W0, b) + apply(x_d, W - W0, None)
-    tol = run.tol(sum_length(W0, x))
-    err = rel(y, expected)
+    W0, b = as_matrix(base.weight.detach()).double(), base.bias.detach().double()
+    W, apply, x = run.weight(base, A, B, m), run.kind.apply, x.double()
+    tol, err = run.forward_tol(W0, x), rel(y, apply(x, W0, b) + apply(x_d, W - W0, None))
     layer.eval()
     with torch.no_grad():
-        eval_err = rel(layer(x).double(), apply(x.double(), W, b))
-    peft = "y = base(x) + (k - 1) x_d W0^T + k s x_d A^T B^T"
+        eval_err = rel(layer(x.to(run.dtype)).double(), apply(x, W, b))
     if err <= tol and eval_err <= tol:
-        says = (
-            f"dropout (p = {_P_DROP}) as in PEFT: the base path on the clean input, the magnitude "
-            "and update terms on the dropped input; none in eval mode"
-        )
+        says = f"dropout (p = {_P_DROP}) as in PEFT, {_PEFT_DROPOUT}; none in eval mode"
         return result(True, says, err, tol, eval_error=eval_err)
     if err <= tol:
         says = (
-            f"in eval mode the output is off by {pct(eval_err)} from the layer without dropout: "
-            "dropout must act in training only"
+            f"in eval mode the output is off by {pct(eval_err)}: dropout must act in training only"
         )
         return result(False, says, eval_err, tol)
-    if rel(y, apply(x.double(), W, b)) <= tol:
+    if rel(y, apply(x, W, b)) <= tol:
         says = (
             "dropout=p has no effect in training: the layer ignores p (the divergence reported "
-            "as fsdp_qlora #68, DoRA ignoring lora_dropout); PEFT drops the input of the "
-            "magnitude and update terms"
+            "as fsdp_qlora #68, DoRA ignoring lora_dropout)"
         )
     elif rel(y, apply(x_d, W, b)) <= tol:
         says = (
             "the base path sees the dropped input too, y = DoRA(dropout(x)): the pretrained "
-            "layer's output is perturbed even at B = 0; PEFT keeps base(x) on the clean input and "
-            f"drops only the input of the magnitude and update terms: {peft}"
+            "layer's output is perturbed even at B = 0"
         )
     else:
-        says = (
-            f"with dropout=p the output is off by {pct(err)} from PEFT's, {peft} with the mask "
-            "F.dropout(x, p) draws from the same random state"
-        )
+        says = f"with dropout=p the output is off by {pct(err)}"
+    says += f"; PEFT drops only the input of the magnitude and update terms, {_PEFT_DROPOUT}"
     return result(False, says, err, tol, eval_error=eval_err)
 
 
-_MERGES = ("merged_weight", "merge_and_unload", "merge")
-_UNMERGES = ("unmerge", "unmerge_adapter")
+def _merges(layer):
+    """[(how, merged)] for each merge the layer offers, in this order: merged_weight() (merged:
+    the weight as a float64 matrix), merge_and_unload() and merge() returning a layer (on a
+    copy), merge() in place (on the layer itself). Call under torch.no_grad()."""
+    found = []
+    if callable(getattr(layer, "merged_weight", None)):
+        found.append(("merged_weight()", as_matrix(layer.merged_weight().detach()).double()))
+    if callable(getattr(layer, "merge_and_unload", None)):
+        found.append(("merge_and_unload()", copy.deepcopy(layer).merge_and_unload()))
+    if callable(getattr(layer, "merge", None)):
+        merged = copy.deepcopy(layer).merge()
+        if isinstance(merged, nn.Module):
+            found.append(("merge()", merged))
+        else:
+            layer.merge()
+            found.append(("merge() in place", layer))
+    return found
 
 
-def _merge_problems(run, layer, base, x, y, tol):
-    """(what was tried, [problems in words], worst error) for the merge methods a layer has."""
-    W0_before = base.weight.detach().clone()
-    b = base.bias.detach().double()
-    tried, problems, worst = [], [], 0.0
-
-    def compare(what, got):
-        nonlocal worst
-        err = rel(got.double(), y)
-        worst = max(worst, err)
-        if err > tol:
-            problems.append(f"{what} is off by {pct(err)} from the unmerged layer")
-
-    with torch.no_grad():
-        if callable(getattr(layer, "merged_weight", None)):
-            tried.append("merged_weight()")
-            W = as_matrix(layer.merged_weight().detach()).double()
-            compare("x W'^T + b with W' = merged_weight()", run.kind.apply(x.double(), W, b))
-        if callable(getattr(layer, "merge_and_unload", None)):
-            tried.append("merge_and_unload()")
-            compare(
-                "the layer merge_and_unload() returns", copy.deepcopy(layer).merge_and_unload()(x)
-            )
-        if callable(getattr(layer, "merge", None)):
-            merged = copy.deepcopy(layer).merge()
-            if isinstance(merged, nn.Module):
-                tried.append("merge()")
-                compare("the layer merge() returns", merged(x))
-            else:
-                tried.append("merge() in place")
-                layer.merge()
-                compare("the layer after merge()", layer(x))
-                unmerge = next((n for n in _UNMERGES if callable(getattr(layer, n, None))), None)
-                if unmerge is not None:
-                    tried.append(f"{unmerge}()")
-                    getattr(layer, unmerge)()
-                    err = rel(base.weight.detach().double(), W0_before.double())
-                    worst = max(worst, err)
-                    if err > tol:
-                        problems.append(
-                            f"after {unmerge}() the base weight is off by {pct(err)} from W0"
-                        )
-                    compare(f"the layer after {unmerge}()", layer(x))
-    return tried, problems, worst
-
-
-@check(CHECKS, 10, "merge and unmerge", PAPER)
-def _check_merge(run: Run):
-    """Where the layer offers a merge (merged_weight(), merge_and_unload(), merge() returning a
-    layer or in place), the merged function is the layer's; unmerge() / unmerge_adapter()
-    restores W0. Merging is where PEFT's recent DoRA bugs were (PEFT #3608, #3532)."""
+@check("merge and unmerge", PAPER)
+def merge_and_unmerge(run: Run):
+    """Each merge the layer offers gives the layer's function; unmerge() / unmerge_adapter()
+    after merge() in place restores W0. Merging is where PEFT's recent DoRA bugs were (PEFT
+    #3608, #3532)."""
     base, layer, _ = run.trained_layer()
     x = run.inputs((5,), IN, seed=13)
+    W0, b = base.weight.detach().double().clone(), base.bias.detach().double()
+    tol = run.forward_tol(as_matrix(W0), x)
     with torch.no_grad():
         y = layer(x).double()
-    tol = run.tol(sum_length(as_matrix(base.weight), x))
-    tried, problems, worst = _merge_problems(run, layer, base, x, y, tol)
-    if not tried:
-        names = ", ".join(f"{n}()" for n in _MERGES)
+        merges = _merges(layer)
+        compared = []  # (what, got, expected)
+        for how, merged in merges:
+            if how == "merged_weight()":
+                got, what = run.kind.apply(x.double(), merged, b), f"x W'^T + b with W' = {how}"
+            else:
+                got, what = merged(x), f"the layer {how} returns"
+            compared.append((what.replace("merge() in place returns", "after merge()"), got, y))
+        unmerge = next((n for n in ("unmerge", "unmerge_adapter") if hasattr(layer, n)), None)
+        if merges and merges[-1][0] == "merge() in place" and unmerge is not None:
+            getattr(layer, unmerge)()
+            compared.append((f"after {unmerge}() the base weight", base.weight.detach(), W0))
+            compared.append((f"the layer after {unmerge}()", layer(x), y))
+        else:
+            unmerge = None
+    if not merges:
+        names = "merged_weight(), merge_and_unload(), merge()"
         return None, f"the layer offers no merge ({names}; not applicable)"
+    tried = [how for how, _ in merges] + ([f"{unmerge}()"] if unmerge else [])
+    errors = [(what, rel(got.double(), expected)) for what, got, expected in compared]
+    worst = max(err for _, err in errors)
+    against = {True: "W0", False: "the unmerged layer"}
+    problems = [
+        f"{w} is off by {pct(e)} from {against['base weight' in w]}" for w, e in errors if e > tol
+    ]
     if problems:
         return result(False, "; ".join(problems), worst, tol, tried=tried)
-    unmerged = any(t.startswith("unmerge") for t in tried)
-    says = f"{', '.join(tried)}: the merged function is the layer's" + (
-        "; unmerging restores W0" if unmerged else ""
-    )
+    says = f"{', '.join(tried)}: the merged function is the layer's"
+    says += "; unmerging restores W0" if unmerge else ""
     return result(True, says, worst, tol, tried=tried)
 
 
-@check(CHECKS, 11, "magnitude trains in low precision", ROBUSTNESS)
-def _check_low_precision_training(run: Run):
+@check("magnitude trains in low precision", ROBUSTNESS)
+def magnitude_trains_in_low_precision(run: Run):
     """On a frozen bfloat16 and float16 base, 20 Adam steps at lr 1e-4 move m and leave it
     finite: an m kept in bfloat16 never moves (its spacing near 0.6 is 2^-8, an Adam step about
     the learning rate), and in float16 Adam's epsilon rounds to 0 (0 / 0 on a zero gradient)."""
     found, numbers = [], {}
     for dtype in LOW_PRECISION:
-        base = run.kind.make_base(IN, OUT, dtype=dtype, seed=6).requires_grad_(False)
+        base = run.base(seed=6, dtype=dtype).requires_grad_(False)
         x = run.kind.inputs((16,), IN, seed=10, dtype=dtype)
         try:
             layer = run.layer(base)
-            m = layer.get_parameter(run.adapter.m)
+            m = layer.get_parameter(run.adapter.names[2])
             moved, finite = magnitude_moves(layer, m, x)
         except Exception as e:
             detail = (
                 f"on a {dtype_name(dtype)} base the layer cannot even train ({describe(e)}): "
-                "build A, B and m so that they work with a half-precision base (keep them in "
-                "float32 and compute in float32, as PEFT does)"
+                "keep A, B and m in float32 and compute in float32, as PEFT does"
             )
             return False, detail, numbers
         numbers[f"m_moved_{dtype_name(dtype)}"] = moved
         if moved < 0.5 or not finite:
-            end = "" if finite else ", and it became NaN or inf"
             found.append(
                 f"on a {dtype_name(dtype)} base m ({dtype_name(m.dtype)}) changed in "
-                f"{moved:.0%} of its entries{end}"
+                f"{moved:.0%} of its entries{'' if finite else ', and it became NaN or inf'}"
             )
     if found:
         detail = "; ".join(found) + (
             " after 20 Adam steps at lr 1e-4: the magnitude does not train. Keep A, B and m in "
-            "float32 on a low-precision base and compute m / ||V|| in float32 (as PEFT's "
-            "autocast_adapter_dtype=True does)"
+            "float32 and compute m / ||V|| in float32 (PEFT's autocast_adapter_dtype=True)"
         )
         return False, detail, numbers
     return True, "m moves on bfloat16 and float16 bases and stays finite", numbers
 
 
-def _merged_matrix(run, layer, n_in):
-    """(how, the weight a merge writes as a float64 matrix), or (None, None) without a merge."""
-    with torch.no_grad():
-        if callable(getattr(layer, "merged_weight", None)):
-            return "merged_weight()", as_matrix(layer.merged_weight().detach()).double()
-        for name in _MERGES[1:]:
-            if callable(getattr(layer, name, None)):
-                merged_layer = copy.deepcopy(layer)
-                merged = getattr(merged_layer, name)()
-                module = merged if isinstance(merged, nn.Module) else merged_layer
-                return f"{name}()", run.kind.effective_weight(module.double(), n_in)[0]
-    return None, None
-
-
-@check(CHECKS, 12, "merge precision", ROBUSTNESS)
-def _check_merge_precision(run: Run):
+@check("merge precision", ROBUSTNESS)
+def merge_precision(run: Run):
     """On a bfloat16 base, a merge loses no more of a small update (||merged - W'|| / ||W' -
     W0||) than rounding the exact W' once does, within 25 %: computing W' in bfloat16 rounds V,
     the norm and the product along the way."""
     n_in, n_out = 96, 64  # large enough that rounding twice stands out from rounding once
-    base = run.kind.make_base(n_in, n_out, dtype=torch.bfloat16, seed=6).requires_grad_(False)
+    base = run.base(n_in, n_out, seed=6, dtype=torch.bfloat16).requires_grad_(False)
     layer = run.layer(base)
-    W0 = as_matrix(base.weight.detach()).double()
+    W0 = as_matrix(base.weight.detach()).clone()  # in bfloat16: a merge may act in place
     g = torch.Generator().manual_seed(3)
-    A = torch.randn(RANK, W0.shape[1], generator=g, dtype=W0.dtype) / math.sqrt(W0.shape[1])
-    B = torch.randn(W0.shape[0], RANK, generator=g, dtype=W0.dtype) * 0.01
-    m = norms(W0, run.adapter.axis)
+    (rows, cols), double = W0.shape, torch.float64
+    A = torch.randn(RANK, cols, generator=g, dtype=double) / math.sqrt(cols)
+    B = torch.randn(rows, RANK, generator=g, dtype=double) * 0.01
+    m = W0.double().norm(dim=run.adapter.axis)
     run.adapter.assign(layer, A, B, m * (1 + 0.01 * torch.randn(m.shape, generator=g)))
-    A, B, m = (t.detach().double() for t in run.adapter.tensors(layer))
-    how, merged = _merged_matrix(run, layer, n_in)
-    if how is None:
-        return None, "the layer offers no merge (not applicable)"
-    exact = run.weight(base, A, B, m)
-    lost, least = merge_error(merged, exact, as_matrix(base.weight.detach()))
+    exact = run.weight(base, *(t.detach().double() for t in run.adapter.tensors(layer)))
+    with torch.no_grad():
+        merges = _merges(layer)
+        if not merges:
+            return None, "the layer offers no merge (not applicable)"
+        how, merged = merges[0]
+        if isinstance(merged, nn.Module):
+            merged = run.kind.effective_weight(merged.double(), n_in)[0]
+    lost, least = merge_error(merged, exact, W0)
     numbers = {"update_lost": lost, "update_lost_rounding_once": least}
     says = f"{how} on a bfloat16 base loses {pct(lost)} of a small update"
     if lost > 1.25 * least + 1e-6:
