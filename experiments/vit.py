@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import helpers
-from dora_tutorial.files import write_json
+from dora_tutorial.atomic_write import write_json
 from dora_tutorial.notebook import import_notebook_definitions, protocol
 from experiments.common import tasks, tune
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import helpers
-from dora_tutorial import files
+from dora_tutorial import atomic_write
 from support import load_error, looks_trained, peft_with_values_of_its_own, rel
 
 X = torch.randn(7, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -62,7 +62,7 @@ def test_a_failed_save_leaves_the_old_directory_and_no_temp_files(nb, tmp_path, 
     model = wrapped(nb, seed=1)
     directory = helpers.save_peft_adapter(model, tmp_path / "adapter")
     good = {p.name: p.read_bytes() for p in directory.iterdir()}
-    real_write, calls = files.write_atomic, []
+    real_write, calls = atomic_write.write_atomic, []
 
     def write_then_fail(path, chunks):  # the second file fails: disk full
         calls.append(path)
@@ -70,7 +70,7 @@ def test_a_failed_save_leaves_the_old_directory_and_no_temp_files(nb, tmp_path, 
             raise OSError("disk full")
         real_write(path, chunks)
 
-    monkeypatch.setattr(files, "write_atomic", write_then_fail)
+    monkeypatch.setattr(atomic_write, "write_atomic", write_then_fail)
     for target in (directory, tmp_path / "new"):  # an old directory kept; a new one not made
         calls.clear()
         with pytest.raises(OSError, match="disk full"):
