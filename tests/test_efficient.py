@@ -15,11 +15,11 @@ def pair(nb, n_in, n_out, rank, *, bias=True, detach=True, factored=True, dtype=
     """A textbook and an efficient layer with the same random, non-zero parameters."""
     torch.manual_seed(0)
     base = nn.Linear(n_in, n_out, bias=bias, dtype=dtype).requires_grad_(False)
-    book = nb.LinearWithDoRA(base, rank, 2 * rank, detach_norm=detach)
+    book = nb.LinearWithDoRA(base, rank, 3 * rank, detach_norm=detach)  # s = 3: 2s != s^2
     with torch.no_grad():
         book.lora.B.normal_(std=0.3)
         book.m.mul_(torch.rand(n_out, dtype=dtype) + 0.5)
-    fast = nb.DoRALinear(base, rank, 2 * rank, detach_norm=detach, factored_norm=factored)
+    fast = nb.DoRALinear(base, rank, 3 * rank, detach_norm=detach, factored_norm=factored)
     fast.load_state_dict(book.state_dict())  # the same state dict: they load each other
     return book, fast
 
