@@ -18,7 +18,7 @@ from dora_tutorial.arguments import (
 )
 from dora_tutorial.cache import InferenceCache
 from dora_tutorial.check_dora import check_dora
-from dora_tutorial.data import MNIST_MEAN, MNIST_STD, Task, load_mnist, make_task, rotate, to_inputs
+from dora_tutorial.data import MNIST_MEAN, MNIST_STD, Task, make_task, rotate, to_inputs
 from dora_tutorial.evidence import (
     ablation_line,
     disagreements,
@@ -31,6 +31,7 @@ from dora_tutorial.evidence import (
 )
 from dora_tutorial.evidence import table as comparison_table
 from dora_tutorial.memory import saved_tensor_bytes
+from dora_tutorial.mnist_files import load_mnist
 from dora_tutorial.models import (
     add_adapters,
     add_to_class,
@@ -52,7 +53,7 @@ from dora_tutorial.plots import (
     plot_rank_sweep,
 )
 from dora_tutorial.precision import magnitude_moves, merge_error
-from dora_tutorial.session import (
+from dora_tutorial.runtime import (
     REPO,
     WIDTH,
     __version__,
@@ -69,7 +70,6 @@ from dora_tutorial.training import (
     Runs,
     accuracy,
     adamw,
-    batch_orders,
     finetune,
     make_adam,
     train,

@@ -14,7 +14,7 @@ from statistics import mode
 import torch
 from torch import nn
 
-from dora_tutorial.files import write_atomic, write_atomic_dir
+from dora_tutorial.atomic_write import write_atomic, write_atomic_dir
 
 _FORMAT = "dora-tutorial-adapter/1"
 _BASE_LAYERS = ("linear", "conv")  # what an adapter layer calls the frozen layer it wraps

@@ -24,16 +24,12 @@ class InferenceCache:
     def get(self, layer, tensors, compute):
         """compute(), or what it returned before while ``tensors`` (the parameters it reads)
         and the layer's scaling s are unchanged and the layer runs in eval mode, no gradients."""
-        if layer.training or torch.is_grad_enabled():
-            self.key, self.tensors, self.value = None, None, None  # keep nothing
+        # nothing is kept in training, for autograd, or for torch.func's stand-in tensors
+        parameters = all(isinstance(t, nn.Parameter) and not t.is_inference() for t in tensors)
+        if layer.training or torch.is_grad_enabled() or not parameters:
+            self.key, self.tensors, self.value = None, None, None
             return compute()
-        seen = self.tensors is not None and all(
-            a is b for a, b in zip(tensors, self.tensors, strict=True)
-        )  # the very parameter objects of the last call
-        if not seen:
-            if not all(isinstance(t, nn.Parameter) and not t.is_inference() for t in tensors):
-                self.key, self.tensors, self.value = None, None, None  # stand-ins (torch.func)
-                return compute()
+        if self.tensors is None or list(map(id, tensors)) != list(map(id, self.tensors)):
             self.key, self.tensors = None, tensors  # parameters not seen before
         key = [layer.lora.scaling, InferenceCache.steps[0]]
         key += [(t.data_ptr(), t._version) for t in tensors]

@@ -1,23 +1,10 @@
-"""MNIST as tensors and the rotated-digits task built from it."""
-
-from __future__ import annotations
+"""MNIST as tensors and the rotated-digits task built from it (the files: ``mnist_files``)."""
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from dora_tutorial.session import REPO
-
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # of pixel / 255 over the training set
-
-
-def load_mnist(root: str | Path = REPO / "data", *, allow_download: bool = True, verbose=True):
-    """MNIST as (train_images, train_labels, test_images, test_labels): uint8 (N, 28, 28) and
-    int64 (N,). Verified files are used as they are; ``mnist_files`` says how others are fetched."""
-    from dora_tutorial.mnist_files import load_mnist as fetch  # the download machinery
-
-    return fetch(root, allow_download=allow_download, verbose=verbose)
 
 
 def to_inputs(images: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:

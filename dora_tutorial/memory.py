@@ -1,7 +1,5 @@
 """What autograd keeps for backward: the probe behind ``helpers.saved_tensor_bytes``."""
 
-from __future__ import annotations
-
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,10 +29,9 @@ class _NewStorages(TorchDispatchMode):
 
 
 def saved_tensor_bytes(fn) -> int:
-    """Bytes that autograd keeps for the backward pass of what ``fn()`` (no arguments; it returns
-    e.g. the loss) computes: each storage, once, at full size, saved for backward, allocated
-    during ``fn()`` and still alive after it. Parameters and inputs (also saved through a view
-    such as ``W.T``) do not count, nor do graphs dropped again inside ``fn()``."""
+    """Bytes autograd keeps for the backward pass of ``fn()`` (e.g. a loss): each storage saved
+    for backward, allocated during ``fn()`` and alive after it, once, at full size. Parameters
+    and inputs (also saved through a view such as ``W.T``) do not count."""
     packed: dict[int, tuple[StorageWeakRef, int]] = {}
 
     def pack(t):

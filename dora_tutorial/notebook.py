@@ -1,10 +1,8 @@
-"""The notebook for tests and scripts: its definitions as a module (``nb.DoRALinear``,
-``nb.FT_EPOCHS``: the reader's very classes and settings, never copies), its protocol, a
-headless run."""
-
-from __future__ import annotations
+"""DoRA.ipynb for tests and scripts: its definitions as a module (``nb.DoRALinear``: the reader's
+very classes and settings, never copies), its settings as JSON, a headless run."""
 
 import ast
+import json
 import linecache
 import os
 import sys
@@ -12,6 +10,7 @@ import tempfile
 import time
 import types
 from pathlib import Path
+from unittest import mock
 
 import nbformat
 from nbclient import NotebookClient
@@ -49,13 +48,10 @@ def import_notebook_definitions(path: str | Path = NOTEBOOK, name: str = "dora_n
 
 def _is_constant(node: ast.AST) -> bool:
     """``UPPER_CASE = <literal or range(...)>``: a notebook-wide setting."""
-    return (
-        isinstance(node, ast.Assign)
-        and len(node.targets) == 1
-        and isinstance(node.targets[0], ast.Name)
-        and node.targets[0].id.isupper()
-        and _literal(node.value)
-    )
+    match node:
+        case ast.Assign(targets=[ast.Name(id=name)], value=value):
+            return name.isupper() and _literal(value)
+    return False
 
 
 def _literal(node: ast.AST) -> bool:
@@ -72,62 +68,40 @@ def protocol(nb=None) -> dict:
     """The notebook's settings as JSON values: scripts save them beside their results, and a
     test compares them with the notebook, so no result outlives a changed setting."""
     nb = nb or import_notebook_definitions()
-    return {name: _jsonable(getattr(nb, name)) for name in dict.fromkeys(nb.constants)}
-
-
-def _jsonable(value):
-    if isinstance(value, range | tuple | list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    return value
+    settings = {name: getattr(nb, name) for name in nb.constants}
+    return json.loads(json.dumps(settings, default=list))  # a range as a list, keys as strings
 
 
 def execute(path: Path, results: Path | None = None) -> nbformat.NotebookNode:
     """Run all cells in a fresh kernel in the notebook's folder; the summary cell writes its
     results to ``results`` (default: a temporary file, never figures/results.json)."""
-    saved = os.environ.get("DORA_RESULTS")
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["DORA_RESULTS"] = str(results or Path(tmp) / "results.json")  # the kernel's
-        try:
-            return _execute(path)
-        finally:
-            os.environ.pop("DORA_RESULTS")
-            if saved is not None:
-                os.environ["DORA_RESULTS"] = saved
-
-
-def _execute(path: Path) -> nbformat.NotebookNode:
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)  # timestamps of an earlier run
     n_code = sum(cell.cell_type == "code" for cell in notebook.cells)
-    counter = iter(range(1, n_code + 1))
-    times: list[tuple[float, int, str]] = []  # (seconds, cell number, first line)
-    clock = [time.perf_counter()]
+    counter, clock = iter(range(1, n_code + 1)), [time.perf_counter()]
 
     def report(cell, **_):
         now, number = time.perf_counter(), next(counter)
         seconds, clock[0] = now - clock[0], now
-        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
         first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
-        times.append((seconds, number, first[:60]))
         print(f"[{number}/{n_code}, {seconds:.1f} s] {first[:70]}", flush=True)
+        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
         if text.strip():
             print("    " + text.rstrip().replace("\n", "\n    "), flush=True)
 
-    resources = {"metadata": {"path": str(path.parent)}}
-    NotebookClient(
+    client = NotebookClient(
         notebook,
         timeout=1800,
         kernel_name="python3",
         record_timing=False,
-        resources=resources,
+        resources={"metadata": {"path": str(path.parent)}},
         on_cell_executed=report,
-    ).execute()
-    print("slowest cells:", flush=True)
-    for seconds, number, first in sorted(times, reverse=True)[:5]:
-        print(f"  {seconds:5.1f} s  [{number}/{n_code}] {first}", flush=True)
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        kernel_env = {"DORA_RESULTS": str(results or Path(tmp) / "results.json")}
+        with mock.patch.dict(os.environ, kernel_env):
+            client.execute()
     for cell in notebook.cells:
         if cell.cell_type == "code":
             cell.outputs = coalesce_streams(cell.outputs)

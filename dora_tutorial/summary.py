@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dora_tutorial.files import write_json as _write_json
-from dora_tutorial.session import REPO
+from dora_tutorial.atomic_write import write_json as _write_json
+from dora_tutorial.runtime import REPO
 from dora_tutorial.stats import compare, compare_values, holm, mean_interval
 from dora_tutorial.training import Runs
 

@@ -1,7 +1,5 @@
 """Training: one loop for many seeds of one configuration at once, optimisers, accuracy."""
 
-from __future__ import annotations
-
 import copy
 import functools
 import time
@@ -14,7 +12,7 @@ from torch import nn
 
 from dora_tutorial.data import Task
 from dora_tutorial.models import add_adapters, layer_weights
-from dora_tutorial.session import seed_everything, sync
+from dora_tutorial.runtime import seed_everything, sync
 
 
 @dataclass
@@ -36,14 +34,6 @@ class Runs:
         return 100 * self.test_acc[:, -1]
 
 
-def batch_orders(seeds, n: int):
-    """Per epoch an (S, n) tensor, row k from seed k's own generator: seed k sees the same
-    batches whatever trains beside it."""
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    while True:
-        yield torch.stack([torch.randperm(n, generator=g) for g in generators])
-
-
 def train(
     models,
     task: Task,
@@ -56,15 +46,13 @@ def train(
     curves: bool = True,
     record_weights: bool = False,
     log=print,
-    name: str = "",
 ) -> Runs:
     """Adam on cross-entropy for a module or a list of modules that differ only in their
     trainable parameters (``seeds[k]`` sets model k's batch order).
 
     All train in one ``vmap`` over their stacked parameters with one Adam over the stacks: Adam
     is element-wise, so this is the algorithm of separate runs. ``curves=False`` evaluates after
-    the last epoch only (earlier accuracies are NaN); evaluation draws no random numbers.
-    """
+    the last epoch only (earlier accuracies are NaN)."""
     models = [models] if isinstance(models, nn.Module) else list(models)
     seeds = tuple(seeds)
     if len(seeds) != len(models):
@@ -84,12 +72,13 @@ def train(
     batched_loss = torch.func.vmap(loss, randomness="different")  # dropout: a mask per seed
     optimizer = make_adam(list(stacked.values()), lr)
     eval_x, eval_y = getattr(task, f"{evaluate_on}_x"), getattr(task, f"{evaluate_on}_y")
-    n, orders = len(task.train_x), batch_orders(seeds, len(task.train_x))
+    n, generators = len(task.train_x), [torch.Generator().manual_seed(seed) for seed in seeds]
     losses, accuracies, seconds, weights = [], [], [], [[] for _ in models]
     template.train()
     for epoch in range(1, epochs + 1):
         start, total = time.perf_counter(), torch.zeros(len(models), device=device)
-        order = next(orders).to(device)
+        # seed k's batches from its own generator, whatever trains beside it
+        order = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
         for i in range(0, n, batch_size):
             idx = order[:, i : i + batch_size]  # (S, batch): each seed its own batch
             batch_x, batch_y = _gather(task.train_x, idx), _gather(task.train_y, idx)
@@ -107,8 +96,11 @@ def train(
             template.train()
         else:
             accuracies.append(np.full(len(models), np.nan, dtype=np.float32))  # as measured ones
-        if record_weights or epoch == epochs:
-            _write_back(stacked, models)  # the models hold the trained values from here on
+        if record_weights or epoch == epochs:  # the models hold the trained values from here on
+            with torch.no_grad():
+                for name, values in stacked.items():
+                    for model, value in zip(models, values, strict=True):
+                        model.get_parameter(name).copy_(value)
         if record_weights:
             for k, model in enumerate(models):
                 weights[k].append(layer_weights(model))
@@ -117,7 +109,7 @@ def train(
             spread = f" ± {acc.std(ddof=1):.2f}" if len(acc) > 1 else ""
             measured = f"{acc.mean():.2f}{spread} %" if not np.isnan(acc).all() else "not measured"
             log(
-                f"{name}epoch {epoch}/{epochs}: train loss {losses[-1].mean():.4f}, {evaluate_on} "
+                f"epoch {epoch}/{epochs}: train loss {losses[-1].mean():.4f}, {evaluate_on} "
                 f"accuracy {measured} ({seconds[-1]:.2f} s)"
             )
     trainable = sum(t[0].numel() for t in stacked.values())
@@ -150,13 +142,6 @@ def _stack_parameters(models):
         for n in names
     }
     return stacked, shared
-
-
-@torch.no_grad()
-def _write_back(stacked: dict, models: list) -> None:
-    for k, model in enumerate(models):
-        for name, values in stacked.items():
-            model.get_parameter(name).copy_(values[k])
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from torch import nn
 
 from dora_tutorial.adapter_files import adapter_layers
 from dora_tutorial.models import layer_weights
-from dora_tutorial.session import wrap
+from dora_tutorial.runtime import wrap
 from dora_tutorial.stats import mean_interval
 from dora_tutorial.training import Runs
 

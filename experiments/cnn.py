@@ -11,7 +11,7 @@ import time
 import torch
 from torch import nn
 
-from dora_tutorial.files import write_json
+from dora_tutorial.atomic_write import write_json
 from experiments.common import fine_tune, outcome, pretrain, results_path, start, tasks, validate
 
 CHANNELS = (8, 16)  # of the two convolutions (28 -> 14 -> 7 pixels)

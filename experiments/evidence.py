@@ -13,7 +13,7 @@ import sys
 import time
 
 import helpers
-from dora_tutorial.files import write_json
+from dora_tutorial.atomic_write import write_json
 from dora_tutorial.notebook import import_notebook_definitions
 from experiments.common import SMOKE, choose, fine_tune, results_path, start, tasks
 

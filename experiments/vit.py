@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import helpers
-from dora_tutorial.files import write_json
+from dora_tutorial.atomic_write import write_json
 from experiments.common import choose, outcome, pretrain, results_path, start, tasks
 
 PATCH = 7  # pixels per side of a patch: 16 tokens of 49 values

@@ -1,9 +1,6 @@
-"""Shared fixtures: the notebook's classes, imported from DoRA.ipynb (never copied).
-
-Tests run on the CPU (the outputs nbval compares come from it; its kernel inherits this), and
-notebook runs write their results to a temporary file, never figures/results.json.
-``DORA_BLOCK_PEFT=1`` makes ``import peft`` fail: the suite as on a machine without PEFT.
-Helpers several test files share live in tests/support.py."""
+"""The notebook's classes as a fixture (imported from DoRA.ipynb, never copied). Tests run on the
+CPU (nbval's kernel inherits it), notebook runs write their results to a temporary file, and
+``DORA_BLOCK_PEFT=1`` makes ``import peft`` fail: the suite as on a machine without PEFT."""
 
 import atexit
 import os
@@ -22,13 +19,12 @@ if os.environ.get("DORA_BLOCK_PEFT") == "1":
 _RESULTS_DIR = tempfile.mkdtemp(prefix="dora-test-results-")
 atexit.register(shutil.rmtree, _RESULTS_DIR, ignore_errors=True)
 os.environ["DORA_RESULTS"] = str(Path(_RESULTS_DIR) / "results.json")
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def nb():
     """The notebook's imports, functions, classes and UPPER_CASE constants, as a module."""
-    return import_notebook_definitions(REPO / "DoRA.ipynb")
+    return import_notebook_definitions()
 
 
 def pytest_collection_modifyitems(items):

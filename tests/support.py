@@ -1,9 +1,8 @@
 """What several test files share, defined once: test modules import this, never each other."""
 
-from __future__ import annotations
-
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +37,14 @@ def tiny_task(n=256, seed=0):
     return helpers.Task(train_x=x, train_y=y, test_x=x[:64], test_y=y[:64])
 
 
+def small_cnn(dtype=torch.float64):
+    """Two convolutions and two linear layers on MNIST-sized rows."""
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(1, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 8, 3, 2, 1), nn.ReLU()]
+    head = [nn.Flatten(), nn.Linear(8 * 7 * 7, 16), nn.ReLU(), nn.Linear(16, 10)]
+    return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), *convs, *head).to(dtype)
+
+
 def solo_run(model, task, seed, epochs, lr, batch_size):
     """One model, one seed: the batch order from the seed's own generator, plain Adam."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
@@ -55,8 +62,6 @@ def solo_run(model, task, seed, epochs, lr, batch_size):
 
 def load_error(model, adapter, load=helpers.load_adapter) -> str:
     """The ValueError's message of ``load(model, adapter)``; the model must be untouched."""
-    import pytest
-
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(ValueError) as info:
         load(model, adapter)
@@ -65,13 +70,8 @@ def load_error(model, adapter, load=helpers.load_adapter) -> str:
     return str(info.value)
 
 
-LINEAR = [
-    "LinearWithLoRA",
-    "LoRALinear",
-    "LinearWithDoRA",
-    "DoRALinear-factored",
-    "DoRALinear-dense",
-]
+LINEAR = ["LinearWithLoRA", "LoRALinear", "LinearWithDoRA"]
+LINEAR += ["DoRALinear-factored", "DoRALinear-dense"]  # the efficient layer's two norms
 
 
 def make_layer(nb, key, base, rank, alpha, **kwargs):
@@ -83,10 +83,7 @@ def make_layer(nb, key, base, rank, alpha, **kwargs):
 
 def wrappers(nb, kind):
     """{nn.Linear: LinearWith<kind>, nn.Conv2d: Conv2dWith<kind>} from the notebook."""
-    return {
-        nn.Linear: getattr(nb, f"LinearWith{kind}"),
-        nn.Conv2d: getattr(nb, f"Conv2dWith{kind}"),
-    }
+    return {base: getattr(nb, f"{base.__name__}With{kind}") for base in (nn.Linear, nn.Conv2d)}
 
 
 def merges(nb):

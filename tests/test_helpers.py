@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import helpers
-from dora_tutorial.session import _mps_works
+from dora_tutorial.runtime import _mps_works
 
 SIZES = (784, 128, 256, 10)
 TOTAL = 784 * 128 + 128 + 128 * 256 + 256 + 256 * 10 + 10
@@ -56,7 +56,7 @@ def test_pick_device(monkeypatch, env, prefer, cuda, mps, expected):
     if env:
         monkeypatch.setenv("DORA_DEVICE", env)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr("dora_tutorial.session._mps_works", lambda: mps)
+    monkeypatch.setattr("dora_tutorial.runtime._mps_works", lambda: mps)
     assert helpers.pick_device(prefer).type == expected
 
 

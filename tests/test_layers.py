@@ -5,7 +5,6 @@ edge cases: all-zero weight rows, moving layers, torch.compile."""
 import copy
 import math
 import os
-import sys
 
 import pytest
 import torch
@@ -44,60 +43,31 @@ def test_identity_at_init_then_formula_and_merge(nb, key, shape, bias):
     torch.testing.assert_close(layer.merged_weight(), W, rtol=1e-12, atol=1e-12)
     merged = nb.merge(layer)
     assert type(merged) is nn.Linear and rel(merged(x), layer(x)) < 1e-10
-    model = helpers.merge_adapters(nn.Sequential(layer), nb.merge)
-    assert type(model[0]) is nn.Linear and rel(model(x), layer(x)) < 1e-10
-    if "DoRA" in key and shape == SHAPES[0]:  # the dim=0 mix-up (per input column) differs
-        W_col = layer.m.detach()[:, None] * V / torch.sqrt((V * V).sum(dim=0, keepdim=True))
-        assert not torch.allclose(layer.merged_weight(), W_col, rtol=1e-3)
 
 
-BASES = {  # base layer, A's shape, B's shape, fan-in of A's init (rank 4, alpha 12)
-    "linear": (lambda: nn.Linear(64, 32), (4, 64), (32, 4), 64),
-    "conv": (lambda: nn.Conv2d(6, 8, 3, groups=2), (4, 3, 3, 3), (8, 2, 1, 1), 27),
-}
-INIT = [(k, "linear") for k in LINEAR] + [(k, "conv") for k in ("Conv2dWithLoRA", "Conv2dWithDoRA")]
-
-
-@pytest.mark.parametrize("key, base", INIT)
-def test_init_conventions(nb, key, base):
+@pytest.mark.parametrize("key", [*LINEAR, "Conv2dWithLoRA", "Conv2dWithDoRA"])
+def test_a_is_initialised_as_nn_linear_and_peft_do(nb, key):
+    """kaiming_uniform_(a=sqrt(5)) on A's fan-in (a kernel's: in / groups * kh * kw); the rest
+    of the start (B = 0, m = ||W0||, s = alpha / r) the formula tests check."""
     torch.manual_seed(0)
-    make_base, a_shape, b_shape, fan_in = BASES[base]
-    conv = make_base()
-    layer = make_layer(nb, key, conv, 4, 12)
-    assert layer.lora.scaling == 3.0  # alpha / rank
-    assert layer.lora.A.shape == a_shape and layer.lora.B.shape == b_shape
-    assert not layer.lora.B.any()
-    bound = 1 / math.sqrt(fan_in)  # kaiming_uniform_(a=sqrt(5)) on A's fan-in
-    assert bound >= layer.lora.A.abs().max() > 0.8 * bound
-    if hasattr(layer, "m"):  # one magnitude per OUTPUT row / channel
-        assert layer.m.shape == (b_shape[0],) and layer.detach_norm is True
-        torch.testing.assert_close(layer.m, conv.weight.detach().flatten(1).norm(dim=1))
-
-
-def test_a_grouped_rank_may_exceed_one_groups_kernel(nb):
-    """The bound is the whole kernel as a matrix: out x (in * kh * kw), all groups together."""
-    layer = nb.Conv2dWithDoRA(nn.Conv2d(8, 8, 3, groups=8), rank=8, alpha=8)  # 1 per group
-    assert layer.lora.A.shape == (8, 1, 3, 3) and layer.lora.B.shape == (8, 1, 1, 1)
+    base, fan_in = (nn.Conv2d(6, 8, 3, groups=2), 27) if "Conv" in key else (nn.Linear(64, 32), 64)
+    bound = 1 / math.sqrt(fan_in)
+    assert bound >= make_layer(nb, key, base, 4, 12).lora.A.abs().max() > 0.8 * bound
 
 
 LIN, CONV = ["LoRALinear", "DoRALinear"], ["Conv2dWithLoRA", "Conv2dWithDoRA"]
 INVALID = [  # Part III's linear layers and the convolution layers check their arguments
     (LIN + CONV, None, dict(rank=0), ValueError, "positive int"),
     (LIN + CONV, None, dict(rank=2.0), ValueError, "positive int"),
-    (LIN, None, dict(rank=True), ValueError, "positive int"),
     (LIN, None, dict(rank=17), ValueError, "exceeds"),
     (CONV, nn.Conv2d(3, 8, 3), dict(rank=9), ValueError, "exceeds"),
-    (CONV, nn.Conv2d(1, 4, 1), {}, ValueError, "exceeds"),
     (LIN + CONV, None, dict(alpha=0), ValueError, "alpha"),
-    (LIN, None, dict(alpha=float("nan")), ValueError, "alpha"),
-    (LIN, None, dict(alpha="8"), ValueError, "alpha"),
     (CONV, nn.Conv2d(4, 6, 3, groups=2), dict(rank=3), ValueError, "multiple of groups"),
     (CONV, nn.Conv2d(3, 8, 3, padding_mode="reflect"), {}, ValueError, "padding_mode"),
     (LIN, nn.Conv2d(3, 8, 3), {}, TypeError, "nn.Linear"),
     (CONV, nn.Conv1d(3, 8, 3), {}, TypeError, "nn.Conv2d"),
     (CONV, nn.Linear(32, 16), {}, TypeError, "LinearWith"),
     (["DoRALinear"], None, dict(adapter_dtype=torch.int32), ValueError, "floating torch.dtype"),
-    (["DoRALinear"], None, dict(adapter_dtype="float32"), ValueError, "floating torch.dtype"),
 ]
 
 
@@ -109,7 +79,7 @@ def test_invalid_arguments(nb, classes, base, kwargs, error, match):
             getattr(nb, cls)(base or default, **{"rank": 2, "alpha": 8, **kwargs})
 
 
-@pytest.mark.parametrize("key", ["LinearWithDoRA", "DoRALinear-factored", "Conv2dWithDoRA"])
+@pytest.mark.parametrize("key", ["LinearWithDoRA", "Conv2dWithDoRA"])  # DoRALinear: test_efficient
 def test_detach_changes_only_direction_gradients(nb, key):
     """Same parameters, norm detached or not: the same output and gradient of m, other gradients
     of A and B (the norm's derivative is what the detach drops)."""
@@ -122,12 +92,12 @@ def test_detach_changes_only_direction_gradients(nb, key):
     exact.load_state_dict(detached.state_dict())
     y_d, y_e = detached(x), exact(x)
     assert torch.equal(y_d, y_e)
-    y_d.square().sum().backward()
-    y_e.square().sum().backward()
-    for name in ("lora.A", "lora.B"):
-        g_d, g_e = detached.get_parameter(name).grad, exact.get_parameter(name).grad
-        assert (g_d - g_e).norm() > 1e-3 * g_e.norm(), name
-    torch.testing.assert_close(detached.m.grad, exact.m.grad, rtol=1e-12, atol=1e-12)
+    g_d, g_e = (
+        torch.autograd.grad(y.square().sum(), [m.m, m.lora.A, m.lora.B])
+        for m, y in ((detached, y_d), (exact, y_e))
+    )
+    torch.testing.assert_close(g_d[0], g_e[0], rtol=1e-12, atol=1e-12)  # m's gradient
+    assert all((a - b).norm() > 1e-3 * b.norm() for a, b in zip(g_d[1:], g_e[1:], strict=True))
 
 
 @pytest.mark.parametrize("detach", [True, False], ids=["detached", "exact"])
@@ -142,11 +112,9 @@ def test_zero_weight_rows_give_no_nan(nb, key, detach):
     layer = make_layer(nb, key, base, 2, 4, detach_norm=detach)
     x = torch.randn(4, 3, 6, 6) if conv else torch.randn(4, 16)
     y = layer(x)
-    assert torch.isfinite(y).all()
     torch.testing.assert_close(y, base(x), rtol=1e-5, atol=1e-6)  # still the identity at init
     y.square().sum().backward()
-    for name in ("lora.A", "lora.B", "m"):
-        assert torch.isfinite(layer.get_parameter(name).grad).all(), name
+    assert all(torch.isfinite(p.grad).all() for p in (layer.lora.A, layer.lora.B, layer.m))
     with torch.no_grad():  # after an update the zero rows get a direction from B A
         layer.lora.B.normal_()
         layer.m.add_(1.0)
@@ -154,33 +122,14 @@ def test_zero_weight_rows_give_no_nan(nb, key, detach):
     assert torch.equal(nb.row_norm(torch.zeros(3, 5)), torch.full((3,), nb.EPS))
 
 
-@pytest.mark.parametrize("key", LINEAR)
-def test_to_another_dtype_and_device(nb, key):
-    """No hard-coded dtype or device anywhere in a layer."""
-    torch.manual_seed(0)
-    layer = looks_trained(make_layer(nb, key, nn.Linear(10, 6), 4, 8), 0, b_std=0.1, m_spread=0.0)
-    x = torch.randn(3, 10)
-    y64 = copy.deepcopy(layer).to(torch.float64)(x.double())
-    assert y64.dtype == torch.float64
-    torch.testing.assert_close(y64.float(), layer(x), rtol=1e-5, atol=1e-6)
-    meta = copy.deepcopy(layer).to("meta")
-    assert all(p.device.type == "meta" for p in meta.parameters())
-    assert meta(torch.empty(3, 10, device="meta")).shape == (3, 6)
-    if torch.cuda.is_available():
-        torch.testing.assert_close(copy.deepcopy(layer).cuda()(x.cuda()).cpu(), layer(x))
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     os.environ.get("ATEN_CPU_CAPABILITY") == "default",
     reason="inductor's vectorized C++ kernels do not compile with ATEN_CPU_CAPABILITY=default",
 )
-def test_torch_compile_matches_eager(nb, monkeypatch):
+def test_torch_compile_matches_eager(nb):
     """torch.compile (inductor, CPU) on an MLP of the efficient DoRA layer, the one worth
     compiling: same outputs and adapter gradients."""
-    # Dynamo in torch 2.5 and 2.6 imports a traced function's module by name to guard on its
-    # globals: the notebook's module, built in memory, must be findable in sys.modules.
-    monkeypatch.setitem(sys.modules, nb.__name__, nb)
     torch._dynamo.reset()
     pretrained = helpers.make_mlp((32, 24, 16, 10), seed=0)
     eager = looks_trained(helpers.add_adapters(pretrained, nb.DoRALinear, 4, 8, factored_norm=True))

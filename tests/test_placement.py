@@ -1,11 +1,7 @@
 """Placement: with the data on an accelerator, nothing that trains or is compared stays behind.
-
-No GPU needed: PyTorch's ``meta`` device stands in, under a dispatch mode that makes it strict
-where a GPU is: mixing a meta and a (non-scalar) CPU tensor raises, as on CUDA; float64 raises,
-as on MPS; values read back are zeros (or True), so the code runs on, and only placement counts.
-"""
-
-from __future__ import annotations
+No GPU needed: the ``meta`` device stands in, under a dispatch mode that makes it strict where a
+GPU is: mixing a meta and a (non-scalar) CPU tensor raises, as on CUDA; float64 raises, as on
+MPS; values read back are zeros (or True), so the code runs on, and only placement counts."""
 
 import ast
 import contextlib
@@ -65,8 +61,8 @@ def accelerator():
         yield DEVICE
 
 
-def fake_mnist(n_train, n_test, seed=0):
-    g = torch.Generator().manual_seed(seed)
+def fake_mnist(n_train, n_test):
+    g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n_train + n_test, 28, 28), generator=g, dtype=torch.uint8)
     labels = torch.randint(0, 10, (n_train + n_test,), generator=g)
     return images[:n_train], labels[:n_train], images[n_train:], labels[n_train:]
@@ -78,20 +74,16 @@ def small_task(device, n=512):
 
 
 def test_the_stand_in_catches_what_a_gpu_would(accelerator):
-    x, w = torch.ones(4, 3, device=accelerator), torch.ones(2, 3)
-    with pytest.raises(LeftOnTheCPU):
-        torch.nn.functional.linear(x, w)  # plain meta would allow this
     with pytest.raises(RuntimeError, match="float64"):
-        x.double()
-    assert x.sum().item() == 0.0 and x.cpu().shape == (4, 3)
-    assert (x * torch.tensor(2.0)).is_meta  # a CPU scalar is fine, as on CUDA
-    assert torch.ones(3).to(accelerator).is_meta  # explicit moves are fine
+        torch.ones(4, 3, device=accelerator).double()
     model, task = helpers.make_mlp((784, 32, 10), seed=0), small_task(accelerator)
     with pytest.raises(LeftOnTheCPU):  # the bug this file guards against: a model left behind
-        model(task.train_x[:8])
+        model(task.train_x[:8])  # (plain meta would allow it)
 
 
-@pytest.mark.parametrize("wrapper", [None, "LinearWithLoRA", "LinearWithDoRA", "DoRALinear"])
+@pytest.mark.parametrize(
+    "wrapper", [None, "LinearWithLoRA", "LoRALinear", "LinearWithDoRA", "DoRALinear"]
+)
 def test_training_merging_and_saving_follow_the_data(nb, accelerator, wrapper, tmp_path):
     task = small_task(accelerator)
     pretrained = helpers.make_mlp((784, 32, 32, 10), seed=0)  # built on the CPU, as a reader would
@@ -126,8 +118,6 @@ def test_adam_falls_back_when_the_fused_kernel_fails_at_its_first_step(monkeypat
 
     monkeypatch.setattr(torch.optim, "Adam", FusedFailsAtStep)
     _fused_adam_works.cache_clear()  # it remembers per device and dtype whether fused Adam works
-    model = helpers.make_mlp((784, 16, 10), seed=0)
-    helpers.train(model, small_task("cpu", 64), epochs=1, lr=1e-3, batch_size=32, log=None)
     optimizer = helpers.make_adam([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
     assert not optimizer.defaults.get("fused")
     _fused_adam_works.cache_clear()
@@ -156,12 +146,10 @@ def test_the_notebook_runs_with_everything_on_the_device(monkeypatch, accelerato
     """Every code cell, in order, with DORA_DEVICE=meta, fake MNIST and a short protocol."""
     import matplotlib
 
-    # this run's results are not the notebook's: keep them from tests/test_results_any_cpu.py
-    monkeypatch.setenv("DORA_RESULTS", str(tmp_path / "results.json"))
-
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    monkeypatch.setenv("DORA_RESULTS", str(tmp_path / "results.json"))  # not the notebook's
     monkeypatch.setenv("DORA_DEVICE", "meta")
     monkeypatch.setattr(helpers, "load_mnist", lambda *a, **k: fake_mnist(1_000, 500))
     real_change, draws = helpers.relative_change, torch.Generator().manual_seed(0)
@@ -186,6 +174,4 @@ def test_the_notebook_runs_with_everything_on_the_device(monkeypatch, accelerato
                 raise AssertionError(f"code cell {number}: {err}\n{source[:300]}") from None
             finally:
                 plt.close("all")
-    assert scope["device"] == DEVICE
-    assert all(p.is_meta for p in scope["pretrained"].parameters())
-    assert all(scope[name] == value for name, value in SHORT_PROTOCOL.items())
+    assert scope["device"] == DEVICE and all(p.is_meta for p in scope["pretrained"].parameters())

@@ -20,7 +20,7 @@ from pathlib import Path
 import nbformat
 
 import helpers
-from dora_tutorial.files import write_atomic
+from dora_tutorial.atomic_write import write_atomic
 from dora_tutorial.notebook import execute
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from dora_tutorial import evidence as ev
-from dora_tutorial.files import write_atomic
+from dora_tutorial.atomic_write import write_atomic
 from dora_tutorial.weights import closer_method, figure2_analysis
 
 REPO = Path(__file__).resolve().parents[1]

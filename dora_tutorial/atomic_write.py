@@ -1,7 +1,5 @@
 """Writing files so that readers never see half of one."""
 
-from __future__ import annotations
-
 import json
 import os
 import shutil
@@ -17,8 +15,7 @@ def write_atomic(path: Path, chunks) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
+            f.writelines(chunks)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)

@@ -1,7 +1,5 @@
-"""The reader's session: the release check, the device and its clock, seeds, and printed
+"""Where the reader's code runs: the release check, the device and its clock, seeds, and printed
 text wrapped to a notebook's output area."""
-
-from __future__ import annotations
 
 import os
 import random
@@ -36,9 +34,7 @@ def pick_device(prefer: str | None = None) -> torch.device:
         return torch.device(choice)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if _mps_works():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return torch.device("mps" if _mps_works() else "cpu")
 
 
 def _mps_works() -> bool:
