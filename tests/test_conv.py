@@ -84,10 +84,9 @@ def test_a_cnns_adapters_wrap_merge_weigh_and_save(nb, kind, tmp_path):
     assert clipped[0].lora.A.shape[0] == 1  # fan-in 1: rank 1
     path = helpers.save_adapter(model, tmp_path / "cnn.pt")
     saved = torch.load(path, weights_only=True)
-    assert saved["layers"]["3"] == dict(
-        {"class": f"Conv2dWith{kind}", "kind": kind.lower(), "rank": 4, "alpha": 8.0},
-        in_channels=4, out_channels=8, kernel_size=[3, 3], groups=1, dropout=0.0,
-    )  # fmt: skip
+    assert saved["layers"]["3"] == {
+        "class": f"Conv2dWith{kind}", "kind": kind.lower(), "rank": 4, "alpha": 8.0, "dropout": 0.0
+    }  # fmt: skip
     assert not any(k.split(".")[1] in ("conv", "linear") for k in saved["tensors"])  # no W0
     fresh = helpers.add_adapters(pretrained, wrappers(nb, kind), 4, 8)
     assert torch.equal(helpers.load_adapter(fresh, path)(x), model(x))
@@ -103,7 +102,3 @@ def test_a_cnns_adapters_wrap_merge_weigh_and_save(nb, kind, tmp_path):
     back = adapter_files.from_peft_state_dict(peft_sd, adapter_files.peft_config_kwargs(model))
     assert back["layers"]["3"]["class"] == "peft lora.Conv2d"
     assert all(torch.equal(back["tensors"][k], t) for k, t in saved["tensors"].items())
-    grouped = helpers.add_adapters(
-        nn.Sequential(nn.Conv2d(4, 6, 3, groups=2)), wrappers(nb, kind), 4, 8
-    )
-    assert adapter_files.adapter_state_dict(grouped)["layers"]["0"]["groups"] == 2
