@@ -74,7 +74,7 @@ from dora_tutorial.training import (
     make_adam,
     train,
 )
-from dora_tutorial.weights import (
+from dora_tutorial.weight_changes import (
     checkpoint_correlations,
     figure2_analysis,
     figure2_conclusions,

@@ -7,7 +7,7 @@ import torch
 
 from dora_tutorial.stats import mean_interval
 from dora_tutorial.training import Runs
-from dora_tutorial.weights import figure2_slopes
+from dora_tutorial.weight_changes import figure2_slopes
 
 
 def plot_digits(images: torch.Tensor, rotated: torch.Tensor, labels: torch.Tensor):

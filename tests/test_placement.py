@@ -159,7 +159,7 @@ def test_the_notebook_runs_with_everything_on_the_device(monkeypatch, accelerato
         d_d, d_m = (0.01 + 0.1 * torch.rand(2, generator=draws)).tolist()  # have no direction
         return {"dD": d_d, "dM": d_m, "orthogonal": d_d / (1 - d_d)}
 
-    monkeypatch.setattr("dora_tutorial.weights.relative_change", change_of_read_back_zeros)
+    monkeypatch.setattr("dora_tutorial.weight_changes.relative_change", change_of_read_back_zeros)
     monkeypatch.chdir(REPO)
     scope = {"__name__": "__main__"}
     cells = nbformat.read(REPO / "DoRA.ipynb", as_version=4).cells

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dora_tutorial import evidence as ev
 from dora_tutorial.atomic_write import write_atomic
-from dora_tutorial.weights import closer_method, figure2_analysis
+from dora_tutorial.weight_changes import closer_method, figure2_analysis
 
 REPO = Path(__file__).resolve().parents[1]
 START = "<!-- results: written by tools/update_readme.py, do not edit by hand -->"
