@@ -140,15 +140,9 @@ def plot_rank_sweep(sweep: dict[tuple[str, int], Runs], reference: Runs, title: 
         ax.axhline(ref, color="C0", label="full FT")
         ax.axhspan(ref - sd, ref + sd, color="C0", alpha=0.15)
         ax.set_xscale("log", base=2 if xlabel == "rank r" else 10)
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set(xlabel=xlabel, ylabel="final test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].set_xticks(ranks, [str(r) for r in ranks])
-    counts = [runs.trainable for runs in sweep.values()]
-    ticks = [
-        m * 10**k for k in range(8) for m in (1, 2, 5) if min(counts) <= m * 10**k <= max(counts)
-    ]
-    axes[1].set_xticks(ticks, [f"{t:,}" for t in ticks])  # 1-2-5 steps: readable on a log axis
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
@@ -158,36 +152,30 @@ def plot_rank_sweep(sweep: dict[tuple[str, int], Runs], reference: Runs, title: 
 def plot_figure2(points: dict[str, list[dict]], title: str):
     """Relative dM against dD of every seed, layer and checkpoint, one panel per method, with
     the orthogonal-update curve and the fitted line at the last checkpoint (mean over seeds)."""
+    size = (4 * len(points), 3.6)
     fig, axes = plt.subplots(
-        1, len(points), figsize=(4 * len(points), 3.6), sharex=True, sharey=True, squeeze=False
+        1, len(points), figsize=size, sharex=True, sharey=True, squeeze=False, layout="constrained"
     )
     all_points = [p for pts in points.values() for p in pts]
     checkpoints = sorted({p["checkpoint"] for p in all_points})
-    colours = plt.cm.viridis(np.linspace(0, 1, len(checkpoints)))
-    colour = dict(zip(checkpoints, colours, strict=True))
     x = np.linspace(0, max(p["dD"] for p in all_points) * 1.05, 100)
     for ax, (method, pts) in zip(axes[0], points.items(), strict=True):
-        for checkpoint in checkpoints:  # later checkpoints on top
-            group = np.array([(p["dD"], p["dM"]) for p in pts if p["checkpoint"] == checkpoint])
-            ax.scatter(*group.T, color=colour[checkpoint], s=10)
+        later = sorted(pts, key=lambda p: p["checkpoint"])  # later checkpoints on top
+        d_d, d_m, when = ([p[k] for p in later] for k in ("dD", "dM", "checkpoint"))
+        dots = ax.scatter(d_d, d_m, c=when, s=10, vmin=checkpoints[0], vmax=checkpoints[-1])
         ax.plot(x, x / (1 - x), color="k", ls="--", lw=1)
         s = figure2_slopes(pts, checkpoints[-1])
         last = [p["dD"] for p in pts if p["checkpoint"] == checkpoints[-1]]
         own = np.linspace(min(last), max(last), 20)
         ax.plot(own, np.mean(s["intercept"]) + s["mean"] * own, color="C3", lw=1.5)
         ax.set_title(f"{method}: slope {s['mean']:.2f}", fontsize=10)
-    fig.supxlabel("ΔD (direction change)", fontsize=10)
+        ax.set_xlabel("ΔD (direction change)")  # per panel: a figure's would lie under the legend
     fig.supylabel("ΔM / ||W0[n]|| (relative)", fontsize=10)
-    handles = [
-        plt.Line2D([], [], color="k", ls="--", label="orthogonal update: ΔD / (1 - ΔD)"),
-        plt.Line2D([], [], color="C3", label="fitted line, last checkpoint"),
-    ] + [
-        plt.Line2D([], [], marker="o", ls="", color=colour[c], label=f"checkpoint {c}")
-        for c in checkpoints
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    handles, names = dots.legend_elements(fmt="checkpoint {x:.0f}")
+    handles = [plt.Line2D([], [], color="k", ls="--"), plt.Line2D([], [], color="C3"), *handles]
+    names = ["orthogonal update: ΔD / (1 - ΔD)", "fitted line, last checkpoint", *names]
+    fig.legend(handles, names, loc="outside lower center", ncol=len(handles), fontsize=7)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend's row
     return fig
 
 
