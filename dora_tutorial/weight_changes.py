@@ -85,20 +85,15 @@ def figure2_slopes(points: list[dict], checkpoint: int | None = None) -> dict:
     if checkpoint is not None:
         points = [p for p in points if p["checkpoint"] == checkpoint]
     seeds = _by_seed(points)
-    fits = [_least_squares(s, "dM") for s in seeds.values()]
-    orthogonal = []
-    for s in seeds.values():
-        have = [p for p in s if math.isfinite(p["orthogonal"])]
-        orthogonal.append(_least_squares(have, "orthogonal")[0] if len(have) >= 3 else math.nan)
-    slope = np.array([f[0] for f in fits])
-    finite = [o for o in orthogonal if math.isfinite(o)]
+    fits = np.array([_least_squares(s, "dM") for s in seeds.values()])
+    finite = ([p for p in s if math.isfinite(p["orthogonal"])] for s in seeds.values())
+    orthogonal = [_least_squares(f, "orthogonal")[0] for f in finite if len(f) >= 3]
     return {
         "seeds": list(seeds),
-        "slope": slope.tolist(),
-        "intercept": [f[1] for f in fits],
-        "orthogonal": orthogonal,
-        **_interval(slope),
-        "orthogonal_mean": float(np.mean(finite)) if finite else math.nan,
+        "slope": fits[:, 0].tolist(),
+        "intercept": fits[:, 1].tolist(),
+        **_interval(fits[:, 0]),
+        "orthogonal_mean": float(np.mean(orthogonal)) if orthogonal else math.nan,
     }
 
 
@@ -200,10 +195,9 @@ def figure2_conclusions(analysis: dict) -> dict[str, str]:
 
 
 def closer_to_full_ft(analysis: dict) -> dict:
-    """Per seed at the last checkpoint, how much farther DoRA's slope lies from full
-    fine-tuning's than LoRA's does: |log(DoRA / full FT)| - |log(LoRA / full FT)| (ratios are
-    multiplicative: half and twice are equally far), or |ratio - 1| when a slope is not
-    positive; the mean and its 95 % interval over seeds. Below 0: DoRA is closer."""
+    """Per seed at the last checkpoint, |log(DoRA / full FT)| - |log(LoRA / full FT)| of the
+    slopes (half and twice are equally far), or |ratio - 1| when a slope is not positive; its
+    mean and 95 % interval over seeds. Below 0: DoRA's slope is closer to full FT's."""
     dora, lora = (analysis["ratios"][f"{m} / full FT"] for m in ("DoRA", "LoRA"))
     d, lo = np.array(dora["per_seed"]), np.array(lora["per_seed"])
     if dora["scale"] == lora["scale"] == "log":  # every slope positive
@@ -214,8 +208,7 @@ def closer_to_full_ft(analysis: dict) -> dict:
 
 
 def closer_method(gap: dict) -> str | None:
-    """'DoRA' or 'LoRA', whichever ``closer_to_full_ft``'s interval shows nearer full
-    fine-tuning; None when the interval covers 0."""
+    """'DoRA' or 'LoRA', whichever ``closer_to_full_ft``'s interval favours; None if neither."""
     return "DoRA" if gap["high"] < 0 else "LoRA" if gap["low"] > 0 else None
 
 

@@ -51,7 +51,7 @@ def test_rows_turned_by_90_degrees_count_but_have_no_orthogonal_reference():
     every = helpers.relative_change(-W0, W0)
     assert math.isnan(every["orthogonal"]) and every["dD"] == 2
     slopes = helpers.figure2_slopes([dict(p, orthogonal=math.nan) for p in points([1, 2])])
-    assert all(map(math.isnan, slopes["orthogonal"])) and math.isnan(slopes["orthogonal_mean"])
+    assert math.isnan(slopes["orthogonal_mean"])
 
 
 @pytest.mark.parametrize(
