@@ -31,35 +31,34 @@ def plot_idea():
     moves it along one line, so length and angle change together; DoRA takes the direction of
     a point on that line, V / ||V||, and gives it a length m of its own."""
     w0 = torch.tensor([1.0, 0.35])
-    across = torch.tensor([-w0[1], w0[0]]) / w0.norm()  # perpendicular to w0
-    d = across + 0.3 * w0 / w0.norm()  # the update's direction b a: mostly across w0
+    unit = w0 / w0.norm()
+    across = torch.tensor([-unit[1], unit[0]])  # perpendicular to w0
+    d = across + 0.3 * unit  # the update's direction b a: mostly across w0
     lora = [w0 + t * d for t in (-0.6, -0.3, 0.3, 0.6)]
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.8), sharex=True, sharey=True)
 
-    def arrow(ax, v, color, label=None, alpha=1.0, lw=2):
+    def arrows(ax, vectors, color, label=None, alpha=1.0, lw=2):
         style = {"arrowstyle": "->", "color": color, "lw": lw, "alpha": alpha}
-        ax.annotate("", xy=tuple(v.tolist()), xytext=(0, 0), arrowprops=style)
+        for v in vectors:
+            ax.annotate("", xy=tuple(v.tolist()), xytext=(0, 0), arrowprops=style)
         if label:  # an annotation has no legend entry: an empty line of the same style has
             ax.plot([], [], color=color, lw=lw, alpha=alpha, label=label)
 
-    arrow(axes[0], w0, "C0", f"w0, length ||w0|| = {w0.norm():.2f}")
-    arrow(axes[0], 0.5 * w0 / w0.norm(), "C3", "its direction w0 / ||w0||\n(drawn at length 0.5)")
+    arrows(axes[0], [w0], "C0", f"w0, length ||w0|| = {w0.norm():.2f}")
+    arrows(axes[0], [0.5 * unit], "C3", "its direction w0 / ||w0||\n(drawn at length 0.5)")
     axes[0].set_title("a weight row: a length and a direction")
     line = torch.stack([w0 - 0.8 * d, w0 + 0.8 * d])
     for ax in axes[1:]:
         ax.plot(line[:, 0], line[:, 1], ls=":", color="C1")
-        arrow(ax, w0, "C0", "w0")
-    for v in lora:
-        arrow(axes[1], v, "C1", alpha=0.7)
+        arrows(ax, [w0], "C0", "w0")
     updates = "w0 + updates along one line:\nlength and angle change together"
-    axes[1].plot([], [], color="C1", lw=2, label=updates)
+    arrows(axes[1], lora, "C1", updates, alpha=0.7)
     axes[1].set_title("LoRA: w0 + a rank-1 update")
     direction = lora[-1] / lora[-1].norm()
     # wide, under the m V / ||V|| on its ray
-    arrow(axes[2], lora[-1], "C1", "V = w0 + one of those updates", alpha=0.4, lw=7)
-    for m in (0.6, 0.9, 1.2, 1.5):
-        arrow(axes[2], m * direction, "C2")
-    axes[2].plot([], [], color="C2", lw=2, label="m V / ||V||: V's direction,\nany length m")
+    arrows(axes[2], [lora[-1]], "C1", "V = w0 + one of those updates", alpha=0.4, lw=7)
+    lengths = torch.tensor([[0.6], [0.9], [1.2], [1.5]])
+    arrows(axes[2], lengths * direction, "C2", "m V / ||V||: V's direction,\nany length m")
     axes[2].set_title("DoRA: V's direction, a length m")
     for ax in axes:
         ax.axhline(0, color="0.85", lw=0.8)
@@ -152,22 +151,19 @@ def plot_rank_sweep(sweep: dict[tuple[str, int], Runs], reference: Runs, title: 
 def plot_figure2(points: dict[str, list[dict]], title: str):
     """Relative dM against dD of every seed, layer and checkpoint, one panel per method, with
     the orthogonal-update curve and the fitted line at the last checkpoint (mean over seeds)."""
-    size = (4 * len(points), 3.6)
-    fig, axes = plt.subplots(
-        1, len(points), figsize=size, sharex=True, sharey=True, squeeze=False, layout="constrained"
-    )
+    fig = plt.figure(figsize=(4 * len(points), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(points), sharex=True, sharey=True, squeeze=False)
     all_points = [p for pts in points.values() for p in pts]
     checkpoints = sorted({p["checkpoint"] for p in all_points})
     x = np.linspace(0, max(p["dD"] for p in all_points) * 1.05, 100)
     for ax, (method, pts) in zip(axes[0], points.items(), strict=True):
         later = sorted(pts, key=lambda p: p["checkpoint"])  # later checkpoints on top
-        d_d, d_m, when = ([p[k] for p in later] for k in ("dD", "dM", "checkpoint"))
+        d_d, d_m, when = np.array([(p["dD"], p["dM"], p["checkpoint"]) for p in later]).T
         dots = ax.scatter(d_d, d_m, c=when, s=10, vmin=checkpoints[0], vmax=checkpoints[-1])
         ax.plot(x, x / (1 - x), color="k", ls="--", lw=1)
         s = figure2_slopes(pts, checkpoints[-1])
-        last = [p["dD"] for p in pts if p["checkpoint"] == checkpoints[-1]]
-        own = np.linspace(min(last), max(last), 20)
-        ax.plot(own, np.mean(s["intercept"]) + s["mean"] * own, color="C3", lw=1.5)
+        ends = np.quantile(d_d[when == checkpoints[-1]], [0, 1])  # of the last checkpoint's dD
+        ax.plot(ends, np.mean(s["intercept"]) + s["mean"] * ends, color="C3", lw=1.5)
         ax.set_title(f"{method}: slope {s['mean']:.2f}", fontsize=10)
         ax.set_xlabel("ΔD (direction change)")  # per panel: a figure's would lie under the legend
     fig.supylabel("ΔM / ||W0[n]|| (relative)", fontsize=10)

@@ -180,12 +180,10 @@ def figure2_conclusions(analysis: dict) -> dict[str, str]:
     if "closer" in analysis:
         gap, closer = analysis["closer"], closer_method(analysis["closer"])
         d, lo = (_bracket(ratios[f"{m} / full FT"], key="ratio") for m in ("DoRA", "LoRA"))
+        verdict = "the seeds cannot tell whether DoRA or LoRA is closer to full fine-tuning"
         if closer:
-            verdict = f"{closer} moves the weights more like full fine-tuning" + (
-                ", as the paper reports" if closer == "DoRA" else ", not DoRA as the paper reports"
-            )
-        else:
-            verdict = "the seeds cannot tell whether DoRA or LoRA is closer to full fine-tuning"
+            paper = "as the paper reports" if closer == "DoRA" else "not DoRA as the paper reports"
+            verdict = f"{closer} moves the weights more like full fine-tuning, {paper}"
         said["closer to full FT"] = (
             f"Against full fine-tuning's slope, DoRA's is {d} and LoRA's {lo}; DoRA's distance "
             "from it minus LoRA's, "
