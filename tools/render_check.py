@@ -27,7 +27,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-RUN_ALL_TIMEOUT = 1800  # seconds
 _SETTINGS = {
     "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},  # every cell in the DOM
     "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
@@ -125,9 +124,7 @@ NB(arguments[0]).sessionContext.iopubMessage.connect((_, msg) => {
 });
 app.commands.execute('notebook:restart-run-all');
 """
-_JS_SCROLL = """
-NB(arguments[0]).content.widgets.at(arguments[1]).node.scrollIntoView({block: arguments[2]});
-"""
+_JS_SCROLL = "NB(arguments[0]).content.widgets.at(arguments[1]).node.scrollIntoView(!arguments[1]);"
 
 
 def _js(driver, script: str, *args):
@@ -151,9 +148,7 @@ def _jupyterlab(root: Path, home: Path, log_path: Path):
         "DORA_RESULTS": str(home / "results.json"),  # Run All must not touch figures/
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # else the debugger warns on stderr
     }
-    lab = {  # offline, throw-away settings, and window.jupyterapp for the scripts
-        "news_url": None,
-        "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate",
+    lab = {  # throw-away settings, and window.jupyterapp for the scripts
         "extension_manager": "readonly",
         "user_settings_dir": home / "settings",
         "workspaces_dir": home / "ws",
@@ -169,8 +164,6 @@ def _jupyterlab(root: Path, home: Path, log_path: Path):
         info = home / "runtime" / f"jpserver-{server.pid}.json"  # its port, bound soon after
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited with status {server.returncode}")
             with contextlib.suppress(ValueError, OSError):
                 port = int(json.loads(info.read_text())["port"])
                 socket.create_connection(("127.0.0.1", port), timeout=5).close()
@@ -228,8 +221,8 @@ def _check_page(driver, path: str, phase: str, shots: Path | None) -> list[str]:
     _wait(driver, path, lambda s: s["settled"], "a settled page", polls=6)
     problems = _js(driver, _JS_PROBLEMS, path, phase)
     print(f"{phase}: {len(problems)} problem(s)")
-    for name, index, block in [("top", 0, "start"), ("end", -1, "end")] if shots else []:
-        _js(driver, _JS_SCROLL, path, index, block)
+    for name, index in [("top", 0), ("end", -1)] if shots else []:
+        _js(driver, _JS_SCROLL, path, index)
         time.sleep(0.4)
         shots.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(shots / f"{phase}-{name}.png"))
@@ -240,12 +233,11 @@ def _run_all(driver, path: str) -> list[str]:
     """Kernel > Restart Kernel and Run All, as a reader does; wait until no cell runs."""
     _wait(driver, path, lambda s: s["kernel"] == "idle", "an idle kernel")
     _js(driver, _JS_RUN_ALL, path)
-    _wait(driver, path, lambda s: s["started"] > 0, "the first cell to start")
 
     def done(s):  # Run All queues every cell: each is "running" until its reply comes
-        return s["dialog"] or (s["running"] == 0 and s["kernel"] == "idle")
+        return s["dialog"] or (s["started"] and s["running"] == 0 and s["kernel"] == "idle")
 
-    state = _wait(driver, path, done, "the end of Run All", polls=6, timeout=RUN_ALL_TIMEOUT)
+    state = _wait(driver, path, done, "the end of Run All", polls=6, timeout=1800)
     if state["dialog"]:  # e.g. "the kernel appears to have died"
         return [f"FAIL page: dialog during the run: {' | '.join(state['dialog'])}"]
     ran = f"{state['counted']} of {state['runnable']} code cells ran"
@@ -290,10 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--screenshots", type=Path, metavar="DIR", help="save screenshots here")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it comes, also in a pipe
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        print(f"FAIL page: missing {', '.join(missing)} (apt-get install chromium chromium-driver)")
-        return 1
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        parser.error(f"no {CHROMIUM} or {CHROMEDRIVER}: apt-get install chromium chromium-driver")
     problems = check(args.notebook, not args.no_run, args.screenshots)
     verdict = f"FAILED, {len(problems)} problem(s) in" if problems else "OK:"
     print(*problems, f"render check: {verdict} {args.notebook.name}", sep="\n")
