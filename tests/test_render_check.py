@@ -47,7 +47,7 @@ def test_what_a_reader_trips_over_is_named_with_its_cell(tmp_path):
     ]
     status, problems, output = render_check(tmp_path, cells, "--no-run")
     expected = [
-        "FAIL cell 0: markdown overflow: display math is ",
+        "FAIL cell 0: markdown overflow: math is ",
         "FAIL cell 1: MathJax error: undefined \\nosuchmacro",
         "FAIL cell 1: MathJax error: Unknown environment 'nosuchenv'",
         "FAIL cell 2: output line wraps: 2",
