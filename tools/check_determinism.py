@@ -18,6 +18,7 @@ from nbval.plugin import get_sanitize_patterns
 from dora_tutorial.notebook import execute
 
 REPO = Path(__file__).resolve().parents[1]
+_TEXTS = ("text", "ename", "evalue")  # of a stream, an error
 
 
 def sanitizers() -> list[tuple[str, str]]:
@@ -30,10 +31,7 @@ def cell_texts(notebook, rules) -> list[str]:
     texts = []
     for cell in (c for c in notebook.cells if c.cell_type == "code"):
         text = "".join(
-            o.get("text", "")
-            + o.get("data", {}).get("text/plain", "")
-            + o.get("ename", "")
-            + o.get("evalue", "")
+            o.get("data", {}).get("text/plain", "") + "".join(o.get(k, "") for k in _TEXTS)
             for o in cell.get("outputs", [])
         )
         for regex, replace in rules:
@@ -52,11 +50,9 @@ def main() -> int:
     for i in differ:
         diff = difflib.unified_diff(stored[i].splitlines(), fresh[i].splitlines(), lineterm="")
         print(f"code cell {i} differs:", *list(diff)[2:22], sep="\n")
-    if differ:
-        print(f"determinism check FAILED: {len(differ)} of {len(stored)} code cells differ")
-        return 1
-    print(f"determinism check passed: all {len(stored)} code cells reproduce their stored outputs")
-    return 0
+    verdict = "FAILED" if differ else "passed"
+    print(f"determinism check {verdict}: {len(differ)} of {len(stored)} code cells differ")
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":

@@ -2,9 +2,8 @@
 
     python -m tools.floors requirements.txt requirements-dev.txt [torch==2.8.0 ...]
 
-Every requirement must state one floor, ``name>=X`` (an exact pin is its own floor, an upper
-bound is dropped, ``-r`` lines are skipped): what the files promise is what is tested. A
-``name==X`` argument replaces that package's pin, to check another combination.
+Every requirement states one floor, ``name>=X`` (a pin is its own floor, upper bounds are dropped,
+``-r`` lines skipped): what the files promise is tested. A ``name==X`` argument replaces a pin.
 """
 
 import re

@@ -2,10 +2,9 @@
 
     .venv/bin/python -m tools.render_check [--no-run] [--screenshots DIR] [--notebook PATH]
 
-Fails on an element wider than its column, an output line that only fits by wrapping, a MathJax
-error or TeX left untypeset, an image that did not load, an error or stderr output: as stored,
-then after Kernel > Restart Kernel and Run All (unless --no-run). One FAIL line per problem,
-exit status 1 if any. Nothing beyond 127.0.0.1 is reached and the notebook file is not written.
+Exit status 1 on an element wider than its column, an output line that wraps, a MathJax error or
+untypeset TeX, an image that did not load, an error or stderr output: as stored, then after
+Restart Kernel and Run All (unless --no-run). Only 127.0.0.1 is reached; the file is not written.
 """
 
 from __future__ import annotations
@@ -22,18 +21,16 @@ import sys
 import tempfile
 import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-RUN_ALL_TIMEOUT = 1800  # seconds
-_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
 _SETTINGS = {
     "@jupyterlab/notebook-extension/tracker": {"windowingMode": "none"},  # every cell in the DOM
     "@jupyterlab/docmanager-extension/plugin": {"autosave": False},
     "@jupyterlab/apputils-extension/notification": {"fetchNews": "false", "checkForUpdates": False},
+    "@jupyterlab/apputils-extension/sessionDialogs": {"skipKernelRestartDialog": True},
 }
 _CHROMIUM_FLAGS = (
     "--headless=new --no-sandbox --disable-dev-shm-usage --disable-gpu --disable-extensions "
@@ -41,9 +38,8 @@ _CHROMIUM_FLAGS = (
     "--no-first-run --window-size=1400,1000"
 ).split() + ["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]  # only 127.0.0.1
 
-# Prepended to every script: the notebook panel open on arguments[0].
 _JS_PRELUDE = """
-const app = window.jupyterapp;
+const app = window.jupyterapp;  // prepended to every script; NB(path): the notebook's panel
 const NB = path => (app && app.shell && [...app.shell.widgets('main')].find(
   w => w.context && w.context.path === path && w.content && w.content.widgets)) || null;
 """
@@ -53,12 +49,11 @@ if (!w) return null;
 const nb = w.content, code = nb.widgets.filter(c => c.model.type === 'code');
 return {
   cells: nb.widgets.length,
-  rendered: nb.node.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown').length,
-  markdown: nb.widgets.filter(c => c.model.type === 'markdown').length,
-  math: nb.node.querySelectorAll('mjx-container').length,
-  images_loading: [...nb.node.querySelectorAll('img')].filter(i => !i.complete).length,
-  outputs: nb.node.querySelectorAll('.jp-OutputArea-output').length,
-  fonts: document.fonts.status,
+  settled: document.fonts.status === 'loaded' &&
+    [...nb.node.querySelectorAll('img')].every(i => i.complete) &&
+    nb.node.querySelectorAll('.jp-MarkdownCell .jp-RenderedMarkdown').length >=
+    nb.widgets.filter(c => c.model.type === 'markdown').length,
+  nodes: nb.node.getElementsByTagName('*').length,  // still changing while MathJax works
   kernel: w.sessionContext.session?.kernel?.status ?? 'none',
   running: code.filter(c => c.model.executionState === 'running').length,
   counted: code.filter(c => c.model.executionCount !== null).length,
@@ -67,76 +62,53 @@ return {
   dialog: [...document.querySelectorAll('.jp-Dialog')].map(d => d.textContent.slice(0, 120)),
 };
 """
-# One [cell, kind, detail] per problem. Inside a formula only its container counts (italic
-# glyphs overhang a pixel by design); MathJax's hidden copy for screen readers is taken out of
-# the layout first.
-_JS_MEASURE = r"""
+# One pass over the cells, one line per problem. Inside a formula only its container counts
+# (italic glyphs overhang a pixel by design); MathJax's hidden copy for screen readers is taken
+# out of the layout first.
+_JS_PROBLEMS = r"""
 const nb = NB(arguments[0]).content, phase = arguments[1], problems = [];
-const style = document.createElement('style');
+const style = document.head.appendChild(document.createElement('style'));
 style.textContent = 'mjx-assistive-mml { display: none !important; }';
-document.head.appendChild(style);
-const describe = el => el.tagName === 'MJX-CONTAINER'
-  ? (el.getAttribute('display') === 'true' ? 'display math' : 'inline math')
-  : el.classList.contains('jp-RenderedMarkdown') ? 'markdown area'
-  : el.classList.contains('jp-OutputArea-output') ? 'output area' : el.tagName.toLowerCase();
+const describe = el => (el.tagName === 'MJX-CONTAINER' ? 'math' : el.tagName.toLowerCase());
 const clip = (text, n) => (text.length <= n ? text : text.slice(0, n - 3) + '...');
 nb.widgets.forEach((cell, index) => {
-  const fail = (kind, detail) => problems.push([index, kind, detail]);
-  const found = [];
-  for (const root of cell.node.querySelectorAll('.jp-RenderedMarkdown, .jp-OutputArea-output'))
-    for (const el of [root, ...root.querySelectorAll('*')]) {
-      const math = el.closest('mjx-container');
-      if ((math && math !== el) || el.clientWidth === 0) continue;
-      if (el.scrollWidth > el.clientWidth) found.push(el);
-    }
-  for (const el of found)  // the innermost only: its ancestors overflow because of it
-    if (!found.some(o => o !== el && el.contains(o)))
+  const fail = (kind, detail) => problems.push(`FAIL cell ${index}: ${kind}: ${detail}`);
+  const all = selector => [...cell.node.querySelectorAll(selector)];
+  const wide = all('.jp-RenderedMarkdown, .jp-RenderedMarkdown *, .jp-OutputArea-output, ' +
+    '.jp-OutputArea-output *').filter(el => el.clientWidth > 0 &&
+    el.scrollWidth > el.clientWidth && !el.parentElement.closest('mjx-container'));
+  for (const el of wide)  // the innermost only: its ancestors overflow because of it
+    if (!wide.some(o => o !== el && el.contains(o)))
       fail(`${cell.model.type} overflow`, `${describe(el)} is ${el.scrollWidth} px wide in a ` +
         `${el.clientWidth} px column: ${clip(el.textContent.replace(/\s+/g, ' ').trim(), 60)}`);
-  for (const pre of cell.node.querySelectorAll('.jp-OutputArea-output pre')) {
-    const cs = getComputedStyle(pre);  // each printed line measured unwrapped
-    const room = pre.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
-    const probe = document.createElement('span');
-    probe.style.whiteSpace = 'pre';
-    pre.appendChild(probe);
-    pre.textContent.split('\n').forEach((line, n) => {
-      probe.textContent = line;
-      const width = probe.getBoundingClientRect().width;
-      if (line && width > room + 0.5) fail('output line wraps', `line ${n + 1} (${line.length} ` +
-        `chars) needs ${Math.ceil(width)} px, has ${Math.floor(room)} px: ${clip(line, 70)}`);
-    });
-    probe.remove();
+  for (const pre of all('.jp-OutputArea-output pre')) {
+    pre.style.whiteSpace = 'pre';  // the printed lines unwrapped
+    const longest = pre.textContent.split('\n').reduce((a, b) => (b.length > a.length ? b : a));
+    if (pre.scrollWidth > pre.clientWidth) fail('output line wraps', `${pre.scrollWidth} px ` +
+      `wide in a ${pre.clientWidth} px column: ${clip(longest, 70)}`);
+    pre.style.whiteSpace = '';
   }
-  for (const err of cell.node.querySelectorAll('mjx-merror'))
-    fail('MathJax error', err.getAttribute('data-mjx-error') || err.textContent.slice(0, 120));
-  // an undefined macro is no merror: MathJax shows its name in red
-  for (const t of cell.node.querySelectorAll('mjx-assistive-mml mtext[mathcolor="red"]'))
-    if (t.textContent.startsWith('\\'))
-      fail('MathJax error', `undefined control sequence ${t.textContent} (shown in red)`);
-  for (const md of cell.node.querySelectorAll('.jp-RenderedMarkdown')) {
-    const walker = document.createTreeWalker(md, NodeFilter.SHOW_TEXT);
-    for (let t = walker.nextNode(); t; t = walker.nextNode()) {
-      if (t.parentElement.closest('code, pre, mjx-container')) continue;
-      const m = t.textContent.match(/\$\$|\\\(|\\\[|\\begin\{|\$[^$\s][^$]*[\\^_{}]/);
-      if (m) fail('TeX not typeset', t.textContent.slice(Math.max(0, m.index - 20), m.index + 40));
-    }
+  for (const e of all('mjx-merror, mjx-assistive-mml mtext[mathcolor="red"]'))  // red: a typo
+    if (e.tagName === 'MJX-MERROR' || e.textContent.startsWith('\\'))
+      fail('MathJax error', e.getAttribute('data-mjx-error') || `undefined ${e.textContent}`);
+  for (const md of all('.jp-RenderedMarkdown')) {  // its text outside code and formulas
+    const text = md.cloneNode(true);
+    text.querySelectorAll('code, pre, mjx-container').forEach(e => e.remove());
+    const m = text.textContent.match(/\$\$|\\\(|\\\[|\\begin\{|\$[^$\s][^$]*[\\^_{}]/);
+    if (m) fail('TeX not typeset', text.textContent.slice(Math.max(0, m.index - 20), m.index + 40));
   }
-  for (const img of cell.node.querySelectorAll('img')) {
-    const src = img.getAttribute('src') || '';  // the Colab badge needs the internet
-    if (!(img.complete && img.naturalWidth > 0) && !src.includes('colab-badge'))
-      fail('image did not load', src.startsWith('data:') ? src.slice(0, 30) + '...' : src);
-  }
-  if (cell.model.type !== 'code') return;
-  for (const out of cell.model.outputs.toJSON()) {
+  for (const img of all('img:not([src*="colab-badge"])'))  // the badge needs the internet
+    if (!(img.complete && img.naturalWidth > 0))
+      fail('image did not load', clip(img.getAttribute('src') || '', 60));
+  for (const out of cell.model.type === 'code' ? cell.model.outputs.toJSON() : [])
     if (out.output_type === 'error')
       fail(`error output (${phase})`, out.ename + ': ' + String(out.evalue).split('\n')[0]);
-    else if (out.output_type === 'stream' && out.name === 'stderr') {
-      const text = Array.isArray(out.text) ? out.text.join('') : String(out.text);
-      fail(`stderr output (${phase})`, text.trim().split('\n')[0].slice(0, 120));
-    }
-  }
+    else if (out.name === 'stderr')
+      fail(`stderr output (${phase})`, [out.text].flat().join('').trim().split('\n')[0]);
 });
 style.remove();
+for (const d of document.querySelectorAll('.jp-Dialog'))  // e.g. "the kernel has died"
+  problems.push(`FAIL page: dialog: ${clip(d.textContent, 120)}`);
 return problems;
 """
 # Count the cells the kernel starts, then Kernel > Restart Kernel and Run All.
@@ -147,24 +119,11 @@ NB(arguments[0]).sessionContext.iopubMessage.connect((_, msg) => {
 });
 app.commands.execute('notebook:restart-run-all');
 """
-# The file browser open, as a reader has it: the notebook's column is narrower.
-_JS_FILE_BROWSER = "if (app.shell.leftCollapsed) app.commands.execute('filebrowser:activate');"
-_JS_ACCEPT_DIALOGS = (
-    "document.querySelectorAll('.jp-Dialog .jp-mod-accept').forEach(b => b.click());"
-)
-_JS_SCROLL_TO = """
-NB(arguments[0]).content.widgets[arguments[1]].node.scrollIntoView({block: arguments[2]});
-"""
+_JS_SCROLL = "NB(arguments[0]).content.widgets.at(arguments[1]).node.scrollIntoView(!arguments[1]);"
 
 
 def _js(driver, script: str, *args):
     return driver.execute_script(_JS_PRELUDE + script, *args)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
 
 
 @contextlib.contextmanager
@@ -184,9 +143,7 @@ def _jupyterlab(root: Path, home: Path, log_path: Path):
         "DORA_RESULTS": str(home / "results.json"),  # Run All must not touch figures/
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",  # else the debugger warns on stderr
     }
-    lab = {  # offline, throw-away settings, and window.jupyterapp for the scripts
-        "news_url": None,
-        "check_for_updates_class": "jupyterlab.handlers.announcements.NeverCheckForUpdate",
+    lab = {  # throw-away settings, and window.jupyterapp for the scripts
         "extension_manager": "readonly",
         "user_settings_dir": home / "settings",
         "workspaces_dir": home / "ws",
@@ -199,19 +156,17 @@ def _jupyterlab(root: Path, home: Path, log_path: Path):
         io = {"stdin": subprocess.DEVNULL, "stdout": log, "stderr": subprocess.STDOUT}
         server = subprocess.Popen(command, cwd=root, env=env, start_new_session=True, **io)
     try:
-        info = home / "runtime" / f"jpserver-{server.pid}.json"  # says which port it took
+        info = home / "runtime" / f"jpserver-{server.pid}.json"  # its port, bound soon after
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited ({server.returncode}):\n{_tail(log_path)}")
             with contextlib.suppress(ValueError, OSError):
-                url = f"http://127.0.0.1:{int(json.loads(info.read_text())['port'])}/"
-                with _LOOPBACK.open(f"{url}api/status?token={env['JUPYTER_TOKEN']}", timeout=5):
-                    break
+                port = int(json.loads(info.read_text())["port"])
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                break
             time.sleep(0.3)
         else:
-            raise RuntimeError(f"JupyterLab did not start in 90 s:\n{_tail(log_path)}")
-        yield url, env["JUPYTER_TOKEN"]
+            raise RuntimeError("JupyterLab did not start in 90 s")
+        yield f"http://127.0.0.1:{port}/", env["JUPYTER_TOKEN"]
     finally:
         for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):  # SIGTERM stops kernels
             with contextlib.suppress(ProcessLookupError):
@@ -245,61 +200,41 @@ def _chromium(profile: Path):
 
 
 def _wait(driver, path: str, ready, what: str, polls: int = 1, timeout: float = 120) -> dict:
-    """Poll the page until ``ready(state)`` holds for ``polls`` polls with the same state."""
-    deadline, last, stable = time.monotonic() + timeout, None, 0
+    """Poll the page until ``ready(state)`` holds with the same state ``polls`` times in a row."""
+    deadline, seen = time.monotonic() + timeout, []
     while time.monotonic() < deadline:
         state = _js(driver, _JS_STATE, path)
-        key = state and {k: v for k, v in state.items() if k not in ("kernel", "dialog")}
-        stable = stable + 1 if state and ready(state) and (polls == 1 or key == last) else 0
-        if stable >= polls:
+        seen = [*seen, state][-polls:] if state and ready(state) else []
+        if len(seen) == polls and all(s == state for s in seen):
             return state
-        last = key
         time.sleep(0.25)
     raise TimeoutError(f"{what}: not within {timeout:.0f} s (last state: {state})")
 
 
-def _settled(s: dict) -> bool:  # MathJax, images and fonts done
-    return s["rendered"] >= s["markdown"] and not s["images_loading"] and s["fonts"] == "loaded"
-
-
-def _check_page(driver, path: str, notebook: dict, phase: str, shots: Path | None) -> list[str]:
-    """The page's problems, printed, and screenshots if ``shots`` names a folder."""
-    _wait(driver, path, _settled, "a settled page", polls=6)
-    found = sorted(
-        (c, f"FAIL cell {c}: {k}: {d}") for c, k, d in _js(driver, _JS_MEASURE, path, phase)
-    )
-    print("\n".join(line for _, line in found) or f"{phase}: no problems")
-    if shots:  # the top, the end and each cell with a problem
+def _check_page(driver, path: str, phase: str, shots: Path | None) -> list[str]:
+    """The page's problems once it has settled; screenshots of its top and end into ``shots``."""
+    _wait(driver, path, lambda s: s["settled"], "a settled page", polls=6)
+    problems = _js(driver, _JS_PROBLEMS, path, phase)
+    print(f"{phase}: {len(problems)} problem(s)")
+    for name, index in [("top", 0), ("end", -1)] if shots else []:
+        _js(driver, _JS_SCROLL, path, index)
+        time.sleep(0.4)
         shots.mkdir(parents=True, exist_ok=True)
-        places = {"top": (0, "start"), "end": (len(notebook["cells"]) - 1, "end")}
-        places |= {f"cell{cell:02d}": (cell, "start") for cell, _ in found}
-        for name, (index, block) in places.items():
-            _js(driver, _JS_SCROLL_TO, path, index, block)
-            time.sleep(0.4)
-            driver.save_screenshot(str(shots / f"{phase}-{name}.png"))
-    return [line for _, line in found]
+        driver.save_screenshot(str(shots / f"{phase}-{name}.png"))
+    return problems
 
 
 def _run_all(driver, path: str) -> list[str]:
     """Kernel > Restart Kernel and Run All, as a reader does; wait until no cell runs."""
-    if not _wait(driver, path, lambda s: s["kernel"] == "idle", "an idle kernel")["runnable"]:
-        return []
+    _wait(driver, path, lambda s: s["kernel"] == "idle", "an idle kernel")
     _js(driver, _JS_RUN_ALL, path)
-    _wait(driver, path, lambda s: s["dialog"], "a 'Restart Kernel?' dialog", timeout=30)
-    _js(driver, _JS_ACCEPT_DIALOGS)  # Restart
-    _wait(driver, path, lambda s: s["started"] > 0, "the first cell to start")
 
     def done(s):  # Run All queues every cell: each is "running" until its reply comes
-        return s["dialog"] or (s["running"] == 0 and s["kernel"] == "idle")
+        return s["dialog"] or (s["started"] and s["running"] == 0 and s["kernel"] == "idle")
 
-    state = _wait(driver, path, done, "the end of Run All", polls=6, timeout=RUN_ALL_TIMEOUT)
-    if state["dialog"]:  # e.g. "the kernel appears to have died"
-        return [f"FAIL page: dialog during the run: {' | '.join(state['dialog'])}"]
+    state = _wait(driver, path, done, "the end of Run All", polls=6, timeout=1800)
     ran = f"{state['counted']} of {state['runnable']} code cells ran"
-    print(f"run: {ran}")
-    if state["counted"] < state["runnable"]:
-        return [f"FAIL page: run-all stopped: {ran}; the rest did not"]
-    return []
+    return [f"FAIL page: run-all stopped: {ran}"] if state["counted"] < state["runnable"] else []
 
 
 def check(notebook_path: Path, run: bool = True, shots: Path | None = None) -> list[str]:
@@ -307,7 +242,6 @@ def check(notebook_path: Path, run: bool = True, shots: Path | None = None) -> l
     notebook_path = notebook_path.resolve()
     root, path = notebook_path.parent, notebook_path.name
     before = notebook_path.read_bytes()
-    notebook = json.loads(before)
     problems = []
     with tempfile.TemporaryDirectory(prefix="render-check-") as tmp:
         server_log = Path(tmp) / "server.log"
@@ -316,23 +250,19 @@ def check(notebook_path: Path, run: bool = True, shots: Path | None = None) -> l
                 _jupyterlab(root, Path(tmp) / "lab", server_log) as (url, token),
                 _chromium(Path(tmp) / "profile") as driver,
             ):
-                query = urllib.parse.urlencode({"token": token})
-                driver.get(f"{url}lab/tree/{urllib.parse.quote(path)}?{query}")
+                driver.get(f"{url}lab/tree/{urllib.parse.quote(path)}?token={token}")
                 _wait(driver, path, lambda s: s["cells"] > 0, "the notebook's cells")
-                _js(driver, _JS_ACCEPT_DIALOGS)  # e.g. a kernel choice
-                _js(driver, _JS_FILE_BROWSER)
-                problems += _check_page(driver, path, notebook, "open", shots)
+                # The file browser open, as a reader has it: the notebook's column is narrower.
+                _js(driver, "app.commands.execute('filebrowser:activate');")
+                problems += _check_page(driver, path, "open", shots)
                 if run:
-                    stopped = _run_all(driver, path)
-                    print("\n".join(stopped), end="\n" if stopped else "")
-                    problems += stopped + _check_page(driver, path, notebook, "run", shots)
-        except Exception as error:  # a problem of the page, with the server's log
-            print(_tail(server_log))
+                    problems += _run_all(driver, path) + _check_page(driver, path, "run", shots)
+        except Exception as error:  # a problem of the page; the server's log may say why
+            with contextlib.suppress(OSError):
+                print(*server_log.read_text(errors="replace").splitlines()[-30:], sep="\n")
             problems.append(f"FAIL page: render check could not finish: {error!r}")
-            print(problems[-1])
     if notebook_path.read_bytes() != before:
-        problems.append(f"FAIL page: notebook file changed: {notebook_path} written")
-        print(problems[-1])
+        problems.append(f"FAIL page: {notebook_path} was written")
     return problems
 
 
@@ -343,13 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--screenshots", type=Path, metavar="DIR", help="save screenshots here")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress shows as it comes, also in a pipe
-    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
-    if missing:
-        print(f"FAIL page: missing {', '.join(missing)} (apt-get install chromium chromium-driver)")
-        return 1
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        parser.error(f"no {CHROMIUM} or {CHROMEDRIVER}: apt-get install chromium chromium-driver")
     problems = check(args.notebook, not args.no_run, args.screenshots)
     verdict = f"FAILED, {len(problems)} problem(s) in" if problems else "OK:"
-    print(f"render check: {verdict} {args.notebook.name}")
+    print(*problems, f"render check: {verdict} {args.notebook.name}", sep="\n")
     return 1 if problems else 0
 
 

@@ -4,9 +4,8 @@
     .venv/bin/python -m tools.run_notebook --regenerate   # over DoRA.ipynb and figures/
     .venv/bin/python -m tools.run_notebook --device cuda --output /tmp/DoRA-cuda.ipynb
 
-It saves the executed notebook, the PNG of each cell tagged ``fig-NAME`` as ``NAME.png`` and the
-summary's ``results.json``. The committed ones come from the CPU: another device's run may not
-overwrite them.
+It saves the executed notebook, each ``fig-NAME`` cell's PNG as ``NAME.png`` and the summary's
+``results.json``. The committed ones come from the CPU: no other device may overwrite them.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import time
 from pathlib import Path
 
 import nbformat
@@ -48,18 +46,16 @@ def main(argv: list[str] | None = None) -> None:
         )
     helpers.load_mnist()
     os.environ["DORA_DEVICE"] = str(device)  # read by helpers.pick_device() in the kernel
-    start = time.perf_counter()
     figures.mkdir(parents=True, exist_ok=True)  # the kernel writes results.json there
     notebook = execute(args.notebook, figures / "results.json")
-    print(f"executed {args.notebook.name} on {device} in {time.perf_counter() - start:.1f} s")
+    print(f"executed {args.notebook.name} on {device}")
     write_atomic(output, [nbformat.writes(notebook).encode()])
     for path in [output, *save_figures(notebook, figures), figures / "results.json"]:
         print(f"saved {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
 
 
 def destinations(notebook: Path, output, figures, device) -> tuple[Path | None, Path]:
-    """(notebook, figures folder) to write, figures beside the notebook unless named; (None, _)
-    for another device's run that would replace the committed files."""
+    """(notebook, figures folder) to write; (None, _) if another device's would be committed."""
     if output is None:
         output, figures = RUNS / notebook.name, figures or RUNS / "figures"
     figures = figures or output.with_name(f"{output.stem}-figures")
@@ -74,11 +70,8 @@ def save_figures(notebook: nbformat.NotebookNode, folder: Path) -> list[Path]:
     saved = []
     for cell in notebook.cells:
         names = [t[4:] for t in cell.metadata.get("tags", []) if t.startswith("fig-")]
-        pngs = [
-            o["data"]["image/png"]
-            for o in cell.get("outputs", [])
-            if "image/png" in o.get("data", {})
-        ]
+        data = [o.get("data", {}) for o in cell.get("outputs", [])]
+        pngs = [d["image/png"] for d in data if "image/png" in d]
         for name, png in zip(names, pngs, strict=False):
             saved.append(folder / f"{name}.png")
             write_atomic(saved[-1], [base64.b64decode(png)])
