@@ -98,17 +98,13 @@ def results_table(results: dict[str, Runs], timing: bool = True) -> str:
 def run_summary(results: dict[str, Runs], pretrained_accuracy: float, comparisons, figure2) -> dict:
     """This run's numbers as data, for the regression check on any CPU
     (tests/test_results_any_cpu.py)."""
-    keep = ("diff", "low", "high", "p", "p_holm")
+    keep = ("diff", "low", "high", "p", "p_holm", "verdict")
     return {
         "seeds": len(next(iter(results.values())).seeds),
         "pretrained_accuracy": 100 * float(pretrained_accuracy),
         "methods": _accuracy_rows(results),
         "comparisons": {
-            name: {
-                **{k: getattr(c, k) for k in keep},
-                "verdict": c.verdict,
-                "interval": c.verdict_interval,
-            }
+            name: {k: getattr(c, k) for k in keep} | {"interval": c.verdict_interval}
             for name, c in comparisons.items()
         },
         "figure2": {key: figure2[key] for key in ("conclusions", "ratios", "closer")},
@@ -119,8 +115,7 @@ RESULTS_FILE = REPO / "figures" / "results.json"
 
 
 def write_results(summary: dict) -> Path:
-    """Save ``summary`` as JSON: to $DORA_RESULTS if set (the tests' runs write elsewhere), else
-    to figures/results.json."""
+    """Save ``summary`` as JSON to $DORA_RESULTS if set (the tests' runs), else RESULTS_FILE."""
     path = Path(os.environ.get("DORA_RESULTS") or RESULTS_FILE)
     _write_json(path, summary)
     return path

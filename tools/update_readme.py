@@ -1,10 +1,8 @@
-"""Write the README's results and experiments/RESULTS.md from the experiments' JSON.
+"""Write the README's results (between its markers) and experiments/RESULTS.md from
+experiments/evidence.json, experiments/vit.json and the committed run's figures/results.json.
 
     .venv/bin/python -m tools.update_readme           # rewrite both
     .venv/bin/python -m tools.update_readme --check   # exit 1 if either is out of date
-
-From experiments/evidence.json (the pooled analysis), experiments/vit.json and the committed
-notebook run's figures/results.json; only the README's text between the markers is replaced.
 """
 
 from __future__ import annotations
@@ -86,9 +84,7 @@ def detail(evidence: dict, found: dict) -> str:
             "",
             "## Every comparison, with the held-out network",
             "",
-            "```",
-            ev.table(found, check, "held-out network (95 %)"),
-            "```",
+            f"```\n{ev.table(found, check, 'held-out network (95 %)')}\n```",
             "",
             "Float rounding alone (the same seeds on PyTorch's portable CPU kernels, standing in "
             f"for another CPU type) moved a seed's accuracy by {noise:.2f} points (standard "
@@ -107,9 +103,7 @@ def detail(evidence: dict, found: dict) -> str:
             "",
             "## Learning rates, chosen on the validation set of network 0",
             "",
-            "```",
-            ev.rate_table(evidence["chosen"], evidence["protocol"]["RANKS"]),
-            "```",
+            f"```\n{ev.rate_table(evidence['chosen'], evidence['protocol']['RANKS'])}\n```",
             "",
         ]
     )
@@ -123,7 +117,7 @@ def updated_readme(readme: str, section: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if out of date")
     evidence, check = ev.load(), parser.parse_args().check
     found = ev.pooled(evidence)
