@@ -1,10 +1,7 @@
-"""The pooled analysis of experiments/evidence.json: one family of comparisons, Holm-adjusted.
-
-Design: on each pretrained network the configurations are paired by seed (seed k: the same A
-and batch order); a comparison's estimate is the mean over networks of each network's mean
-paired difference, tested with a t-test over those network means (networks - 1 degrees of
-freedom), so the interval covers pretraining and the fine-tuning sample, not only seeds.
-"""
+"""The pooled analysis of experiments/evidence.json, one Holm family: on each pretrained network
+the configurations are paired by seed; a comparison's estimate is the mean of the networks' mean
+paired differences, t-tested over networks, so that its interval covers pretraining, not only
+the seeds."""
 
 from __future__ import annotations
 
@@ -61,7 +58,6 @@ def held_out(evidence: dict) -> dict[str, Comparison]:
 
 
 def _compare(name: str, a, b) -> Comparison:
-    """``compare_values`` named after the comparison: 'DoRA - LoRA, rank 1' is DoRA, LoRA."""
     first, second = name.split(",")[0].split(" - ")
     return compare_values(first, a, second, b)
 
@@ -74,23 +70,17 @@ def float_noise(evidence: dict) -> tuple[float, float]:
 
 
 def table(found: dict[str, Comparison], extra: dict[str, str] | None = None, head: str = "") -> str:
-    """One row per comparison: the estimate, and the interval and p-value its verdict is decided
-    at; ``extra`` adds a column titled ``head``, e.g. the pooled verdict beside a ten-seed one."""
+    """The estimate, and the interval and p its verdict is decided at; ``extra``: a column."""
     width = max(map(len, found)) + 1
     rows = [
         f"{'comparison':<{width}}{'diff':>6}  {'interval':<12}  {'p':>6}  {'verdict':<13}{head}"
     ]
     for name, c in found.items():
-        low, high = c.verdict_interval
-        row = f"{name:<{width}}{c.diff:>+6.2f}  {low:+.2f}, {high:+.2f}  {decided_p(c):>6}  "
+        (low, high), p = c.verdict_interval, c.p if c.p_holm is None else c.p_holm
+        p = "<0.001" if p < 0.001 else f"{p:.3f}"
+        row = f"{name:<{width}}{c.diff:>+6.2f}  {low:+.2f}, {high:+.2f}  {p:>6}  "
         rows.append(row + f"{short(c.verdict):<13}{(extra or {}).get(name, '')}")
     return "\n".join(row.rstrip() for row in rows)
-
-
-def decided_p(c: Comparison) -> str:
-    """The p-value the verdict is decided at (Holm's in a family), as the tables print it."""
-    p = c.p if c.p_holm is None else c.p_holm
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def short(verdict: str) -> str:

@@ -15,9 +15,8 @@ POWER = 0.80  # for "the smallest difference these seeds could detect"
 
 @dataclass(frozen=True)
 class Comparison:
-    """Mean final test accuracy of A minus B, in points, paired by seed, with its 95 % interval
-    and p-value; ``p_holm`` is set when it is one of a family. ``se`` and ``df`` give the
-    interval at any other level; ``values`` are the per-seed values of A and of B."""
+    """Mean final test accuracy of A minus B, in points, paired by seed; ``p_holm`` is set in a
+    family; ``se`` and ``df`` give the interval at any other level."""
 
     a: str
     b: str
@@ -44,9 +43,8 @@ class Comparison:
 
     @property
     def level(self) -> float:
-        """The confidence level the verdict is decided at: 95 % alone; in a family, Holm tests
-        this comparison at 5 % * p / p_holm (5 % / k for the k-th largest p, before the running
-        maximum)."""
+        """The confidence level the verdict is decided at: in a family, Holm tests this comparison
+        at 5 % * p / p_holm."""
         if self.p_holm is None or not 0 < self.p < 1:
             return LEVEL
         return 1 - (1 - LEVEL) * self.p / self.p_holm
@@ -62,8 +60,7 @@ class Comparison:
         return self.diff - half, self.diff + half
 
     def sentence(self) -> str:
-        """The difference, its interval, the test and the verdict; with no verdict, what the
-        interval the verdict is decided at rules out."""
+        """The difference, its interval, test and verdict; with no verdict, what is ruled out."""
         numbers = (
             f"95 % CI {self.low:+.2f} to {self.high:+.2f}; {self.test}, {self.n} seeds, "
             f"p {_p(self.p)}"
@@ -102,7 +99,7 @@ def _same_seeds(name_a: str, runs_a: Runs, name_b: str, runs_b: Runs) -> None:
 
 
 def compare_values(name_a: str, a, name_b: str, b) -> Comparison:
-    """``compare`` on per-seed values, seed k of A against seed k of B: scipy's paired t-test."""
+    """``compare`` on per-seed values, seed k of A against seed k of B."""
     from scipy import stats  # imported here so that importing helpers stays quick
 
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
@@ -122,8 +119,8 @@ def compare_values(name_a: str, a, name_b: str, b) -> Comparison:
 
 
 def holm(comparisons: list[Comparison]) -> list[Comparison]:
-    """The same comparisons with Holm's step-down adjusted p-values (family-wise error 5 %): the
-    k-th smallest p times (m - k + 1), then a running maximum so that the order is kept."""
+    """The comparisons with Holm's adjusted p-values: the k-th smallest p times (m - k + 1),
+    then a running maximum so that the order is kept."""
     m, adjusted, running = len(comparisons), {}, 0.0
     for k, i in enumerate(sorted(range(m), key=lambda i: comparisons[i].p)):
         running = max(running, min(1.0, (m - k) * comparisons[i].p))
@@ -132,10 +129,8 @@ def holm(comparisons: list[Comparison]) -> list[Comparison]:
 
 
 def lora_at_budget(lora: dict[int, Runs], dora: Runs) -> Runs:
-    """LoRA's final accuracy at DoRA's trainable-parameter count, seed by seed (``lora``:
-    {rank: Runs}), as a Runs that ``compare`` pairs with ``dora``; only its ``final`` means
-    anything. DoRA's magnitudes add one parameter per output row: its count lies between two
-    LoRA ranks'."""
+    """LoRA's ({rank: Runs}) final accuracy at DoRA's trainable-parameter count, seed by seed,
+    as a Runs that ``compare`` pairs with ``dora``; only its ``final`` means anything."""
     for rank, runs in lora.items():
         _same_seeds(f"LoRA at rank {rank}", runs, "DoRA", dora)
     counts = {r: runs.trainable for r, runs in lora.items()}
@@ -145,8 +140,8 @@ def lora_at_budget(lora: dict[int, Runs], dora: Runs) -> Runs:
 
 
 def interpolate_at(counts: dict, accuracy: dict, target: float) -> np.ndarray:
-    """Per-seed accuracy at ``target`` trainable parameters ({key: count}, {key: per-seed
-    array}), linear in log(count) between the two counts that bracket it."""
+    """Per-seed accuracy ({key: per-seed array}) at ``target`` trainable parameters ({key:
+    count}), linear in log(count) between the two counts that bracket it."""
     keys = sorted(counts, key=counts.get)
     logs = np.log([counts[k] for k in keys])
     if (np.diff(logs) == 0).any():
@@ -164,8 +159,6 @@ def mean_interval(values) -> tuple[float, float]:
     """The 95 % confidence interval of the mean of ``values``."""
     from scipy import stats
 
-    values = np.asarray(values, dtype=float)
     if len(values) < 2:
         raise ValueError("an interval needs at least 2 values")
-    half = stats.t.ppf(0.5 + LEVEL / 2, len(values) - 1) * stats.sem(values)
-    return values.mean() - half, values.mean() + half
+    return stats.t.interval(LEVEL, len(values) - 1, np.mean(values), stats.sem(values))

@@ -1,10 +1,8 @@
-"""Write the README's results and experiments/RESULTS.md from the experiments' JSON.
+"""Write the README's results (between its markers) and experiments/RESULTS.md from
+experiments/evidence.json, experiments/vit.json and the committed run's figures/results.json.
 
     .venv/bin/python -m tools.update_readme           # rewrite both
     .venv/bin/python -m tools.update_readme --check   # exit 1 if either is out of date
-
-From experiments/evidence.json (the pooled analysis), experiments/vit.json and the committed
-notebook run's figures/results.json; only the README's text between the markers is replaced.
 """
 
 from __future__ import annotations
@@ -26,33 +24,21 @@ DETAIL = REPO / "experiments" / "RESULTS.md"
 
 def figure2_sentence(mlp: dict, vit: dict) -> str:
     """Which method's magnitude-direction slope is closer to full FT's, on both networks."""
-
-    def part(analysis):
-        r = analysis["ratios"]
-        return (
-            f"{closer_method(analysis['closer']) or 'neither detected'} (slope / full FT's: "
-            f"DoRA {r['DoRA / full FT']['ratio']:.2f}, LoRA {r['LoRA / full FT']['ratio']:.2f})"
-        )
-
+    mlp, vit = (
+        f"{closer_method(a['closer']) or 'neither detected'} (slope / full FT's: "
+        + ", ".join(f"{m} {a['ratios'][f'{m} / full FT']['ratio']:.2f}" for m in ("DoRA", "LoRA"))
+        + ")"
+        for a in (mlp, vit)
+    )
     return (
         "Figure 2: the method whose magnitude-direction slope is closer to full fine-tuning's "
-        f"(paired by seed, last checkpoint) is, on the MLP, {part(mlp)}; on the ViT, {part(vit)}."
+        f"(paired by seed, last checkpoint) is, on the MLP, {mlp}; on the ViT, {vit}."
     )
 
 
 def render(evidence: dict, found: dict, mlp_figure2: dict, vit: dict) -> str:
     vit_figure2 = figure2_analysis(vit["points"], vit["protocol"]["PAPER_CORRELATION"])
     networks, seeds = evidence["networks"], len(evidence["protocol"]["SEEDS"])
-    rows = []
-    for name, c in found.items():
-        estimate = (
-            f"{c.diff:+.2f}" if c.verdict == "no difference detected" else f"**{c.diff:+.2f}**"
-        )
-        low, high = c.verdict_interval
-        rows.append(
-            f"| {name} | {estimate} | {low:+.2f} to {high:+.2f} | {ev.decided_p(c)} | "
-            f"{networks} x {seeds} |"
-        )
     held = ev.held_out(evidence)
     stated = [k for k, c in found.items() if c.verdict != "no difference detected"]
     same = sum(held[k].diff * found[k].diff > 0 for k in stated)
@@ -65,20 +51,17 @@ def render(evidence: dict, found: dict, mlp_figure2: dict, vit: dict) -> str:
             START,
             f"From `experiments/evidence.py`: {networks} pretrained networks x {seeds} seeds, "
             "every configuration at its own tuned rate; paired within a network, tested over "
-            f"networks, one Holm family of {len(found)}; each interval is the one its verdict is "
-            "decided at; points of test accuracy ([details](experiments/RESULTS.md)).",
+            f"networks, one Holm family of {len(found)}; each interval and p is the one its "
+            "verdict is decided at; points of test accuracy ([details](experiments/RESULTS.md)).",
             "",
             *(f"- {s}" for s in ev.findings(found)),
             f"- {figure2_sentence(mlp_figure2, vit_figure2)}",
             "",
-            "| comparison | estimate | adjusted interval | Holm p | networks x seeds |",
-            "|---|---:|---:|---:|---:|",
-            *rows,
+            f"```\n{ev.table(found)}\n```",
             "",
             "Scaled LoRA: LoRA with DoRA's per-row scale m but no normalisation (the ablation). "
-            f"Bold: a result. On a held-out network, {same} of the {len(stated)} results have an "
-            "estimate of the same sign. "
-            f"ViT ({len(vit['final']['LoRA'])} seeds, one network, 95 %): {vit_line}.",
+            f"On a held-out network, {same} of the {len(stated)} results have an estimate of the "
+            f"same sign. ViT ({len(vit['final']['LoRA'])} seeds, one network, 95 %): {vit_line}.",
             END,
         ]
     )
@@ -101,9 +84,7 @@ def detail(evidence: dict, found: dict) -> str:
             "",
             "## Every comparison, with the held-out network",
             "",
-            "```",
-            ev.table(found, check, "held-out network (95 %)"),
-            "```",
+            f"```\n{ev.table(found, check, 'held-out network (95 %)')}\n```",
             "",
             "Float rounding alone (the same seeds on PyTorch's portable CPU kernels, standing in "
             f"for another CPU type) moved a seed's accuracy by {noise:.2f} points (standard "
@@ -122,9 +103,7 @@ def detail(evidence: dict, found: dict) -> str:
             "",
             "## Learning rates, chosen on the validation set of network 0",
             "",
-            "```",
-            ev.rate_table(evidence["chosen"], evidence["protocol"]["RANKS"]),
-            "```",
+            f"```\n{ev.rate_table(evidence['chosen'], evidence['protocol']['RANKS'])}\n```",
             "",
         ]
     )
@@ -138,7 +117,7 @@ def updated_readme(readme: str, section: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="only check; exit 1 if out of date")
     evidence, check = ev.load(), parser.parse_args().check
     found = ev.pooled(evidence)
