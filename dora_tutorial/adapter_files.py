@@ -141,13 +141,11 @@ def _read_adapter(source) -> dict:
             source = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ...
             raise ValueError(
-                f"{where} is not an adapter file ({type(err).__name__} in torch.load): "
-                "save_adapter(model, path) writes one"
+                f"{where} is not an adapter file ({type(err).__name__}): save_adapter writes one"
             ) from None
     if not isinstance(source, dict) or source.get("format") != _FORMAT:
         raise ValueError(
-            f"{where} is not an adapter saved by save_adapter; for a PEFT state dict use "
-            "from_peft_state_dict first"
+            f"{where} is not an adapter from save_adapter (PEFT state dicts: from_peft_state_dict)"
         )
     _check_finite(source.get("tensors", {}), where)
     return source
@@ -157,8 +155,7 @@ def _check_finite(tensors: dict, where: str) -> None:
     for key, t in tensors.items():
         if not isinstance(t, torch.Tensor) or (t.is_floating_point() and not t.isfinite().all()):
             raise ValueError(
-                f"{where}: {key!r} is not a tensor of finite numbers: the adapter is damaged (or "
-                "training diverged); nothing was loaded"
+                f"{where}: {key!r} is not a tensor of finite numbers: save a sound adapter again"
             )
 
 
