@@ -1,8 +1,6 @@
 """Adapters as files: our own (a dict that ``torch.load(..., weights_only=True)`` reads without
 running code, naming the layers it fits) and PEFT's adapter directories, names and options."""
 
-from __future__ import annotations
-
 import io
 import json
 import math
@@ -36,10 +34,7 @@ def inside(name: str, outer_names) -> bool:
 
 def _adapter_layers_of(model: nn.Module) -> dict[str, nn.Module]:
     if not (layers := adapter_layers(model)):
-        raise ValueError(
-            "the model has no adapter layers (modules with merged_weight()): wrap it first, "
-            "e.g. add_adapters(pretrained, LinearWithDoRA, rank, alpha)"
-        )
+        raise ValueError("the model has no adapter layers: wrap it first with add_adapters")
     return layers
 
 
@@ -90,9 +85,9 @@ def _refuse(problems: list[str], headline: str) -> None:
 def _mismatch(have: dict, want: dict) -> str | None:
     """What makes a saved layer ``want`` unfit for the model's layer ``have``, in words."""
     if have["kind"] != want["kind"]:
-        return (
-            f"the file holds a {want['kind'].upper()} adapter ({want['class']}), "
-            f"the model's layer is {have['class']}"
+        kinds = want["kind"].upper(), have["kind"].upper()
+        return "the file holds a {} adapter, the model {}: wrap it with {} layers".format(
+            *kinds, kinds[0]
         )
     for key in ("rank", "alpha"):
         if not math.isclose(have[key], want[key], rel_tol=1e-9):
@@ -109,10 +104,7 @@ def load_adapter(model: nn.Module, source) -> nn.Module:
     adapter, layers = _read_adapter(source), _adapter_layers_of(model)
     saved, tensors = adapter["layers"], adapter["tensors"]
     if set(saved) != set(layers):
-        raise ValueError(
-            f"the adapter belongs to other layers: the file has {sorted(saved)}, the model "
-            f"{sorted(layers)}"
-        )
+        raise ValueError(f"the file has adapters for {sorted(saved)}, the model {sorted(layers)}")
     problems = [
         f"layer {n!r}: {p}"
         for n, layer in layers.items()
@@ -120,16 +112,15 @@ def load_adapter(model: nn.Module, source) -> nn.Module:
     ]
     expected = _adapter_params(layers)
     if not problems:
-        unexpected = sorted(tensors.keys() - expected)
-        problems = [f"tensor {k!r}: in the file, not in the model" for k in unexpected]
-        for k, p in expected.items():
-            if k not in tensors:
-                problems.append(f"tensor {k!r}: in the model, not in the file")
-            elif tensors[k].shape != p.shape:
-                problems.append(
-                    f"tensor {k!r}: shape {tuple(tensors[k].shape)} in the file, "
-                    f"{tuple(p.shape)} in the model"
-                )
+        problems = [
+            f"tensor {k!r}: only in the {'file' if k in tensors else 'model'}"
+            for k in sorted(tensors.keys() ^ expected.keys())
+        ]
+        problems += [
+            f"tensor {k!r}: shape {tuple(tensors[k].shape)} in the file, {tuple(p.shape)} here"
+            for k, p in expected.items()
+            if k in tensors and tensors[k].shape != p.shape
+        ]
     _refuse(problems, "the adapter does not fit this model")
     with torch.no_grad():
         for k, p in expected.items():
@@ -150,14 +141,11 @@ def _read_adapter(source) -> dict:
             source = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError, RuntimeError, EOFError, ...
             raise ValueError(
-                f"{where} is not an adapter file (torch.load cannot read it safely: "
-                f"{type(err).__name__}): save_adapter(model, path) writes one"
+                f"{where} is not an adapter file ({type(err).__name__}): save_adapter writes one"
             ) from None
     if not isinstance(source, dict) or source.get("format") != _FORMAT:
-        found = source.get("format") if isinstance(source, dict) else type(source).__name__
         raise ValueError(
-            f"{where} is not an adapter saved by save_adapter (format {found!r}, expected "
-            f"{_FORMAT!r}); for a PEFT state dict use from_peft_state_dict first"
+            f"{where} is not an adapter from save_adapter (PEFT state dicts: from_peft_state_dict)"
         )
     _check_finite(source.get("tensors", {}), where)
     return source
@@ -167,8 +155,7 @@ def _check_finite(tensors: dict, where: str) -> None:
     for key, t in tensors.items():
         if not isinstance(t, torch.Tensor) or (t.is_floating_point() and not t.isfinite().all()):
             raise ValueError(
-                f"{where}: {key!r} is not a tensor of finite numbers: the adapter is damaged (or "
-                "was saved after training diverged); nothing was loaded"
+                f"{where}: {key!r} is not a tensor of finite numbers: save a sound adapter again"
             )
 
 
@@ -177,44 +164,36 @@ _PEFT_PREFIX = "base_model.model."
 _PEFT_NAMES = {"lora.A": "lora_A.weight", "lora.B": "lora_B.weight", "m": "lora_magnitude_vector"}
 
 
+def _rename(key: str, names: dict[str, str]) -> str:
+    """``key`` with its last name (after a dot, or all of it) replaced as ``names`` says."""
+    for old, new in names.items():
+        if key == old or key.endswith(f".{old}"):
+            return key.removesuffix(old) + new
+    raise ValueError(
+        f"unrecognised adapter tensor {key!r}, not one of {list(names)}: from a PEFT model pass "
+        "peft.get_peft_model_state_dict(model), not its state_dict()"
+    )
+
+
 def to_peft_state_dict(source) -> dict[str, torch.Tensor]:
     """Our adapter (a model, a path or an adapter dict) under PEFT's saved-adapter keys, for
     ``peft.set_peft_model_state_dict`` with ``LoraConfig(**peft_config_kwargs(source))``."""
-    adapter = _read_adapter(source)
-    tensors, out = adapter["tensors"], {}
-    for name in adapter["layers"]:
-        prefix = f"{name}." if name else ""
-        conv = tensors[prefix + "lora.A"].dim() == 4
-        for ours, theirs in _PEFT_NAMES.items():
-            if (t := tensors.get(prefix + ours)) is not None:
-                if ours == "m" and conv:
-                    t = t.reshape(1, -1, 1, 1)  # PEFT keeps a Conv2d's m as (1, out, 1, 1)
-                out[f"{_PEFT_PREFIX}{prefix}{theirs}"] = t
+    tensors = _read_adapter(source)["tensors"]
+    out = {}
+    for key, t in tensors.items():
+        if key.endswith("m") and tensors.get(key.removesuffix("m") + "lora.A", t).dim() == 4:
+            t = t.reshape(1, -1, 1, 1)  # PEFT keeps a Conv2d's m as (1, out, 1, 1)
+        out[_PEFT_PREFIX + _rename(key, _PEFT_NAMES)] = t
     return out
-
-
-def _from_peft_key(key: str) -> tuple[str, str]:
-    """(layer name, our tensor name) of a PEFT saved-adapter key."""
-    short = key.removeprefix(_PEFT_PREFIX)
-    for ours, theirs in _PEFT_NAMES.items():
-        if short == theirs or short.endswith(f".{theirs}"):
-            return short.removesuffix(theirs).removesuffix("."), ours
-    raise ValueError(
-        f"unrecognised key in the PEFT state dict: {key!r}; a PEFT model's own state_dict() "
-        "holds more: pass peft.get_peft_model_state_dict(model)"
-    )
 
 
 def peft_config_kwargs(source) -> dict:
     """``peft.LoraConfig`` options for our adapter: the most common rank and alpha, and layers
     that differ (a head clipped to full rank) as ``"^<name>"`` patterns (that module only)."""
     info = _read_adapter(source)["layers"]
-    kinds, dropouts = ({i.get(k, 0.0) for i in info.values()} for k in ("kind", "dropout"))
+    kinds, dropouts = ({i[k] for i in info.values()} for k in ("kind", "dropout"))
     if len(kinds) != 1 or len(dropouts) != 1:
-        raise ValueError(
-            f"PEFT has one kind of adapter and one lora_dropout per model, the layers have "
-            f"{sorted(kinds)} and {sorted(dropouts)}"
-        )
+        raise ValueError(f"PEFT needs one adapter kind and dropout, not {kinds}, {dropouts}")
     common = {k: mode(i[k] for i in info.values()) for k in ("rank", "alpha")}
 
     def pattern(key):
@@ -231,85 +210,65 @@ def peft_config_kwargs(source) -> dict:
     }
 
 
-def _pattern_value(name: str, patterns, default):
+def _pattern_value(options: dict, key: str, name: str, default):
     """PEFT's ``rank_pattern`` lookup: the first pattern matching the name's end after a dot."""
-    return next(
-        (v for k, v in (patterns or {}).items() if re.match(rf"(.*\.)?({k})$", name)), default
-    )
+    patterns = (options.get(key) or {}).items()
+    return next((v for k, v in patterns if re.match(rf"(.*\.)?({k})$", name)), default)
 
 
 def from_peft_state_dict(state_dict: dict, config) -> dict:
     """A PEFT LoRA/DoRA saved-adapter state dict -> our adapter dict. ``config``: the
-    ``LoraConfig`` or a dict of its options (alpha is not in the tensors)."""
+    ``LoraConfig`` or a dict of its options (alpha is not in the tensors). Layers without
+    lora_A, tensors without a layer and a use_dora the tensors contradict: load_adapter refuses."""
     options = config if isinstance(config, dict) else config.to_dict()
-    _refuse(_peft_options_problems(options), "the PEFT adapter uses options these layers lack")
-    layers: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        name, ours = _from_peft_key(key)
-        layers.setdefault(name, {})[ours] = tensor
-    info, tensors, problems = {}, {}, []
-    for name, parts in layers.items():
-        if "lora.A" not in parts or "lora.B" not in parts:
-            raise ValueError(f"layer {name!r}: the PEFT state dict lacks lora_A or lora_B")
-        A, dora, rank = parts["lora.A"], "m" in parts, int(parts["lora.A"].shape[0])
-        want = _pattern_value(name, options.get("rank_pattern"), options.get("r", rank))
-        if want not in (None, rank):
-            problems.append(f"layer {name!r}: the config says rank {want}, its tensors have {rank}")
-        if options.get("use_dora") not in (None, dora):
-            has = "a" if dora else "no"
-            problems.append(f"layer {name!r}: use_dora={not dora} but {has} lora_magnitude_vector")
+    _refuse(_peft_options_problems(options), "the PEFT config does not fit these layers")
+    names = {theirs: ours for ours, theirs in _PEFT_NAMES.items()}
+    tensors = {_rename(k.removeprefix(_PEFT_PREFIX), names): t for k, t in state_dict.items()}
+    info = {}
+    for key, A in tensors.items():
+        if not key.endswith("lora.A"):
+            continue
+        name, rank = key.removesuffix("lora.A").removesuffix("."), int(A.shape[0])
+        if (want := _pattern_value(options, "rank_pattern", name, options.get("r", rank))) != rank:
+            raise ValueError(
+                f"layer {name!r}: the config says rank {want}, its tensors have {rank}: the "
+                "adapter is damaged; save it again"
+            )
         info[name] = {
             "class": "peft lora.Linear" if A.dim() == 2 else "peft lora.Conv2d",
-            "kind": "dora" if dora else "lora",
+            "kind": "dora" if options.get("use_dora") else "lora",
             "rank": rank,
-            "alpha": float(
-                _pattern_value(name, options.get("alpha_pattern"), options["lora_alpha"])
-            ),
+            "alpha": float(_pattern_value(options, "alpha_pattern", name, options["lora_alpha"])),
             "dropout": float(options.get("lora_dropout") or 0.0),
         }
-        if dora:
-            parts["m"] = parts["m"].flatten()  # a Conv2d's is (1, out, 1, 1) in PEFT, ours (out,)
-        tensors.update({(f"{name}." if name else "") + k: v for k, v in parts.items()})
-    _refuse(problems, "the PEFT adapter contradicts its config")
+    tensors = {k: t.flatten() if k.endswith("m") else t for k, t in tensors.items()}  # Conv2d's m
     return {"format": _FORMAT, "layers": info, "tensors": tensors}
 
 
 # LoraConfig options these layers implement, or that only say how PEFT found or initialised the
-# layers (the tensors settle both). Any other option must be off: it would change the function.
-_PEFT_HANDLED = set(
+# layers (the tensors settle both), with the values they may take (None: any). Any other option
+# must be off: use_rslora, bias, lora_bias, modules_to_save, ... change what the model computes.
+_PEFT_OPTIONS = dict.fromkeys(
     "r lora_alpha rank_pattern alpha_pattern use_dora lora_dropout target_modules "
-    "exclude_modules layers_to_transform layers_pattern peft_type task_type revision "
+    "exclude_modules layers_to_transform layers_pattern task_type revision "
     "base_model_name_or_path inference_mode auto_mapping peft_version runtime_config "
-    "init_lora_weights megatron_core loftq_config eva_config corda_config lora_ga_config "
+    "megatron_core loftq_config eva_config corda_config lora_ga_config "
     "qalora_group_size ensure_weight_tying".split()
 )
-_PEFT_WHY = {
-    "use_rslora": "scales the update by alpha/sqrt(r); these layers use alpha/r",
-    "fan_in_fan_out": "stores weights transposed (Conv1D); these layers wrap nn.Linear",
-    "bias": "trains the base layers' biases too; these layers keep them frozen",
-    "lora_bias": "gives lora_B a bias; these layers have none",
-    "modules_to_save": "trains full copies of other modules, which these layers do not hold",
-}
+_PEFT_OPTIONS["peft_type"] = ("LORA",)
 # inits that set only A and B; the others (pissa, olora, corda, loftq, lora_ga) change the base
-_PEFT_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+_PEFT_OPTIONS["init_lora_weights"] = (True, False, "gaussian", "eva", "orthogonal", "mica")
+_OFF = (None, False, "none", [], {})
 
 
 def _peft_options_problems(options: dict) -> list[str]:
-    problems = []
-    if options.get("peft_type", "LORA") != "LORA":
-        problems.append(f"peft_type={options['peft_type']!r}: not a LoRA/DoRA adapter")
+    problems = [
+        f"{key}={value!r}: not implemented here; train the adapter without it"
+        for key, value in options.items()
+        if (allowed := _PEFT_OPTIONS.get(key, _OFF)) is not None and value not in allowed
+    ]
     if options.get("lora_alpha") is None:
         problems.append("no lora_alpha: pass the LoraConfig the adapter was trained with")
-    init = options.get("init_lora_weights", True)
-    if init not in _PEFT_PLAIN_INITS:
-        problems.append(
-            f"init_lora_weights={init!r} changes the base weights: convert the adapter first "
-            "(PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
-        )
-    for key, value in options.items():
-        if key not in _PEFT_HANDLED and value not in (None, False, "none", [], {}):
-            why = _PEFT_WHY.get(key, "an option these layers do not implement")
-            problems.append(f"{key}={value!r}: {why}")
     return problems
 
 
@@ -338,9 +297,7 @@ def load_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Modu
     training: the model keeps its own."""
     from safetensors.torch import load
 
-    config = _read(Path(directory, _CONFIG), json.loads)
-    if not isinstance(config, dict):
-        raise ValueError(f"{_CONFIG} in {str(directory)!r} holds a {type(config).__name__}")
+    config = _read(Path(directory, _CONFIG), lambda data: dict(json.loads(data)))
     tensors = _read(Path(directory, _WEIGHTS), load)
     _check_finite(tensors, repr(str(directory)))  # named as PEFT names them
     return load_adapter(model, from_peft_state_dict(tensors, config))

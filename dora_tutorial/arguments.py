@@ -43,18 +43,15 @@ def choose_adapter_dtype(weight, adapter_dtype=None):
 def check_conv(module, rank, alpha):
     if not isinstance(module, nn.Conv2d):
         raise TypeError(
-            f"expected an nn.Conv2d to wrap, got {type(module).__name__}; "
-            "nn.Linear layers take LinearWithLoRA / LinearWithDoRA"
+            f"expected an nn.Conv2d to wrap, got {type(module).__name__}; nn.Linear: LinearWith*"
         )
     out_channels, _, kh, kw = module.weight.shape
     check_adapter_args(module.in_channels * kh * kw, out_channels, rank, alpha)  # kernel as matrix
     if rank % module.groups:
         raise ValueError(
-            f"rank={rank} is not a multiple of groups={module.groups}: each group of channels "
-            "gets rank / groups of the update"
+            f"rank={rank} must be a multiple of groups={module.groups}: each gets rank/groups"
         )
     if module.padding_mode != "zeros":
         raise ValueError(
-            f"padding_mode={module.padding_mode!r} is not supported, only 'zeros': pad the input "
-            "yourself (F.pad) and give the convolution padding=0"
+            f"padding_mode={module.padding_mode!r} unsupported: pad with F.pad and use padding=0"
         )

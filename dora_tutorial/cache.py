@@ -12,14 +12,10 @@ class InferenceCache:
     steps = None  # [optimizer steps so far], counted by a hook on every optimizer's step
 
     def __init__(self):
-        self.key, self.tensors, self.value = None, None, None
+        self.key = self.tensors = self.value = None
         if InferenceCache.steps is None:  # fused optimizers step without bumping t._version
             counter = InferenceCache.steps = [0]
-
-            def count(*_):
-                counter[0] += 1
-
-            register_optimizer_step_post_hook(count)
+            register_optimizer_step_post_hook(lambda *_: counter.__setitem__(0, counter[0] + 1))
 
     def get(self, layer, tensors, compute):
         """compute(), or what it returned before while ``tensors`` (the parameters it reads)
@@ -27,12 +23,12 @@ class InferenceCache:
         # nothing is kept in training, for autograd, or for torch.func's stand-in tensors
         parameters = all(isinstance(t, nn.Parameter) and not t.is_inference() for t in tensors)
         if layer.training or torch.is_grad_enabled() or not parameters:
-            self.key, self.tensors, self.value = None, None, None
+            self.key = self.tensors = self.value = None
             return compute()
-        if self.tensors is None or list(map(id, tensors)) != list(map(id, self.tensors)):
-            self.key, self.tensors = None, tensors  # parameters not seen before
+        # ids are unique while self.tensors holds the tensors; a move or in-place change shows in
+        # the data pointer or the version counter
         key = [layer.lora.scaling, InferenceCache.steps[0]]
-        key += [(t.data_ptr(), t._version) for t in tensors]
-        if key != self.key:  # first call, or a parameter was moved or changed in place
-            self.key, self.value = key, compute()
+        key += [(id(t), t.data_ptr(), t._version) for t in tensors]
+        if key != self.key:
+            self.key, self.tensors, self.value = key, tensors, compute()
         return self.value

@@ -6,6 +6,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+def _storages(tree) -> set[int]:
+    tensors = (t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor))
+    return {t.untyped_storage()._cdata for t in tensors if t.layout == torch.strided}
+
+
 class _NewStorages(TorchDispatchMode):
     """Records the storages that operators allocate (outputs not sharing an input's storage)."""
 
@@ -15,16 +20,7 @@ class _NewStorages(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage()._cdata
-            for t in tree_flatten((args, kwargs))[0]
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                key = t.untyped_storage()._cdata
-                if key not in inputs:
-                    self.new.add(key)
+        self.new |= _storages(out) - _storages((args, kwargs))
         return out
 
 
@@ -42,9 +38,7 @@ def saved_tensor_bytes(fn) -> int:
 
     tracker = _NewStorages()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), tracker:
-        result = fn()
-    total = sum(
-        nbytes for key, (ref, nbytes) in packed.items() if key in tracker.new and not ref.expired()
-    )
+        result = fn()  # holds the graph, and what it saved, until counted
+    total = sum(n for key, (ref, n) in packed.items() if key in tracker.new and not ref.expired())
     del result
     return total

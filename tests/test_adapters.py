@@ -91,10 +91,10 @@ def with_nan(adapter):
 LOAD_ERRORS = {
     "other rank": ({"rank": 8}, None, "layer '0': the file has rank 4, the model rank 8; wrap"),
     "other alpha": ({"alpha": 16}, None, "wrap the model with alpha=8"),
-    "LoRA model": ({"cls": "LinearWithLoRA"}, None, "DORA adapter (LinearWithDoRA), the model"),
-    "other layers": ({"sizes": (40, 32, 10)}, None, "the file has ['0', '2', '4'], the model"),
+    "LoRA model": ({"cls": "LinearWithLoRA"}, None, "a DORA adapter, the model LORA: wrap it"),
+    "other layers": ({"sizes": (40, 32, 10)}, None, "adapters for ['0', '2', '4'], the model"),
     "other sizes": ({"sizes": (40, 16, 24, 10)}, None, "'0.lora.B': shape (32, 4) in the file"),
-    "missing tensor": ({}, lambda a: {**a, "tensors": {}}, "'2.m': in the model, not in the file"),
+    "missing tensor": ({}, lambda a: {**a, "tensors": {}}, "'2.m': only in the model"),
     "nan in a file": ({}, lambda a: saved(with_nan(a)), "'2.lora.B' is not a tensor of finite"),
     "a model's state dict": ({}, lambda a: saved(nn.Linear(2, 2).state_dict()), "not an adapter"),
     "pickled code": ({}, lambda a: saved({**a, "layers": copy.copy}), "is not an adapter file"),
@@ -133,7 +133,7 @@ def test_to_and_from_peft_keys(nb):
     assert set(mine) == {n for n, p in model.named_parameters() if p.requires_grad}  # no more
     assert set(back["tensors"]) == set(mine)
     assert all(torch.equal(back["tensors"][k], mine[k]) for k in mine)
-    with pytest.raises(ValueError, match="unrecognised key"):
+    with pytest.raises(ValueError, match="unrecognised adapter tensor"):
         adapter_files.from_peft_state_dict({**peft_sd, "x.something.weight": X}, config)
 
 
