@@ -17,8 +17,6 @@ def as_matrix(t):
 
 @dataclass
 class Adapter:
-    """Where a layer keeps A, B and m, and in which layout."""
-
     names: tuple[str, str, str]  # of the parameters holding A, B and m
     transposed: tuple[bool, bool, None]  # A stored as (in, r), B as (r, out); else (r, in) and
     # (out, r), or kernels (r, ...) and (out, r, 1, 1)
@@ -64,10 +62,8 @@ def _one(candidates, what, wanted, params):
 
 
 def find_adapter(layer, W0, b, rank, W_init, rtol=1e-6) -> Adapter:
-    """A, B and m of a freshly built layer, by shape and initial values (never by name).
-
-    W0, b: the base layer's weight and bias; W_init: the layer's effective weight at init;
-    rtol: how closely m must start at the norms (the rounding of the layer's dtype)."""
+    """A, B and m of a freshly built layer by shape and initial values (never by name); W_init:
+    its effective weight; rtol: how closely m must start at the norms."""
     n_out, n_in = W0.shape
 
     def is_base(p):

@@ -46,8 +46,7 @@ def _fill(text, indent):
 
 @dataclass
 class CheckResult:
-    """One check's outcome: status "pass", "fail" or "skip" (not run, or not applicable);
-    numbers: what it measured (error, tolerance, ...)."""
+    """status: "pass", "fail" or "skip" (not run, or not applicable)."""
 
     number: int
     title: str
@@ -159,8 +158,8 @@ class Report:
 
 
 def _identify(run: Run) -> str:
-    """Build one layer and find its A, B and m (NotIdentified says why not). A layer built in
-    float64 that starts at W0 rounded to float32 computes in float32: its tolerances apply."""
+    """Find the layer's A, B and m. One built in float64 that starts at W0 rounded to float32
+    computes in float32: its tolerances apply."""
     base = run.base()
     try:
         layer = run.layer(base)

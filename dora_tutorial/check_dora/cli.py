@@ -15,13 +15,11 @@ from .tolerances import DTYPES
 _DESCRIPTION = """\
 Check a DoRA layer against the paper, the official code and Hugging Face PEFT, check by check.
 
-  python -m dora_tutorial.check_dora my_module.py:MyDoRA        # MyDoRA(linear, rank, alpha)
-  python -m dora_tutorial.check_dora package.module:make_layer  # any such factory
+  python -m dora_tutorial.check_dora my_module.py:MyDoRA  # or package.module:make_layer
   python -m dora_tutorial.check_dora --peft --dtype bfloat16 --json  # PEFT's DoRA"""
 
 _MANUAL = """\
-The reference (DoRA, arXiv 2402.09353, as the official code and PEFT implement it), for an
-nn.Linear with weight W0 (out, in), bias b, rank r and alpha:
+The reference (arXiv 2402.09353, the official code, PEFT), for an nn.Linear W0 (out, in), b:
   V  = W0 + (alpha / r) B A,  A: (r, in) random,  B: (out, r) zeros at initialisation
   W' = m * V / ||V||,  ||V|| the norm of each OUTPUT row, m: (out,) = ||W0|| at initialisation
   y  = x W'^T + b  (the bias is not rescaled);  ||V|| is a constant in backward (.detach())
@@ -30,8 +28,7 @@ The factory gets an nn.Linear (--conv2d: an nn.Conv2d, 3x3, stride 2, padding 1,
 read as the matrix (out, in * 9)) in float64 unless --dtype says otherwise. The layer's weight
 and bias are read from its outputs on one-hot inputs; A, B and m are found by shape and initial
 values, never by name (where they are not, only the first check runs). Each check compares with
-the reference in float64, within the rounding of the dtype the layer computes in, and takes the
-other conventions as the layer has them.
+the float64 reference within the rounding of the layer's dtype.
 
 The checks:
 {checks}

@@ -111,7 +111,6 @@ class Run:
 
     @staticmethod
     def w0(base):
-        """The base layer's weight as a float64 matrix."""
         return as_matrix(base.weight.detach()).double()
 
     def tol(self, n):
@@ -188,8 +187,7 @@ class Run:
 
 
 def check(title, kind, needs_adapter=True):
-    """Mark fn(run) -> (passed, one line in plain words[, numbers]) as a check; passed is True,
-    False or None (the check does not apply: skipped). Its number is its place in CHECKS."""
+    """fn(run) -> (passed: True, False or None for not applicable, says[, numbers])."""
 
     def mark(fn):
         fn.title, fn.kind, fn.needs_adapter = title, kind, needs_adapter
