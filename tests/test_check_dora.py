@@ -304,19 +304,17 @@ def user_dir(tmp_path, monkeypatch):
         (["layers.py:LoRA"], 2, "this looks like LoRA, not DoRA"),
         (["--conv2d", "layers.py:ReferenceDoRA"], 0, "ReferenceDoRA on nn.Conv2d"),
         # usage errors: on stderr, nothing on stdout
-        (["missing.py:MyDoRA"], 2, "error: no such file: missing.py"),
-        (["layers.py:ReferenceDora"], 2, "has no 'ReferenceDora'; did you mean 'ReferenceDoRA'?"),
+        (["missing.py:MyDoRA"], 2, "error: cannot load missing.py:MyDoRA: FileNotFoundError"),
+        (["layers.py:ReferenceDora"], 2, "error: cannot load layers.py:ReferenceDora: Attribute"),
         (["layers.py"], 2, "error: expected FILE.py:NAME or module:NAME, got 'layers.py'"),
-        (["no_such_module:MyDoRA"], 2, "error: no module named 'no_such_module'"),
+        (["no_such_module:MyDoRA"], 2, "error: cannot load no_such_module:MyDoRA: ModuleNotF"),
     ],
 )
 def test_cli_exit_status_and_what_it_says(user_dir, capsys, args, status, says):
     assert main(args) == status
     out = capsys.readouterr()
-    stream, other = (
-        (out.err, out.out) if says.startswith(("error", "has no")) else (out.out, out.err)
-    )
-    assert says in stream and not other
+    stream, other = (out.err, out.out) if says.startswith("error") else (out.out, out.err)
+    assert says in " ".join(stream.split()) and not other
 
 
 def test_cli_without_a_target_is_a_usage_error(capsys):

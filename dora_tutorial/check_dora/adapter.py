@@ -4,17 +4,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .reference import as_matrix
-
 
 class NotIdentified(Exception):
     """The layer's A, B and m could not be found; the message says why."""
 
 
+def as_matrix(t):
+    """A kernel (out, in, kh, kw) as the matrix (out, in * kh * kw), the form every weight is
+    compared in; vectors and matrices as they are."""
+    return t.flatten(1) if t.dim() > 2 else t
+
+
 @dataclass
 class Adapter:
-    """Where a layer keeps A, B and m, and in which layout."""
-
     names: tuple[str, str, str]  # of the parameters holding A, B and m
     transposed: tuple[bool, bool, None]  # A stored as (in, r), B as (r, out); else (r, in) and
     # (out, r), or kernels (r, ...) and (out, r, 1, 1)
@@ -50,12 +52,6 @@ def _listing(params):
     return ", ".join(f"{n} {tuple(p.shape)}" for n, p in params) or "none"
 
 
-def _is_base(p, W0, b):
-    """Whether p holds the base layer's weight (or its transpose) or bias."""
-    p = as_matrix(p.detach())
-    return any(t is not None and p.shape == t.shape and torch.equal(p, t) for t in (W0, W0.T, b))
-
-
 def _one(candidates, what, wanted, params):
     if len(candidates) == 1:
         return candidates[0]
@@ -66,12 +62,17 @@ def _one(candidates, what, wanted, params):
 
 
 def find_adapter(layer, W0, b, rank, W_init, rtol=1e-6) -> Adapter:
-    """A, B and m of a freshly built layer, by shape and initial values (never by name).
-
-    W0, b: the base layer's weight and bias; W_init: the layer's effective weight at init;
-    rtol: how closely m must start at the norms (the rounding of the layer's dtype)."""
+    """A, B and m of a freshly built layer by shape and initial values (never by name); W_init:
+    its effective weight; rtol: how closely m must start at the norms."""
     n_out, n_in = W0.shape
-    params = [(n, p) for n, p in layer.named_parameters() if not _is_base(p, W0, b)]
+
+    def is_base(p):
+        p = as_matrix(p.detach())
+        return any(
+            t is not None and p.shape == t.shape and torch.equal(p, t) for t in (W0, W0.T, b)
+        )
+
+    params = [(n, p) for n, p in layer.named_parameters() if not is_base(p)]
     found = {}
     for what, shapes in (
         ("A", {(rank, n_in): False, (n_in, rank): True}),
@@ -90,8 +91,7 @@ def find_adapter(layer, W0, b, rank, W_init, rtol=1e-6) -> Adapter:
     ]
     if not sized:
         raise NotIdentified(
-            f"no magnitude vector m: no parameter has {n_out} (out_features) or {n_in} "
-            f"(in_features) entries besides the bias; this looks like LoRA, not DoRA. "
+            f"no magnitude vector m ({n_out} or {n_in} entries): this looks like LoRA, not DoRA. "
             f"Parameters: {_listing(params)}"
         )
     matches = [
@@ -107,9 +107,8 @@ def find_adapter(layer, W0, b, rank, W_init, rtol=1e-6) -> Adapter:
     if not matches:
         raise NotIdentified(
             f"{_listing(sized)} has the size of a magnitude vector, but its initial values are "
-            "neither the row norms of W0 nor its column norms; DoRA starts from m = ||W0|| so "
-            "that the layer starts as the base layer, and this check needs m in those units "
-            "(a magnitude kept as log m or as a factor of ||W0|| cannot be checked)"
+            "neither the row norms of W0 nor its column norms (DoRA starts at m = ||W0||; a "
+            "magnitude kept as log m or as a factor of ||W0|| cannot be checked)"
         )
     (a, _, a_t), (b_name, _, b_t) = found["A"], found["B"]
     m, _, axis = _one(matches, "m", "the row or column norms of W0", params)

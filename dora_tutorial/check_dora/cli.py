@@ -2,15 +2,11 @@
 manual."""
 
 import argparse
-import difflib
 import importlib
 import json
-import os
 import runpy
 import sys
-import traceback
 import types
-from pathlib import Path
 
 from .checker import CHECKS, check_dora
 from .peft import PeftDoRA, peft_unavailable_reason
@@ -19,88 +15,52 @@ from .tolerances import DTYPES
 _DESCRIPTION = """\
 Check a DoRA layer against the paper, the official code and Hugging Face PEFT, check by check.
 
-  python -m dora_tutorial.check_dora my_module.py:MyDoRA        # MyDoRA(linear, rank, alpha)
-  python -m dora_tutorial.check_dora package.module:make_layer  # any such factory
-  python -m dora_tutorial.check_dora --peft                     # PEFT's DoRA
-  python -m dora_tutorial.check_dora --conv2d my_module.py:MyConvDoRA  # (conv, rank, alpha)
-  python -m dora_tutorial.check_dora --peft --dtype bfloat16 --json
-
-The target, and the modules it imports, are found from the working directory, as Python finds
-them. From Python: report = check_dora(MyDoRA); print(report); report.passed; report.to_dict()."""
+  python -m dora_tutorial.check_dora my_module.py:MyDoRA  # or package.module:make_layer
+  python -m dora_tutorial.check_dora --peft --dtype bfloat16 --json  # PEFT's DoRA"""
 
 _MANUAL = """\
-The reference (DoRA, arXiv 2402.09353, as the official code and PEFT implement it), for an
-nn.Linear with weight W0 (out, in), bias b, rank r and alpha:
+The reference (arXiv 2402.09353, the official code, PEFT), for an nn.Linear W0 (out, in), b:
   V  = W0 + (alpha / r) B A,  A: (r, in) random,  B: (out, r) zeros at initialisation
   W' = m * V / ||V||,  ||V|| the norm of each OUTPUT row, m: (out,) = ||W0|| at initialisation
   y  = x W'^T + b  (the bias is not rescaled);  ||V|| is a constant in backward (.detach())
-The paper writes W as (in, out): its "column" norms are per output neuron.
 
 The factory gets an nn.Linear (--conv2d: an nn.Conv2d, 3x3, stride 2, padding 1, its kernel
-read as the matrix (out, in * 9)) on the CPU, in float64 unless --dtype says otherwise. The
-layer's weight and bias are read from its outputs on one-hot inputs in training mode; A, B and
-m are found by shape and initial values, never by name (B zeros; m the row norms of W0, or its
-column norms: the wrong variant, which the report names); where they are not found, only the
-first check runs. The checks set A, B and m to known values and compare with the reference
-computed in float64 from the layer's own parameters, within the rounding of the dtype the
-layer computes in. Each check isolates one convention, the others taken as the layer has them:
-a layer scaling by alpha instead of alpha / r fails the scaling check only. Dropout is checked
-for a factory that takes dropout=p, merging for a layer with merged_weight(), merge_and_unload()
-or merge(); otherwise they are not applicable.
+read as the matrix (out, in * 9)) in float64 unless --dtype says otherwise. The layer's weight
+and bias are read from its outputs on one-hot inputs; A, B and m are found by shape and initial
+values, never by name (where they are not, only the first check runs). Each check compares with
+the float64 reference within the rounding of the layer's dtype.
 
 The checks:
 {checks}
-paper: not DoRA as the paper defines it. convention: differs from the official code and PEFT,
-still DoRA, but PEFT adapters and learning rates tuned for them do not transfer. robustness:
-zero weight rows, half precision, merges that round more than once.
+paper: not DoRA as the paper defines it. convention: differs from the official code and PEFT.
+robustness: zero weight rows, half precision, merges that round more than once.
 
 exit status: 0 every check passes; 1 a check of kind 'paper' fails; 3 a check of kind
 'convention' fails and none of kind 'paper'; 4 only checks of kind 'robustness' fail; 2 usage
-error, a layer whose A, B and m cannot be identified, or nothing checked (--peft alone, PEFT
-unusable). With several layers, the most serious found: 2, then 1, 3, 4."""
-
-
-class _UsageError(Exception):
-    """A target that cannot be loaded; the message says what to do."""
+error, a layer whose A, B and m cannot be identified, or nothing checked. With several layers,
+the most serious: 2, then 1, 3, 4."""
 
 
 def _load_factory(target: str):
-    """The object a FILE.py:NAME or package.module:NAME target names (NAME may be dotted)."""
-    where, colon, attr = target.rpartition(":")
-    if not colon or not where or not attr:
-        raise _UsageError(f"expected FILE.py:NAME or module:NAME, got {target!r}")
-    is_file = where.endswith(".py") or "/" in where or os.sep in where
-    if is_file and not Path(where).is_file():
-        raise _UsageError(f"no such file: {where}")
+    """The callable a FILE.py:NAME or package.module:NAME target names (NAME may be dotted)."""
+    where, _, attr = target.rpartition(":")
+    if not where or not attr:
+        raise ValueError(f"expected FILE.py:NAME or module:NAME, got {target!r}")
     try:
-        if is_file:
-            module = types.SimpleNamespace(**runpy.run_path(where, run_name=Path(where).stem))
+        if where.endswith(".py"):
+            obj = types.SimpleNamespace(**runpy.run_path(where, run_name=where[:-3]))
         else:
-            module = importlib.import_module(where)
+            obj = importlib.import_module(where)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
     except Exception as e:
-        if isinstance(e, ModuleNotFoundError) and e.name and where.startswith(e.name):
-            raise _UsageError(
-                f"no module named {where!r} (run from the folder that holds it, or give the "
-                f"file: path/to/{where.replace('.', '/')}.py:{attr})"
-            ) from e
-        frame = traceback.extract_tb(e.__traceback__)[-1]
-        at = f" (at {frame.filename}:{frame.lineno})"
-        raise _UsageError(f"importing {where} failed: {type(e).__name__}: {e}{at}") from e
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            own = vars(module)["__name__"]  # the classes and functions the module defines
-            names = sorted(n for n, v in vars(module).items() if getattr(v, "__module__", 0) == own)
-            close = difflib.get_close_matches(attr, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise _UsageError(f"{where} has no {attr!r}{hint} It defines: {', '.join(names)}")
-        obj = getattr(obj, part)
+        raise ValueError(f"cannot load {target}: {type(e).__name__}: {e}") from e
     if not callable(obj):
-        raise _UsageError(f"{target} is a {type(obj).__name__}, not a class or function")
+        raise ValueError(f"{target} is a {type(obj).__name__}, not a class or function")
     return obj
 
 
-def _parser():
+def main(argv=None) -> int:
     checks = "\n".join(f"  {i:2}. {c.title} [{c.kind}]" for i, c in enumerate(CHECKS, 1))
     parser = argparse.ArgumentParser(
         prog="check_dora.py",
@@ -116,11 +76,6 @@ def _parser():
     )
     parser.add_argument("--dtype", choices=list(DTYPES), default="float64", help="of the layers")
     parser.add_argument("--json", action="store_true", help="every check's kind, result, numbers")
-    return parser
-
-
-def main(argv=None) -> int:
-    parser = _parser()
     args = parser.parse_args(argv)
     if args.target is None and not args.peft:
         parser.error("give FILE.py:NAME or module:NAME, or --peft")
@@ -129,7 +84,7 @@ def main(argv=None) -> int:
     if args.target is not None:
         try:
             layers.append((_load_factory(args.target), args.target.rpartition(":")[2] + on))
-        except _UsageError as e:
+        except ValueError as e:
             print(f"check_dora.py: error: {e}", file=sys.stderr)
             return 2
     if args.peft and (reason := peft_unavailable_reason()) is not None:

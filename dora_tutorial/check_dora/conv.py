@@ -14,7 +14,6 @@ _STRIDE, _PADDING = 2, 1
 
 
 def _make(n_in, n_out, bias, dtype, seed):
-    """An nn.Conv2d (n_in -> n_out channels, 3x3) with make_linear's weights on its kernel."""
     linear = make_linear(n_in * 9, n_out, bias=bias, dtype=dtype, seed=seed)
     conv = nn.Conv2d(n_in, n_out, 3, _STRIDE, _PADDING, bias=bias, dtype=dtype)
     with torch.no_grad():
@@ -36,13 +35,12 @@ def _effective_weight(layer, n_in):
 
 
 def _inputs(lead, n_in, seed, dtype=torch.float64):
-    """Random (prod(lead), n_in, 6, 5) images: a convolution takes one batch axis."""
+    # a convolution takes one batch axis
     g = torch.Generator().manual_seed(seed)
     return torch.randn(math.prod(lead), n_in, 6, 5, generator=g, dtype=dtype)
 
 
 def _apply(x, W, b):
-    """The checks' convolution with the kernel W, given as an (out, in * 9) matrix."""
     return F.conv2d(x, W.reshape(W.shape[0], -1, 3, 3), b, _STRIDE, _PADDING)
 
 

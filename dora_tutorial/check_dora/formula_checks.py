@@ -5,12 +5,9 @@ import math
 
 import torch
 
-from .reference import as_matrix, pct, rel
-from .report import CONVENTION, PAPER
-from .run import ALPHA, IN, OUT, RANK, SCALINGS, Run, check, describe, result
-from .tolerances import dtype_name
+from .reference import ALPHA, CONVENTION, IN, PAPER, RANK, SCALINGS, Run, check, describe, result
+from .tolerances import dtype_name, pct, rel
 
-_COPIED = "as in catid/dora and rasbt/dora-from-scratch's merged layer"
 # (in, out, rank, alpha, bias, input shape without the last axis) for the whole formula
 _SHAPES = [(11, 7, 3, 5, True, (4,)), (6, 9, 1, 2, False, (2, 3)), (16, 16, 4, 8, True, (5,))]
 
@@ -21,7 +18,7 @@ def identity_at_init(run: Run):
     W' = W0, so this isolates the initial values (B = 0, m = ||W0||)."""
     base = run.base()
     x = run.inputs((5,), IN, seed=3)
-    W0 = as_matrix(base.weight.detach()).double()
+    W0 = run.w0(base)
     expected = run.kind.apply(x.double(), W0, base.bias.detach().double())
     layer = run.layer(base)
     with torch.no_grad():
@@ -32,8 +29,8 @@ def identity_at_init(run: Run):
     nonzero_b = run.adapter is not None and run.adapter.tensors(layer)[1].detach().any()
     says = (
         f"at initialisation the outputs differ from the base layer's by up to {pct(err)}"
-        f"{' (B is not zero at initialisation)' if nonzero_b else ''}: fine-tuning does not "
-        "start from the pretrained model; DoRA starts with B = 0 and m = ||W0|| so that W' = W0"
+        f"{' (B is not zero at initialisation)' if nonzero_b else ''}: DoRA starts with B = 0 "
+        "and m = ||W0||, so that fine-tuning starts from the pretrained model"
     )
     return result(False, says, err, tol)
 
@@ -52,18 +49,14 @@ def magnitude_axis(run: Run):
     tol = run.tol(W1.shape[1])
     if axis == 0:
         says = (
-            f"one magnitude per INPUT column ({IN} entries, the column norms of W0), not per "
-            f"output row: the per-input-column norm (norm(dim=0), {_COPIED}), which rescales "
-            "input features instead of output neurons; a different method from the paper's and "
-            "PEFT's, whose adapters do not load into it"
+            f"one magnitude per INPUT column ({len(m)} entries, the column norms of W0), not per "
+            "output row (norm(dim=0)): it rescales input features, not output neurons; another "
+            "method than the paper's and PEFT's"
         )
     elif err > tol:
-        says = (
-            "changing m_n does not scale row n of the merged weight alone: m is not used as "
-            "DoRA's magnitude, so training m does not do what DoRA's magnitude does"
-        )
+        says = "changing m_n does not scale row n of the merged weight alone: m is not a magnitude"
     else:
-        return result(True, f"one magnitude per output row ({OUT} entries)", err, tol)
+        return result(True, f"one magnitude per output row ({len(m)} entries)", err, tol)
     return result(False, says, err, tol)
 
 
@@ -80,59 +73,41 @@ def normalisation(run: Run):
         return result(True, f"the merged weight's {line} have norm m, whatever B is", worst, tol)
     says = (
         f"the merged weight's {line} do not have norm m (off by up to {pct(worst)}): magnitude "
-        "and direction are not separated (is the norm taken of W0 + s B A, the weight with the "
-        "update?), so training m does not set the rows' length as DoRA's magnitude does"
+        "and direction are not separated (is the norm taken of W0 + s B A?)"
     )
     return result(False, says, worst, tol)
-
-
-def _measure_scaling(W0, D, W, axis):
-    """(median s, spread of the s_n, worst residual): each row n (axis=1) or column of W fitted
-    as a W0[n] + c D[n] by least squares, s_n = c / a."""
-    if axis == 0:
-        W0, D, W = W0.T, D.T, W.T
-    M = torch.stack([W0, D], dim=2)  # (rows, in, 2)
-    coef = torch.linalg.lstsq(M, W.unsqueeze(2)).solution  # (rows, 2, 1)
-    residual = rel((M @ coef).squeeze(2), W)
-    s = coef[:, 1, 0] / coef[:, 0, 0]
-    median = s.median()
-    return median.item(), rel(s, median.expand_as(s)), residual
 
 
 @check("scaling", CONVENTION)
 def scaling(run: Run):
     """V = W0 + (alpha / r) B A: s measured from the direction of each row of W', which lies
-    along W0 + s B A whatever the magnitude, axis, bias or detach convention."""
+    along W0 + s B A whatever the magnitude, axis, bias or detach convention. Each row n (or
+    column) of W is fitted as a W0[n] + c (B A)[n] by least squares, s_n = c / a."""
     base, layer, (A, B, _) = run.trained_layer()
     W, _ = run.kind.effective_weight(layer, IN)
-    W0 = as_matrix(base.weight.detach()).double()
-    s, spread, residual = _measure_scaling(W0, B @ A, W, run.adapter.axis)
+    W0, D = run.w0(base), B @ A
     tol = run.tol(W0.shape[1])
-    fit = max(residual, spread / 2)  # s_n = c / a divides two fitted numbers: twice the rounding
+    if run.adapter.axis == 0:
+        W0, D, W = W0.T, D.T, W.T
+    M = torch.stack([W0, D], dim=2)  # (rows, in, 2)
+    coef = torch.linalg.lstsq(M, W.unsqueeze(2)).solution  # (rows, 2, 1)
+    s_n = coef[:, 1, 0] / coef[:, 0, 0]
+    s = s_n.median().item()
+    # s_n = c / a divides two fitted numbers: twice the rounding
+    fit = max(rel((M @ coef).squeeze(2), W), rel(s_n, torch.full_like(s_n, s)) / 2)
     if fit > tol:
-        says = (
-            "the merged weight's direction is not W0 + s B A for one s: the update B A is not "
-            "added to W0 as DoRA's (and LoRA's) update, so the scaling cannot be measured"
-        )
+        says = "the merged weight's direction is not W0 + s B A for one s: B A is not DoRA's update"
         return result(False, says, fit, tol)
     name = next((n for n, f in SCALINGS.items() if abs(s - f(ALPHA, RANK)) <= 2 * tol * s), None)
     run.conventions.scaling = name or run.conventions.scaling
     expected = ALPHA / RANK
     numbers = {"scaling": s, "expected": expected}
     err = abs(s - expected) / expected
+    says = f"the update is scaled by {name or 's'} (= {s:.4g})"
     if name == "alpha / rank":
-        says = f"the update is scaled by alpha / rank (= {expected:.4g})"
         return result(True, says, err, tol, **numbers)
-    why = {  # after "not alpha / rank"
-        "alpha": f", {_COPIED}: {RANK} times too strong at rank {RANK}, and the step size "
-        "changes with the rank",
-        "alpha / sqrt(rank)": " (rsLoRA's rule, PEFT's use_rslora=True)",
-        "1": " (alpha has no effect)",
-    }.get(name, "")
-    says = (
-        f"the update is scaled by {name or f'{s:.4g}'}{f' (= {ALPHA})' if name == 'alpha' else ''}"
-        f", not alpha / rank (= {expected:.4g}){why}: learning rates and alphas tuned for the "
-        "paper or PEFT do not transfer"
+    says += (
+        f", not alpha / rank (= {expected:.4g}): tuned learning rates and alphas do not transfer"
     )
     return result(False, says, err, tol, **numbers)
 
@@ -147,16 +122,13 @@ def bias(run: Run):
     err, tol = rel(y0, b), run.tol(IN)
     if err <= tol:
         return result(True, "the bias is added after the rescaling, not rescaled", err, tol)
-    V = as_matrix(base.weight.detach()).double() + run.scaling(ALPHA, RANK) * (B @ A)
+    V = run.w0(base) + run.scaling(ALPHA, RANK) * (B @ A)
     if run.adapter.axis == 1 and rel(y0, m / V.norm(dim=1) * b) <= tol:
         run.conventions.rescaled_bias = True
         says = (
-            "the bias is rescaled by m / ||V|| with the weight: it drifts whenever m trains, and "
-            "merging into an nn.Linear (weight W', bias b) changes the function; PEFT and the "
-            "official code add b unscaled (subtract the bias before rescaling base_layer(x))"
+            "the bias is rescaled by m / ||V|| with the weight: it drifts as m trains, and the "
+            "merged layer computes another function (subtract b before rescaling base_layer(x))"
         )
-    elif not y0.abs().max() > 0:
-        says = "the bias is dropped: the layer's output at x = 0 is zero, not b"
     else:
         says = f"the output at x = 0 is not the bias b (off by up to {pct(err)})"
     return result(False, says, err, tol)
@@ -174,7 +146,7 @@ def norm_detached(run: Run):
         state = run.trained(layer, base)
         err = run.gradient_errors(layer, base, state, x, RANK, ALPHA, detach)
         errors[detach] = max(err["gradient of A"], err["gradient of B"])
-    tol = run.forward_tol(as_matrix(base.weight), x)
+    tol = run.forward_tol(run.w0(base), x)
     numbers = {"error_if_not_detached": errors[False]}
     if errors[True] <= tol:
         detail = "||V|| is a constant in backward (paper section 4.3, PEFT)"
@@ -185,14 +157,12 @@ def norm_detached(run: Run):
         run.conventions.detached = False
         says = (
             "||V|| is differentiated in backward, not detached (paper section 4.3): the "
-            f"gradients of A and B differ from the paper's and PEFT's by up to "
-            f"{pct(errors[True])} (another training trajectory), and backward keeps V for the "
-            "norm (more memory)"
+            f"gradients of A and B differ from PEFT's by up to {pct(errors[True])}"
         )
     else:
         says = (
             "the gradients of A and B match DoRA's neither with nor without the detach (off by "
-            f"up to {pct(min(errors.values()))}): backward does not train DoRA's parameters"
+            f"up to {pct(min(errors.values()))})"
         )
     return result(False, says, errors[True], tol, **numbers)
 
@@ -206,17 +176,14 @@ def reference_formula(run: Run):
     for i, (n_in, n_out, rank, alpha, bias, lead) in enumerate(_SHAPES):
         base = run.base(n_in, n_out, bias=bias, seed=10 + i)
         x = run.inputs(lead, n_in, seed=20 + i)
-        shape = (
-            f"in {n_in}, out {n_out}, rank {rank}, alpha {alpha}, "
-            f"{'bias' if bias else 'no bias'}, input {tuple(x.shape)}"
-        )
+        shape = f"in {n_in}, out {n_out}, rank {rank}, bias {bias}, input {tuple(x.shape)}"
         try:
             layer = run.layer(base, rank, alpha)
             state = run.trained(layer, base, rank, seed=30 + i)
             errors = run.gradient_errors(layer, base, state, x, rank, alpha)
         except Exception as e:
             return False, f"the layer {describe(e)} ({shape})"
-        tol = run.forward_tol(as_matrix(base.weight), x)
+        tol = run.forward_tol(run.w0(base), x)
         found += [(err / tol, err, tol, what, shape) for what, err in errors.items()]
     _, worst, tol, what, where = max(found)
     c = run.conventions
@@ -229,14 +196,10 @@ def reference_formula(run: Run):
     conventions = [says for says, differs in differences.items() if differs]
     under = f" (with this layer's {', '.join(conventions)})" if conventions else ""
     if worst <= tol:
-        says = (
-            f"forward and gradients of A, B, m and x match on {len(_SHAPES)} shapes, ranks "
-            f"{min(s[2] for s in _SHAPES)}-{max(s[2] for s in _SHAPES)}, with and without bias"
-        )
+        ranks = sorted(s[2] for s in _SHAPES)
+        says = f"forward and gradients of A, B, m and x match on {len(_SHAPES)} shapes, ranks "
+        says += f"{ranks[0]}-{ranks[-1]}"
         return result(True, says + under, worst, tol)
     off = "is missing or has the wrong shape" if math.isinf(worst) else f"is off by {pct(worst)}"
-    says = (
-        f"the {what} {off} ({where}){under}: the layer computes something other than DoRA, "
-        "beyond the conventions checked above"
-    )
+    says = f"the {what} {off} ({where}){under}"
     return result(False, says, None if math.isinf(worst) else worst, tol)

@@ -30,8 +30,7 @@ class PeftDoRA(nn.Module):
 
     def __init__(self, layer, rank, alpha, dropout=0.0):
         super().__init__()
-        reason = peft_unavailable_reason()
-        if reason is not None:
+        if reason := peft_unavailable_reason():
             raise RuntimeError(f"PEFT's DoRA cannot be built: {reason}")
         from peft import LoraConfig, get_peft_model
 
@@ -39,15 +38,5 @@ class PeftDoRA(nn.Module):
             r=rank, lora_alpha=alpha, use_dora=True, target_modules=["0"], lora_dropout=dropout
         )
         self.model = get_peft_model(nn.Sequential(layer), config)
-
-    def forward(self, x):
-        return self.model(x)
-
-    def merge_and_unload(self):
-        return self.model.merge_and_unload()
-
-    def merge(self):
-        self.model.merge_adapter()
-
-    def unmerge(self):
-        self.model.unmerge_adapter()
+        self.forward, self.merge_and_unload = self.model.forward, self.model.merge_and_unload
+        self.merge, self.unmerge = self.model.merge_adapter, self.model.unmerge_adapter

@@ -19,6 +19,15 @@ def tolerance(dtype, n):
     return max(TOL, _ROUNDING_STEPS * torch.finfo(dtype).eps / 2 * math.sqrt(n))
 
 
+def rel(a, b):
+    """Largest difference relative to the largest entry of b."""
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def pct(x):
+    return f"{100 * x:.0f}%" if x >= 0.01 else f"{x:.0e}"
+
+
 def dtype_name(dtype):
     return str(dtype).removeprefix("torch.")
 

@@ -10,13 +10,13 @@ from torch import nn
 
 from dora_tutorial.precision import magnitude_moves, merge_error
 
-from .reference import as_matrix, pct, rel
-from .report import CONVENTION, PAPER, ROBUSTNESS
-from .run import IN, RANK, Run, check, describe, result
-from .tolerances import LOW_PRECISION, dtype_name, tolerance
+from .adapter import as_matrix
+from .reference import CONVENTION, IN, PAPER, RANK, ROBUSTNESS, Run, check, describe, result
+from .tolerances import LOW_PRECISION, dtype_name, pct, rel, tolerance
 
 _P_DROP = 0.5  # the dropout probability given to a factory that takes dropout=p
 _PEFT_DROPOUT = "y = base(x) + (k - 1) x_d W0^T + k s x_d A^T B^T"
+_FLOAT32_ADAPTERS = "keep A, B and m in float32 and compute in float32, as PEFT does"
 
 
 def _non_finite(run, layer, x):
@@ -50,9 +50,8 @@ def zero_rows_low_precision(run: Run):
             if bad := _non_finite(run, layer, x):
                 return False, (
                     f"an all-zero weight {what} gives NaN or inf in the {bad} "
-                    f"{'after B and m moved' if moved else 'at initialisation'}: m / ||V|| = 0 / 0 "
-                    "on it, and one NaN poisons every weight at the first step; floor the norm "
-                    "(clamp_min(eps)). Pruned or damaged checkpoints have such rows (PEFT #2049)"
+                    f"{'after B and m moved' if moved else 'at initialisation'} (m / ||V|| = "
+                    "0 / 0): floor the norm. Pruned checkpoints have such rows (PEFT #2049)"
                 )
 
     def trained_layer():
@@ -68,15 +67,11 @@ def zero_rows_low_precision(run: Run):
     for dtype in LOW_PRECISION:
         layer, name, tol = trained_layer().to(dtype), dtype_name(dtype), tolerance(dtype, 64)
         if bad := _non_finite(run, layer, x.to(dtype)):
-            return False, f"in {name} the {bad} has NaN or inf: the layer cannot train in {name}"
+            return False, f"in {name} the {bad} has NaN or inf"
         with torch.no_grad():
             err = rel(layer(x.to(dtype)).double(), expected)
         if err > tol:
-            says = (
-                f"in {name} the output is off by {pct(err)} from float32's, more than {name}'s "
-                f"rounding ({tol:.0e}): too inaccurate to train in half precision (sum the "
-                "squares of the norm in float32)"
-            )
+            says = f"in {name} the output is off by {pct(err)} from float32's, more than rounding"
             return result(False, says, err, tol)
         found.append((err / tol, err, tol))
     _, err, tol = max(found)
@@ -104,8 +99,8 @@ def dropout(run: Run):
         y = layer(x).double()
     torch.manual_seed(12)
     x_d = F.dropout(x, _P_DROP).double()  # the same mask: the same random state
-    W0, b = as_matrix(base.weight.detach()).double(), base.bias.detach().double()
-    W, apply, x = run.weight(base, A, B, m), run.kind.apply, x.double()
+    W0, b = run.w0(base), base.bias.detach().double()
+    W, apply, x = run.weight(base, A, B, m)[0], run.kind.apply, x.double()
     tol, err = run.forward_tol(W0, x), rel(y, apply(x, W0, b) + apply(x_d, W - W0, None))
     layer.eval()
     with torch.no_grad():
@@ -114,24 +109,15 @@ def dropout(run: Run):
         says = f"dropout (p = {_P_DROP}) as in PEFT, {_PEFT_DROPOUT}; none in eval mode"
         return result(True, says, err, tol, eval_error=eval_err)
     if err <= tol:
-        says = (
-            f"in eval mode the output is off by {pct(eval_err)}: dropout must act in training only"
-        )
+        says = f"in eval mode the output is off by {pct(eval_err)}: dropout in training only"
         return result(False, says, eval_err, tol)
     if rel(y, apply(x, W, b)) <= tol:
-        says = (
-            "dropout=p has no effect in training: the layer ignores p (the divergence reported "
-            "as fsdp_qlora #68, DoRA ignoring lora_dropout)"
-        )
+        says = "dropout=p has no effect in training (fsdp_qlora #68)"
     elif rel(y, apply(x_d, W, b)) <= tol:
-        says = (
-            "the base path sees the dropped input too, y = DoRA(dropout(x)): the pretrained "
-            "layer's output is perturbed even at B = 0"
-        )
+        says = "the base path sees the dropped input too: y = DoRA(dropout(x))"
     else:
         says = f"with dropout=p the output is off by {pct(err)}"
-    says += f"; PEFT drops only the input of the magnitude and update terms, {_PEFT_DROPOUT}"
-    return result(False, says, err, tol, eval_error=eval_err)
+    return result(False, f"{says}; PEFT: {_PEFT_DROPOUT}", err, tol, eval_error=eval_err)
 
 
 def _merges(layer):
@@ -153,6 +139,9 @@ def _merges(layer):
     return found
 
 
+_NO_MERGE = "the layer offers no merge (merged_weight(), merge_and_unload(), merge())"
+
+
 @check("merge and unmerge", PAPER)
 def merge_and_unmerge(run: Run):
     """Each merge the layer offers gives the layer's function; unmerge() / unmerge_adapter()
@@ -161,38 +150,29 @@ def merge_and_unmerge(run: Run):
     base, layer, _ = run.trained_layer()
     x = run.inputs((5,), IN, seed=13)
     W0, b = base.weight.detach().double().clone(), base.bias.detach().double()
-    tol = run.forward_tol(as_matrix(W0), x)
+    tol, errors = run.forward_tol(as_matrix(W0), x), {}
     with torch.no_grad():
         y = layer(x).double()
         merges = _merges(layer)
-        compared = []  # (what, got, expected)
         for how, merged in merges:
             if how == "merged_weight()":
                 got, what = run.kind.apply(x.double(), merged, b), f"x W'^T + b with W' = {how}"
             else:
-                got, what = merged(x), f"the layer {how} returns"
-            compared.append((what.replace("merge() in place returns", "after merge()"), got, y))
+                got = merged(x)
+                what = "after merge()" if how == "merge() in place" else f"the layer {how} returns"
+            errors[what] = rel(got.double(), y)
         unmerge = next((n for n in ("unmerge", "unmerge_adapter") if hasattr(layer, n)), None)
         if merges and merges[-1][0] == "merge() in place" and unmerge is not None:
             getattr(layer, unmerge)()
-            compared.append((f"after {unmerge}() the base weight", base.weight.detach(), W0))
-            compared.append((f"the layer after {unmerge}()", layer(x), y))
-        else:
-            unmerge = None
+            errors[f"after {unmerge}() the base weight"] = rel(base.weight.double(), W0)
+            errors[f"the layer after {unmerge}()"] = rel(layer(x).double(), y)
+            merges.append((f"{unmerge}()", None))
     if not merges:
-        names = "merged_weight(), merge_and_unload(), merge()"
-        return None, f"the layer offers no merge ({names}; not applicable)"
-    tried = [how for how, _ in merges] + ([f"{unmerge}()"] if unmerge else [])
-    errors = [(what, rel(got.double(), expected)) for what, got, expected in compared]
-    worst = max(err for _, err in errors)
-    against = {True: "W0", False: "the unmerged layer"}
-    problems = [
-        f"{w} is off by {pct(e)} from {against['base weight' in w]}" for w, e in errors if e > tol
-    ]
-    if problems:
+        return None, _NO_MERGE
+    tried, worst = [how for how, _ in merges], max(errors.values())
+    if problems := [f"{w} is off by {pct(e)}" for w, e in errors.items() if e > tol]:
         return result(False, "; ".join(problems), worst, tol, tried=tried)
     says = f"{', '.join(tried)}: the merged function is the layer's"
-    says += "; unmerging restores W0" if unmerge else ""
     return result(True, says, worst, tol, tried=tried)
 
 
@@ -210,11 +190,7 @@ def magnitude_trains_in_low_precision(run: Run):
             m = layer.get_parameter(run.adapter.names[2])
             moved, finite = magnitude_moves(layer, m, x)
         except Exception as e:
-            detail = (
-                f"on a {dtype_name(dtype)} base the layer cannot even train ({describe(e)}): "
-                "keep A, B and m in float32 and compute in float32, as PEFT does"
-            )
-            return False, detail, numbers
+            return False, f"on a {dtype_name(dtype)} base the layer {describe(e)}", numbers
         numbers[f"m_moved_{dtype_name(dtype)}"] = moved
         if moved < 0.5 or not finite:
             found.append(
@@ -222,11 +198,7 @@ def magnitude_trains_in_low_precision(run: Run):
                 f"{moved:.0%} of its entries{'' if finite else ', and it became NaN or inf'}"
             )
     if found:
-        detail = "; ".join(found) + (
-            " after 20 Adam steps at lr 1e-4: the magnitude does not train. Keep A, B and m in "
-            "float32 and compute m / ||V|| in float32 (PEFT's autocast_adapter_dtype=True)"
-        )
-        return False, detail, numbers
+        return False, "; ".join(found) + f" after 20 Adam steps: {_FLOAT32_ADAPTERS}", numbers
     return True, "m moves on bfloat16 and float16 bases and stays finite", numbers
 
 
@@ -245,11 +217,11 @@ def merge_precision(run: Run):
     B = torch.randn(rows, RANK, generator=g, dtype=double) * 0.01
     m = W0.double().norm(dim=run.adapter.axis)
     run.adapter.assign(layer, A, B, m * (1 + 0.01 * torch.randn(m.shape, generator=g)))
-    exact = run.weight(base, *(t.detach().double() for t in run.adapter.tensors(layer)))
+    exact = run.weight(base, *(t.detach().double() for t in run.adapter.tensors(layer)))[0]
     with torch.no_grad():
         merges = _merges(layer)
         if not merges:
-            return None, "the layer offers no merge (not applicable)"
+            return None, _NO_MERGE
         how, merged = merges[0]
         if isinstance(merged, nn.Module):
             merged = run.kind.effective_weight(merged.double(), n_in)[0]
@@ -257,6 +229,5 @@ def merge_precision(run: Run):
     numbers = {"update_lost": lost, "update_lost_rounding_once": least}
     says = f"{how} on a bfloat16 base loses {pct(lost)} of a small update"
     if lost > 1.25 * least + 1e-6:
-        says += f", where rounding the exact W' once loses {pct(least)}: compute W' in float32 "
-        return False, says + "and cast to the base's dtype once", numbers
+        return False, f"{says}, rounding W' once {pct(least)}: {_FLOAT32_ADAPTERS}", numbers
     return True, f"{says}, as rounding W' once does ({pct(least)})", numbers
