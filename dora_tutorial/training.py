@@ -148,23 +148,14 @@ def _stack_parameters(models):
 def _accuracies(logits, stacked, x, y, chunk: int = 2048) -> np.ndarray:
     """(S,) accuracies on (x, y). Inputs go in unbatched, so the frozen ``x W0^T`` is computed
     once for all models; a layer vmap refuses that way (an in-place update) gets them expanded."""
-    count = len(next(iter(stacked.values())))
-    shared = torch.func.vmap(logits, in_dims=(0, None))
-    each = torch.func.vmap(logits)
-    correct, unbatched = 0, True
-    for i in range(0, len(x), chunk):
-        inputs = x[i : i + chunk]
-        if unbatched:
-            try:
-                out = shared(stacked, inputs)
-            except RuntimeError:
-                if i:  # the first chunk ran unbatched: a real error
-                    raise
-                unbatched = False  # a real error is raised again by the batched call
-        if not unbatched:
-            out = each(stacked, inputs.expand(count, *inputs.shape))
-        correct = correct + (out.argmax(-1) == y[i : i + chunk]).sum(1)
-    return (correct / max(len(x), 1)).cpu().numpy()
+    count, inputs = len(next(iter(stacked.values()))), x.split(chunk)
+    try:
+        shared = torch.func.vmap(logits, in_dims=(0, None))
+        predicted = [shared(stacked, v).argmax(-1) for v in inputs]
+    except RuntimeError:  # a real error is raised again by the expanded call
+        each = torch.func.vmap(logits)
+        predicted = [each(stacked, v.expand(count, *v.shape)).argmax(-1) for v in inputs]
+    return ((torch.cat(predicted, 1) == y).sum(1) / len(x)).cpu().numpy()
 
 
 @torch.no_grad()
@@ -197,7 +188,7 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
     """Adam, fused where torch and the device have the kernel (the same algorithm)."""
     params = list(params)
     fused = all(_fused_adam_works(p.device, p.dtype) for p in params)
-    return torch.optim.Adam(params, lr=lr, **({"fused": True} if fused else {}))
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)  # None: torch's default
 
 
 @functools.cache
