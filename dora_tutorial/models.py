@@ -136,9 +136,4 @@ def import_peft():
 def add_to_class(cls):
     """``@add_to_class(C)`` above a function makes it a method of C: a class explained over
     several notebook cells (as d2l.ai does)."""
-
-    def register(function):
-        setattr(cls, function.__name__, function)
-        return function
-
-    return register
+    return lambda function: setattr(cls, function.__name__, function) or function

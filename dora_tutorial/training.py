@@ -73,7 +73,7 @@ def train(
     optimizer = make_adam(list(stacked.values()), lr)
     eval_x, eval_y = getattr(task, f"{evaluate_on}_x"), getattr(task, f"{evaluate_on}_y")
     n, generators = len(task.train_x), [torch.Generator().manual_seed(seed) for seed in seeds]
-    losses, accuracies, seconds, weights = [], [], [], [[] for _ in models]
+    losses, accuracies, seconds, weights = [], [], [], []  # weights[e][k]: epoch e, seed k
     template.train()
     for epoch in range(1, epochs + 1):
         start, total = time.perf_counter(), torch.zeros(len(models), device=device)
@@ -102,8 +102,7 @@ def train(
                     for model, value in zip(models, values, strict=True):
                         model.get_parameter(name).copy_(value)
         if record_weights:
-            for k, model in enumerate(models):
-                weights[k].append(layer_weights(model))
+            weights.append([layer_weights(model) for model in models])
         if log is not None:
             acc = 100 * accuracies[-1]
             spread = f" ± {acc.std(ddof=1):.2f}" if len(acc) > 1 else ""
@@ -114,7 +113,7 @@ def train(
             )
     trainable = sum(t[0].numel() for t in stacked.values())
     history = np.stack(losses, 1), np.stack(accuracies, 1), seconds
-    return Runs(seeds, models, trainable, *history, weights if record_weights else [])
+    return Runs(seeds, models, trainable, *history, [list(w) for w in zip(*weights, strict=True)])
 
 
 def _gather(data: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
