@@ -118,9 +118,8 @@ def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: i
 
 
 def import_peft():
-    """PEFT's ``PeftModel``, or None with one line that says why: PEFT is optional, and an
-    installed peft can fail to import with any exception (NameError with torch 2.5 and
-    transformers 5), not only ImportError."""
+    """PEFT's ``PeftModel``, or None with a line saying why: an installed peft can fail to import
+    with any exception, not just ImportError (NameError with torch 2.5 and transformers 5)."""
     import warnings
 
     try:
