@@ -78,9 +78,12 @@ def execute(path: Path, results: Path | None = None) -> nbformat.NotebookNode:
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)  # timestamps of an earlier run
 
-    def report(cell, cell_index, **_):  # progress, as a run takes minutes
+    def report(cell, cell_index, **_):  # progress and printed output, as a run takes minutes
         first = (cell.source.strip().splitlines() or [""])[0]
         print(f"[cell {cell_index + 1}/{len(notebook.cells)}] {first[:70]}", flush=True)
+        text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+        if text.strip():  # the cell's printed output, as README.md promises
+            print("    " + text.rstrip().replace("\n", "\n    "), flush=True)
 
     client = NotebookClient(
         notebook,
