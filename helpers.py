@@ -18,7 +18,7 @@ from dora_tutorial.arguments import (
 )
 from dora_tutorial.cache import InferenceCache
 from dora_tutorial.check_dora import check_dora
-from dora_tutorial.data import MNIST_MEAN, MNIST_STD, Task, make_task, rotate, to_inputs
+from dora_tutorial.data import Task, make_task, rotate, to_inputs
 from dora_tutorial.evidence import (
     ablation_line,
     disagreements,
@@ -53,31 +53,13 @@ from dora_tutorial.plots import (
     plot_rank_sweep,
 )
 from dora_tutorial.precision import magnitude_moves, merge_error
-from dora_tutorial.runtime import (
-    REPO,
-    WIDTH,
-    __version__,
-    pick_device,
-    require_version,
-    seed_everything,
-    sync,
-    timed,
-    wrap,
-)
+from dora_tutorial.runtime import REPO, __version__, pick_device, require_version, timed, wrap
 from dora_tutorial.stats import Comparison, compare, compare_values, holm, lora_at_budget
 from dora_tutorial.summary import results_table, run_summary, what_we_learned, write_results
-from dora_tutorial.training import (
-    Runs,
-    accuracy,
-    adamw,
-    finetune,
-    make_adam,
-    train,
-)
+from dora_tutorial.training import Runs, accuracy, adamw, finetune, make_adam, train
 from dora_tutorial.weight_changes import (
     checkpoint_correlations,
     figure2_analysis,
-    figure2_conclusions,
     figure2_points,
     figure2_slopes,
     figure2_table,

@@ -52,27 +52,15 @@ def make_task(
     One permutation (``seed``) gives ``n_train`` training examples and the next ``n_val`` as a
     validation set, so asking for one does not change the training examples; the whole test set
     is kept, rotated the same way."""
-    if n_train is not None or n_val:
-        n_train = len(train_images) - n_val if n_train is None else n_train
-        if n_train < 1 or n_val < 0 or n_train + n_val > len(train_images):
-            raise ValueError(
-                f"n_train + n_val must be in 1..{len(train_images)}, got {n_train} + {n_val}"
-            )
-        pick = torch.randperm(len(train_images), generator=torch.Generator().manual_seed(seed))
-        val = pick[n_train : n_train + n_val]
-        val_images, val_labels = train_images[val], train_labels[val]
-        train_images, train_labels = train_images[pick[:n_train]], train_labels[pick[:n_train]]
-    else:
-        val_images, val_labels = train_images[:0], train_labels[:0]
+    n, shuffle = len(train_images), n_train is not None or n_val
+    n_train = n - n_val if n_train is None else n_train
+    if n_train < 1 or n_val < 0 or n_train + n_val > n:
+        raise ValueError(f"n_train + n_val must be in 1..{n}, got {n_train} + {n_val}")
+    generator = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    train, val = pick[:n_train], pick[n_train : n_train + n_val]
+    splits = [(train_images[train], train_labels[train]), (test_images, test_labels)]
+    splits += [(train_images[val], train_labels[val])]
     if degrees:
-        train_images, val_images, test_images = (
-            rotate(images, degrees) for images in (train_images, val_images, test_images)
-        )
-    return Task(
-        to_inputs(train_images, device),
-        train_labels.to(device),
-        to_inputs(test_images, device),
-        test_labels.to(device),
-        to_inputs(val_images, device),
-        val_labels.to(device),
-    )
+        splits = [(rotate(images, degrees), labels) for images, labels in splits]
+    return Task(*(t for x, y in splits for t in (to_inputs(x, device), y.to(device))))

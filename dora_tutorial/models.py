@@ -118,9 +118,8 @@ def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: i
 
 
 def import_peft():
-    """PEFT's ``PeftModel``, or None with one line that says why: PEFT is optional, and an
-    installed peft can fail to import with any exception (NameError with torch 2.5 and
-    transformers 5), not only ImportError."""
+    """PEFT's ``PeftModel``, or None with a line saying why: an installed peft can fail to import
+    with any exception, not just ImportError (NameError with torch 2.5 and transformers 5)."""
     import warnings
 
     try:
@@ -136,9 +135,4 @@ def import_peft():
 def add_to_class(cls):
     """``@add_to_class(C)`` above a function makes it a method of C: a class explained over
     several notebook cells (as d2l.ai does)."""
-
-    def register(function):
-        setattr(cls, function.__name__, function)
-        return function
-
-    return register
+    return lambda function: setattr(cls, function.__name__, function) or function

@@ -7,7 +7,6 @@ import linecache
 import os
 import sys
 import tempfile
-import time
 import types
 from pathlib import Path
 from unittest import mock
@@ -47,16 +46,16 @@ def import_notebook_definitions(path: str | Path = NOTEBOOK, name: str = "dora_n
 
 
 def _is_constant(node: ast.AST) -> bool:
-    """``UPPER_CASE = <literal or range(...)>``: a notebook-wide setting."""
+    """``UPPER_CASE = <literal or range(<literals>)>``: a notebook-wide setting."""
     match node:
-        case ast.Assign(targets=[ast.Name(id=name)], value=value):
-            return name.isupper() and _literal(value)
+        case ast.Assign(targets=[ast.Name(id=name)], value=value) if name.isupper():
+            if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "range":
+                return not value.keywords and all(map(_literal, value.args))
+            return _literal(value)
     return False
 
 
 def _literal(node: ast.AST) -> bool:
-    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "range":
-        return not node.keywords and all(_literal(a) for a in node.args)
     try:
         ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError):
@@ -78,16 +77,12 @@ def execute(path: Path, results: Path | None = None) -> nbformat.NotebookNode:
     notebook = nbformat.read(path, as_version=4)
     for cell in notebook.cells:
         cell.metadata.pop("execution", None)  # timestamps of an earlier run
-    n_code = sum(cell.cell_type == "code" for cell in notebook.cells)
-    counter, clock = iter(range(1, n_code + 1)), [time.perf_counter()]
 
-    def report(cell, **_):
-        now, number = time.perf_counter(), next(counter)
-        seconds, clock[0] = now - clock[0], now
-        first = cell.source.strip().splitlines()[0] if cell.source.strip() else ""
-        print(f"[{number}/{n_code}, {seconds:.1f} s] {first[:70]}", flush=True)
+    def report(cell, cell_index, **_):  # progress and printed output, as a run takes minutes
+        first = (cell.source.strip().splitlines() or [""])[0]
+        print(f"[cell {cell_index + 1}/{len(notebook.cells)}] {first[:70]}", flush=True)
         text = "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
-        if text.strip():
+        if text.strip():  # the cell's printed output, as README.md promises
             print("    " + text.rstrip().replace("\n", "\n    "), flush=True)
 
     client = NotebookClient(

@@ -73,7 +73,7 @@ def train(
     optimizer = make_adam(list(stacked.values()), lr)
     eval_x, eval_y = getattr(task, f"{evaluate_on}_x"), getattr(task, f"{evaluate_on}_y")
     n, generators = len(task.train_x), [torch.Generator().manual_seed(seed) for seed in seeds]
-    losses, accuracies, seconds, weights = [], [], [], [[] for _ in models]
+    losses, accuracies, seconds, weights = [], [], [], []  # weights[e][k]: epoch e, seed k
     template.train()
     for epoch in range(1, epochs + 1):
         start, total = time.perf_counter(), torch.zeros(len(models), device=device)
@@ -102,8 +102,7 @@ def train(
                     for model, value in zip(models, values, strict=True):
                         model.get_parameter(name).copy_(value)
         if record_weights:
-            for k, model in enumerate(models):
-                weights[k].append(layer_weights(model))
+            weights.append([layer_weights(model) for model in models])
         if log is not None:
             acc = 100 * accuracies[-1]
             spread = f" ± {acc.std(ddof=1):.2f}" if len(acc) > 1 else ""
@@ -114,7 +113,7 @@ def train(
             )
     trainable = sum(t[0].numel() for t in stacked.values())
     history = np.stack(losses, 1), np.stack(accuracies, 1), seconds
-    return Runs(seeds, models, trainable, *history, weights if record_weights else [])
+    return Runs(seeds, models, trainable, *history, [list(w) for w in zip(*weights, strict=True)])
 
 
 def _gather(data: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -148,23 +147,14 @@ def _stack_parameters(models):
 def _accuracies(logits, stacked, x, y, chunk: int = 2048) -> np.ndarray:
     """(S,) accuracies on (x, y). Inputs go in unbatched, so the frozen ``x W0^T`` is computed
     once for all models; a layer vmap refuses that way (an in-place update) gets them expanded."""
-    count = len(next(iter(stacked.values())))
-    shared = torch.func.vmap(logits, in_dims=(0, None))
-    each = torch.func.vmap(logits)
-    correct, unbatched = 0, True
-    for i in range(0, len(x), chunk):
-        inputs = x[i : i + chunk]
-        if unbatched:
-            try:
-                out = shared(stacked, inputs)
-            except RuntimeError:
-                if i:  # the first chunk ran unbatched: a real error
-                    raise
-                unbatched = False  # a real error is raised again by the batched call
-        if not unbatched:
-            out = each(stacked, inputs.expand(count, *inputs.shape))
-        correct = correct + (out.argmax(-1) == y[i : i + chunk]).sum(1)
-    return (correct / max(len(x), 1)).cpu().numpy()
+    count, inputs = len(next(iter(stacked.values()))), x.split(chunk)
+    try:
+        shared = torch.func.vmap(logits, in_dims=(0, None))
+        predicted = [shared(stacked, v).argmax(-1) for v in inputs]
+    except RuntimeError:  # a real error is raised again by the expanded call
+        each = torch.func.vmap(logits)
+        predicted = [each(stacked, v.expand(count, *v.shape)).argmax(-1) for v in inputs]
+    return ((torch.cat(predicted, 1) == y).sum(1) / len(x)).cpu().numpy()
 
 
 @torch.no_grad()
@@ -197,7 +187,7 @@ def make_adam(params, lr: float) -> torch.optim.Adam:
     """Adam, fused where torch and the device have the kernel (the same algorithm)."""
     params = list(params)
     fused = all(_fused_adam_works(p.device, p.dtype) for p in params)
-    return torch.optim.Adam(params, lr=lr, **({"fused": True} if fused else {}))
+    return torch.optim.Adam(params, lr=lr, fused=fused or None)  # None: torch's default
 
 
 @functools.cache

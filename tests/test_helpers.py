@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import helpers
-from dora_tutorial.runtime import _mps_works
+from dora_tutorial.runtime import _mps_works, seed_everything
 
 SIZES = (784, 128, 256, 10)
 TOTAL = 784 * 128 + 128 + 128 * 256 + 256 + 256 * 10 + 10
@@ -69,6 +69,6 @@ def test_mps_check_is_false_where_mps_is_missing_or_broken(monkeypatch, availabl
 def test_seed_everything_repeats_all_generators():
     draws = []
     for _ in range(2):
-        helpers.seed_everything(5)
+        seed_everything(5)
         draws.append((torch.rand(2).tolist(), np.random.rand(), random.random()))
     assert draws[0] == draws[1]

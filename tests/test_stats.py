@@ -7,6 +7,7 @@ import pytest
 from scipy import stats
 
 import helpers
+from dora_tutorial.runtime import WIDTH
 from dora_tutorial.stats import mean_interval
 
 
@@ -81,7 +82,7 @@ def test_results_table_and_wrapping():
     assert table[0].split()[:4] == ["method", "trainable", "test", "accuracy"]
     assert table[1].split()[:6] == ["LoRA", "0", "92.00", "±", "2.00", "87.03-96.97"]
     # 87.03-96.97: 92 ± t(0.975, 2 degrees) * 2 / sqrt(3)
-    assert all(len(line) <= helpers.WIDTH for line in helpers.wrap("word " * 60).splitlines())
+    assert all(len(line) <= WIDTH for line in helpers.wrap("word " * 60).splitlines())
 
 
 def test_mean_interval_of_ten_values_follows_the_t_table():

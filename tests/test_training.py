@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import helpers
+from dora_tutorial.runtime import seed_everything
 from support import small_cnn, solo_run, tiny_task, wrappers
 
 SIZES = (784, 32, 16, 10)
@@ -27,7 +28,7 @@ def test_each_batched_seed_equals_its_solo_run(nb, model, wrapper):
     kw = dict(epochs=2, lr=3e-3, batch_size=32, log=None)
     runs = helpers.finetune(pretrained, task, seeds=seeds, wrapper=wrapper, **kw)
     for k, seed in enumerate(seeds):
-        helpers.seed_everything(seed)  # what finetune builds for one seed, written out
+        seed_everything(seed)  # what finetune builds for one seed, written out
         if wrapper is None:
             start = copy.deepcopy(pretrained).requires_grad_(True)
         else:
