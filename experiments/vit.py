@@ -33,10 +33,9 @@ RATES = {"full FT": [3e-4, 1e-3, 2e-3, 5e-3], "LoRA": [2e-3, 5e-3, 1e-2, 2e-2]}
 RATES["DoRA"] = RATES["LoRA"]
 ADAPTED = ["q", "v"]  # the attention projections LoRA and DoRA adapt
 THREADS = 1
-USED = (  # the notebook's settings it reads, as vit.json records them
-    "ANGLE FT_TRAIN_SIZE VAL_SIZE FT_EPOCHS BATCH_SIZE RANK ALPHA PRETRAIN_LR SEEDS "
-    "PAPER_CORRELATION"
-).split()
+# the notebook's settings it reads, as vit.json records them
+USED = "ANGLE FT_TRAIN_SIZE VAL_SIZE FT_EPOCHS BATCH_SIZE RANK ALPHA PRETRAIN_LR SEEDS".split()
+USED.append("PAPER_CORRELATION")
 
 
 def settings() -> dict:
@@ -49,33 +48,27 @@ class QueryValue(nn.Linear):
     """A query or value projection: an ``nn.Linear`` that ``add_adapters`` can single out."""
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with separate q, k, v and output projections."""
-
-    def __init__(self):
-        super().__init__()
-        for name in ("q", "k", "v", "out"):  # in this order: the seeded initial weights
-            setattr(self, name, (QueryValue if name in ADAPTED else nn.Linear)(WIDTH, WIDTH))
-
-    def forward(self, x):
-        n, t, d = x.shape
-        q, k, v = (f(x).view(n, t, HEADS, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
-        weights = (q @ k.transpose(-2, -1) / math.sqrt(d // HEADS)).softmax(-1)
-        return self.out((weights @ v).transpose(1, 2).reshape(n, t, d))
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x))."""
+    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x)); the attention
+    has separate q, k, v and output projections."""
 
     def __init__(self):
         super().__init__()
-        self.norm1, self.attn, self.norm2 = nn.LayerNorm(WIDTH), Attention(), nn.LayerNorm(WIDTH)
+        self.norm1 = nn.LayerNorm(WIDTH)
+        projections = {  # in this order: the seeded initial weights
+            name: (QueryValue if name in ADAPTED else nn.Linear)(WIDTH, WIDTH)
+            for name in ("q", "k", "v", "out")
+        }
+        self.attn, self.norm2 = nn.ModuleDict(projections), nn.LayerNorm(WIDTH)
         self.mlp = nn.Sequential(
             nn.Linear(WIDTH, MLP_WIDTH), nn.GELU(), nn.Linear(MLP_WIDTH, WIDTH)
         )
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+        (n, t, d), normed = x.shape, self.norm1(x)
+        q, k, v = (self.attn[f](normed).view(n, t, HEADS, -1).transpose(1, 2) for f in "qkv")
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(d // HEADS)).softmax(-1)
+        x = x + self.attn.out((weights @ v).transpose(1, 2).reshape(n, t, d))
         return x + self.mlp(self.norm2(x))
 
 
@@ -130,13 +123,11 @@ def main() -> None:
         pretrained, rotated, p, methods, RATES, seeds=seeds, record_weights=True
     )
     chosen = {name: float(lr) for name, (lr, _) in best.items()}
-    runs = {}
+    runs, points = {}, {}
     for name, (_, r) in best.items():  # each seed's final model on the test set, once
         acc = [[helpers.accuracy(m, rotated.test_x, rotated.test_y)] for m in r.models]
         runs[name] = dataclasses.replace(r, test_acc=np.array(acc))
-    points = {
-        name: helpers.figure2_points(r, pretrained, figure2_layers()) for name, r in runs.items()
-    }
+        points[name] = helpers.figure2_points(r, pretrained, figure2_layers())
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     trainable = {name: r.trainable for name, r in runs.items()}
     vit = (
@@ -165,9 +156,7 @@ def main() -> None:
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
     }
-    write_json(
-        results_path("vit"), result
-    )  # the training's results first: --analyse can redo the rest
+    write_json(results_path("vit"), result)  # the training's results: --analyse redoes the rest
     reanalyse()
 
 
