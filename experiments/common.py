@@ -33,16 +33,9 @@ def results_path(name: str) -> Path:
 def tasks(p: dict, device, seed: int = 0):
     """(MNIST, the rotated task with its validation split drawn by ``seed``), as in the notebook."""
     data = [part[: p.get("MNIST_SIZE")] for part in helpers.load_mnist()]  # all but in --smoke
+    n = {"n_train": p["FT_TRAIN_SIZE"], "n_val": p["VAL_SIZE"], "seed": seed}
     mnist = helpers.make_task(*data, device=device)
-    rotated = helpers.make_task(
-        *data,
-        device=device,
-        degrees=p["ANGLE"],
-        n_train=p["FT_TRAIN_SIZE"],
-        n_val=p["VAL_SIZE"],
-        seed=seed,
-    )
-    return mnist, rotated
+    return mnist, helpers.make_task(*data, device=device, degrees=p["ANGLE"], **n)
 
 
 def widen(rates, best: float) -> float | None:
@@ -68,11 +61,10 @@ def tune(score, grid) -> dict[float, float]:
 
 
 def pretrain(model, mnist, rotated, p: dict, epochs: int) -> dict:
-    """Pretrain ``model`` on MNIST in place (the notebook's plain loop, rate and batch size);
-    its test accuracy (%) on MNIST and on the rotated digits."""
-    runs = helpers.train(
-        model, mnist, epochs=epochs, lr=p["PRETRAIN_LR"], batch_size=p["BATCH_SIZE"], log=print
-    )
+    """Pretrain ``model`` on MNIST in place, as the notebook does; its test accuracy (%) on MNIST
+    and on the rotated digits."""
+    kw = {"epochs": epochs, "lr": p["PRETRAIN_LR"], "batch_size": p["BATCH_SIZE"]}
+    runs = helpers.train(model, mnist, **kw)
     on_rotated = 100 * helpers.accuracy(model, rotated.test_x, rotated.test_y)
     return {"mnist": float(runs.final[0]), "rotated": on_rotated}
 
@@ -82,10 +74,8 @@ def fine_tune(pretrained, task, p: dict, wrapper, lr: float, rank: int | None = 
     with the alpha / rank of its rank sweep)."""
     rank = rank or p["RANK"]
     kw = {"seeds": p["SEEDS"], "epochs": p["FT_EPOCHS"], "batch_size": p["BATCH_SIZE"], **kw}
-    alpha = p["ALPHA"] * rank / p["RANK"]
-    return helpers.finetune(
-        pretrained, task, wrapper=wrapper, rank=rank, alpha=alpha, lr=lr, log=None, **kw
-    )
+    kw.update(wrapper=wrapper, rank=rank, alpha=p["ALPHA"] * rank / p["RANK"], lr=lr, log=None)
+    return helpers.finetune(pretrained, task, **kw)
 
 
 def validate(pretrained, task, p: dict, name: str, wrapper, lr: float, **kw):
