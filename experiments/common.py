@@ -1,8 +1,6 @@
 """What the experiments share: the notebook's settings, tasks and fine-tuning, rate grids that
 widen, and the paired comparisons they save."""
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import sys
@@ -50,13 +48,9 @@ def widen(rates, best: float) -> float | None:
 
 def tune(score, grid) -> dict[float, float]:
     """{rate: score(rate)} over ``grid``, widened until the best rate is not at an edge."""
-    scores: dict[float, float] = {}
-    pending = list(grid)
-    while pending:
-        for lr in pending:
-            scores[lr] = score(lr)
-        best = max(scores, key=scores.get)
-        pending = [lr for lr in [widen(scores, best)] if lr is not None]
+    scores = {lr: score(lr) for lr in grid}
+    while (lr := widen(scores, max(scores, key=scores.get))) is not None:
+        scores[lr] = score(lr)
     return dict(sorted(scores.items()))
 
 
@@ -78,14 +72,6 @@ def fine_tune(pretrained, task, p: dict, wrapper, lr: float, rank: int | None = 
     return helpers.finetune(pretrained, task, **kw)
 
 
-def validate(pretrained, task, p: dict, name: str, wrapper, lr: float, **kw):
-    """``fine_tune`` scored on the validation split: (the runs, [mean, std] over the seeds)."""
-    runs = fine_tune(pretrained, task, p, wrapper, lr, evaluate_on="val", **kw)
-    score = [float(runs.final.mean()), float(runs.final.std(ddof=1))]
-    print(f"{name} lr {lr:g}: validation {score[0]:.2f} ± {score[1]:.2f} %", flush=True)
-    return runs, score
-
-
 def choose(pretrained, task, p: dict, methods: dict, grids: dict, **kw) -> tuple[dict, dict]:
     """Each method ({name: wrapper or (wrapper, rank)}) on the validation split over its grid,
     widened: ({name: {rate: [mean, std]}}, {name: (the best rate, its runs)})."""
@@ -95,12 +81,13 @@ def choose(pretrained, task, p: dict, methods: dict, grids: dict, **kw) -> tuple
         scores = validation[name] = {}
 
         def score(lr, name=name, wrapper=wrapper, rank=rank, scores=scores):
-            runs, scores[f"{lr:g}"] = validate(
-                pretrained, task, p, name, wrapper, lr, rank=rank, **kw
-            )
-            if name not in best or runs.final.mean() > best[name][1].final.mean():
+            runs = fine_tune(pretrained, task, p, wrapper, lr, rank, evaluate_on="val", **kw)
+            final = runs.final  # each seed's validation accuracy (%)
+            mean, std = scores[f"{lr:g}"] = [float(final.mean()), float(final.std(ddof=1))]
+            print(f"{name} lr {lr:g}: validation {mean:.2f} ± {std:.2f} %", flush=True)
+            if name not in best or mean > best[name][1].final.mean():
                 best[name] = (lr, runs)  # the best so far; the others are let go
-            return scores[f"{lr:g}"][0]
+            return mean
 
         tune(score, grids[name])
         validation[name] = dict(sorted(scores.items(), key=lambda kv: float(kv[0])))
