@@ -1,9 +1,5 @@
 """What DoRA costs next to LoRA and PEFT's DoRA: a training step, its memory, unmerged inference.
-
-On the notebook's MLP and a 4096 x 4096 layer (r = 16; alone on a ``--dtype`` base, adapters in
-float32 as in PEFT), all with the same adapter values; "saved" is what autograd keeps for
-backward; "recomputed" is a layer in training mode (no dropout), "k kept" its InferenceCache.
-"""
+The variants hold the same adapter values; benchmarks/README.md says what each one is."""
 
 import argparse
 import contextlib
@@ -20,6 +16,7 @@ from benchmarks.common import interleaved, per_call, ratio_rows, setup, table
 from dora_tutorial import adapter_files
 
 LORA, BOOK, EFFICIENT, PEFT = "LoRA", "DoRA textbook", "DoRA efficient", "PEFT DoRA"
+CONTEXTS = {"PEFT DoRA, DoraCaching": DoraCaching}  # what a variant's calls run in
 
 
 def variants(nb, base: nn.Module, rank: int) -> dict[str, nn.Module]:
@@ -38,11 +35,11 @@ def variants(nb, base: nn.Module, rank: int) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
-def same_function(models: dict, x: torch.Tensor, contexts: dict) -> None:
+def same_function(models: dict, x: torch.Tensor) -> None:
     """Each DoRA variant computes the textbook's function, also from what it kept."""
     ref, tol = models[BOOK](x).float(), 1e-4 if x.dtype == torch.float32 else 0.05
     for name in [name for name in models if name != LORA]:
-        with contexts.get(name, contextlib.nullcontext)():
+        with CONTEXTS.get(name, contextlib.nullcontext)():
             for _ in range(2):
                 diff = ((models[name](x).float() - ref).abs().max() / ref.abs().max()).item()
                 assert diff < tol, f"{name} differs from the textbook by {diff:.1e}"
@@ -50,7 +47,7 @@ def same_function(models: dict, x: torch.Tensor, contexts: dict) -> None:
 
 def training(nb, base: nn.Module, x: torch.Tensor, rank: int, repeats: int, title) -> list:
     models = variants(nb, base, rank)
-    same_function(models, x, {})
+    same_function(models, x)
 
     def step(model) -> None:
         model.zero_grad(set_to_none=True)
@@ -65,7 +62,7 @@ def training(nb, base: nn.Module, x: torch.Tensor, rank: int, repeats: int, titl
 
 
 @torch.no_grad()
-def inference(nb, base: nn.Module, rank: int, tokens: list[int], repeats: int, title) -> list:
+def inference(nb, base: nn.Module, rank: int, repeats: int, title) -> list:
     models = variants(nb, base, rank)
     timed = {
         LORA: models[LORA].eval(),
@@ -76,13 +73,12 @@ def inference(nb, base: nn.Module, rank: int, tokens: list[int], repeats: int, t
         "PEFT DoRA, DoraCaching": copy.deepcopy(models[PEFT]).eval(),
         "merged": helpers.merge_adapters(models[BOOK], nb.merge).eval(),
     }
-    contexts = {"PEFT DoRA, DoraCaching": DoraCaching}
     weight, rows = next(base.parameters()), []
-    for n in tokens:
+    for n in (1, 1024):
         x = torch.randn(n, weight.shape[1], device=weight.device)
-        same_function({**timed, BOOK: models[BOOK]}, x, contexts)
+        same_function({**timed, BOOK: models[BOOK]}, x)
         cases = {
-            name: per_call(partial(m, x), x.device, contexts.get(name, contextlib.nullcontext))
+            name: per_call(partial(m, x), x.device, CONTEXTS.get(name, contextlib.nullcontext))
             for name, m in timed.items()
         }
         seconds = interleaved(cases, repeats, warmup=0)
@@ -94,24 +90,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inference", action="store_true", help="unmerged inference instead")
     parser.add_argument("--repeats", type=int, help="timed rounds: training 5, inference 15")
-    parser.add_argument("--tokens", type=int, nargs="+", help="training: 2048; inference: 1 1024")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     nb, device = setup()
+    repeats = args.repeats or (15 if args.inference else 5)
     mlp = helpers.make_mlp(nb.SIZES, seed=0).to(device)
     big = nn.Sequential(nn.Linear(4096, 4096)).to(device)  # add_adapters wraps children
     mlp_title = f"MLP {'-'.join(map(str, nb.SIZES))}"
     if args.inference:
-        tokens, repeats = args.tokens or [1, 1024], args.repeats or 15
-        rows = inference(nb, mlp, nb.RANK, tokens, repeats, mlp_title)
-        rows += inference(nb, big, 16, tokens, repeats, "4096x4096")
+        rows = inference(nb, mlp, nb.RANK, repeats, mlp_title)
+        rows += inference(nb, big, 16, repeats, "4096x4096")
         return table(["configuration", "variant", "ms / call", "x LoRA", "x merged"], rows)
-    repeats, tokens, dtype, rows = args.repeats or 5, (args.tokens or [2048])[0], args.dtype, []
+    dtype, rows = args.dtype, []
     if dtype == "float32":
         x = torch.randn(nb.BATCH_SIZE, nb.SIZES[0], device=device)
         rows = training(nb, mlp, x, nb.RANK, repeats, f"{mlp_title}, batch {nb.BATCH_SIZE}")
-    x = torch.randn(tokens, 4096, device=device, dtype=getattr(torch, dtype), requires_grad=True)
-    rows += training(nb, big.to(x.dtype), x, 16, repeats, f"4096x4096 {dtype}, {tokens} tokens")
+    x = torch.randn(2048, 4096, device=device, dtype=getattr(torch, dtype), requires_grad=True)
+    rows += training(nb, big.to(x.dtype), x, 16, repeats, f"4096x4096 {dtype}, 2048 tokens")
     table(["configuration", "variant", "ms / step", "x LoRA", "saved for backward MiB"], rows)
 
 

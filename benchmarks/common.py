@@ -22,13 +22,11 @@ def interleaved(cases: dict, repeats: int, warmup: int = 1) -> dict:
     seeded random orders, so a slow spell of a shared machine hits every case alike."""
     samples: dict = {name: [] for name in cases}
     order, rng = list(cases), random.Random(0)
-    for i in range(warmup + repeats):
+    for _ in range(warmup + repeats):
         rng.shuffle(order)
         for name in order:
-            seconds = cases[name]()
-            if i >= warmup:
-                samples[name].append(seconds)
-    return {name: statistics.median(s) for name, s in samples.items()}
+            samples[name].append(cases[name]())
+    return {name: statistics.median(s[warmup:]) for name, s in samples.items()}
 
 
 def per_call(fn, device, context=contextlib.nullcontext):

@@ -1,8 +1,6 @@
 """What the experiments share: the notebook's settings, tasks and fine-tuning, rate grids that
 widen, and the paired comparisons they save."""
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import sys
@@ -33,16 +31,9 @@ def results_path(name: str) -> Path:
 def tasks(p: dict, device, seed: int = 0):
     """(MNIST, the rotated task with its validation split drawn by ``seed``), as in the notebook."""
     data = [part[: p.get("MNIST_SIZE")] for part in helpers.load_mnist()]  # all but in --smoke
+    n = {"n_train": p["FT_TRAIN_SIZE"], "n_val": p["VAL_SIZE"], "seed": seed}
     mnist = helpers.make_task(*data, device=device)
-    rotated = helpers.make_task(
-        *data,
-        device=device,
-        degrees=p["ANGLE"],
-        n_train=p["FT_TRAIN_SIZE"],
-        n_val=p["VAL_SIZE"],
-        seed=seed,
-    )
-    return mnist, rotated
+    return mnist, helpers.make_task(*data, device=device, degrees=p["ANGLE"], **n)
 
 
 def widen(rates, best: float) -> float | None:
@@ -57,22 +48,17 @@ def widen(rates, best: float) -> float | None:
 
 def tune(score, grid) -> dict[float, float]:
     """{rate: score(rate)} over ``grid``, widened until the best rate is not at an edge."""
-    scores: dict[float, float] = {}
-    pending = list(grid)
-    while pending:
-        for lr in pending:
-            scores[lr] = score(lr)
-        best = max(scores, key=scores.get)
-        pending = [lr for lr in [widen(scores, best)] if lr is not None]
+    scores = {lr: score(lr) for lr in grid}
+    while (lr := widen(scores, max(scores, key=scores.get))) is not None:
+        scores[lr] = score(lr)
     return dict(sorted(scores.items()))
 
 
 def pretrain(model, mnist, rotated, p: dict, epochs: int) -> dict:
-    """Pretrain ``model`` on MNIST in place (the notebook's plain loop, rate and batch size);
-    its test accuracy (%) on MNIST and on the rotated digits."""
-    runs = helpers.train(
-        model, mnist, epochs=epochs, lr=p["PRETRAIN_LR"], batch_size=p["BATCH_SIZE"], log=print
-    )
+    """Pretrain ``model`` on MNIST in place, as the notebook does; its test accuracy (%) on MNIST
+    and on the rotated digits."""
+    kw = {"epochs": epochs, "lr": p["PRETRAIN_LR"], "batch_size": p["BATCH_SIZE"]}
+    runs = helpers.train(model, mnist, **kw)
     on_rotated = 100 * helpers.accuracy(model, rotated.test_x, rotated.test_y)
     return {"mnist": float(runs.final[0]), "rotated": on_rotated}
 
@@ -82,18 +68,8 @@ def fine_tune(pretrained, task, p: dict, wrapper, lr: float, rank: int | None = 
     with the alpha / rank of its rank sweep)."""
     rank = rank or p["RANK"]
     kw = {"seeds": p["SEEDS"], "epochs": p["FT_EPOCHS"], "batch_size": p["BATCH_SIZE"], **kw}
-    alpha = p["ALPHA"] * rank / p["RANK"]
-    return helpers.finetune(
-        pretrained, task, wrapper=wrapper, rank=rank, alpha=alpha, lr=lr, log=None, **kw
-    )
-
-
-def validate(pretrained, task, p: dict, name: str, wrapper, lr: float, **kw):
-    """``fine_tune`` scored on the validation split: (the runs, [mean, std] over the seeds)."""
-    runs = fine_tune(pretrained, task, p, wrapper, lr, evaluate_on="val", **kw)
-    score = [float(runs.final.mean()), float(runs.final.std(ddof=1))]
-    print(f"{name} lr {lr:g}: validation {score[0]:.2f} ± {score[1]:.2f} %", flush=True)
-    return runs, score
+    kw.update(wrapper=wrapper, rank=rank, alpha=p["ALPHA"] * rank / p["RANK"], lr=lr, log=None)
+    return helpers.finetune(pretrained, task, **kw)
 
 
 def choose(pretrained, task, p: dict, methods: dict, grids: dict, **kw) -> tuple[dict, dict]:
@@ -105,12 +81,13 @@ def choose(pretrained, task, p: dict, methods: dict, grids: dict, **kw) -> tuple
         scores = validation[name] = {}
 
         def score(lr, name=name, wrapper=wrapper, rank=rank, scores=scores):
-            runs, scores[f"{lr:g}"] = validate(
-                pretrained, task, p, name, wrapper, lr, rank=rank, **kw
-            )
-            if name not in best or runs.final.mean() > best[name][1].final.mean():
+            runs = fine_tune(pretrained, task, p, wrapper, lr, rank, evaluate_on="val", **kw)
+            final = runs.final  # each seed's validation accuracy (%)
+            mean, std = scores[f"{lr:g}"] = [float(final.mean()), float(final.std(ddof=1))]
+            print(f"{name} lr {lr:g}: validation {mean:.2f} ± {std:.2f} %", flush=True)
+            if name not in best or mean > best[name][1].final.mean():
                 best[name] = (lr, runs)  # the best so far; the others are let go
-            return scores[f"{lr:g}"][0]
+            return mean
 
         tune(score, grids[name])
         validation[name] = dict(sorted(scores.items(), key=lambda kv: float(kv[0])))

@@ -1,10 +1,4 @@
-"""The evidence behind the README (design: experiments/README.md).
-
-.venv/bin/python -m experiments.evidence          # writes experiments/evidence.json
-.venv/bin/python -m experiments.evidence --smoke  # tiny sizes, to a temporary file
-"""
-
-from __future__ import annotations
+"""The evidence behind the README (design, usage: experiments/README.md)."""
 
 import json
 import os
@@ -14,7 +8,6 @@ import time
 
 import helpers
 from dora_tutorial.atomic_write import write_json
-from dora_tutorial.notebook import import_notebook_definitions
 from experiments.common import SMOKE, choose, fine_tune, results_path, start, tasks
 
 GRID = (5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2)
@@ -22,31 +15,19 @@ NETWORKS = 6
 ABLATION_RANKS = (1, 4)
 
 
-def configurations(nb, p: dict) -> dict[str, tuple]:
-    """{name: (layer class or None for full fine-tuning, rank)}."""
-    found = {"full FT": (None, p["RANK"])}
-    for rank in p["RANKS"]:
-        found[f"LoRA r{rank}"] = (nb.LinearWithLoRA, rank)
-        found[f"DoRA r{rank}"] = (nb.LinearWithDoRA, rank)
-    for rank in ABLATION_RANKS:
-        found[f"scaled LoRA r{rank}"] = (nb.LinearWithScaledLoRA, rank)
-    return found
-
-
 def network(nb, p: dict, seed: int, device):
     """Network ``seed``: pretrained on MNIST from that seed, with its own rotated subset."""
     mnist, task = tasks(p, device, seed)
     model = helpers.make_mlp(tuple(p["SIZES"]), seed=seed)
-    nb.train_one_model(
-        model, mnist, p["PRETRAIN_EPOCHS"], p["PRETRAIN_LR"], p["BATCH_SIZE"], seed=seed
-    )
+    settings = p["PRETRAIN_EPOCHS"], p["PRETRAIN_LR"], p["BATCH_SIZE"]
+    nb.train_one_model(model, mnist, *settings, seed=seed)
     return model, task
 
 
 def noise_runs(p: dict, lr: float) -> list[float]:
     """Network 0's DoRA at the notebook's rank and rate ``lr``: each seed's final accuracy."""
-    nb = import_notebook_definitions()
-    model, task = network(nb, p, 0, helpers.pick_device())
+    nb, _, device = start()  # its settings are ``p``, those of the run it checks
+    model, task = network(nb, p, 0, device)
     return fine_tune(model, task, p, nb.LinearWithDoRA, lr, curves=False).final.tolist()
 
 
@@ -54,8 +35,7 @@ def float_noise(result: dict) -> dict:
     """How far float rounding alone moves a seed: the notebook's DoRA on network 0 again, as a
     CPU of another type computes it: in a subprocess on PyTorch's portable kernels
     (ATEN_CPU_CAPABILITY=default, not AVX2 or AVX-512), pretraining included."""
-    p = result["protocol"]
-    name = f"DoRA r{p['RANK']}"
+    p, name = result["protocol"], f"DoRA r{result['protocol']['RANK']}"
     code = (
         "import json, sys; from experiments.evidence import noise_runs; "
         "print(json.dumps(noise_runs(*json.load(sys.stdin))))"
@@ -73,13 +53,16 @@ def float_noise(result: dict) -> dict:
 def main() -> None:
     started = time.perf_counter()
     nb, p, device = start()
-    configs = configurations(nb, p)
+    configs = {"full FT": (None, p["RANK"])}  # {name: (layer class or None, rank)}
+    for rank in p["RANKS"]:
+        configs[f"LoRA r{rank}"] = (nb.LinearWithLoRA, rank)
+        configs[f"DoRA r{rank}"] = (nb.LinearWithDoRA, rank)
+    for rank in ABLATION_RANKS:
+        configs[f"scaled LoRA r{rank}"] = (nb.LinearWithScaledLoRA, rank)
     result = {"protocol": p, "networks": 1 if SMOKE else NETWORKS}
     model, task = network(nb, p, 0, device)
     validation = choose(model, task, p, configs, dict.fromkeys(configs, GRID), curves=False)[0]
-    result["validation"] = {
-        name: {lr: m for lr, (m, _) in v.items()} for name, v in validation.items()
-    }
+    result["validation"] = {n: {lr: m for lr, (m, _) in v.items()} for n, v in validation.items()}
     result["chosen"] = {name: float(max(v, key=v.get)) for name, v in result["validation"].items()}
     result["accuracy"], result["trainable"], result["pretrained"] = [], {}, []
     for seed in range(result["networks"] + 1):  # the last one is held out

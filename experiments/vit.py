@@ -1,11 +1,4 @@
-"""Figure 2 where the paper measured it, on a small ViT (design: experiments/README.md).
-
-.venv/bin/python -m experiments.vit              # writes experiments/vit.json
-.venv/bin/python -m experiments.vit --analyse    # recompute the analysis from vit.json
-.venv/bin/python -m experiments.vit --smoke      # tiny sizes, to a temporary file
-"""
-
-from __future__ import annotations
+"""Figure 2 where the paper measured it, on a small ViT (design, usage: experiments/README.md)."""
 
 import dataclasses
 import json
@@ -33,49 +26,40 @@ RATES = {"full FT": [3e-4, 1e-3, 2e-3, 5e-3], "LoRA": [2e-3, 5e-3, 1e-2, 2e-2]}
 RATES["DoRA"] = RATES["LoRA"]
 ADAPTED = ["q", "v"]  # the attention projections LoRA and DoRA adapt
 THREADS = 1
-USED = (  # the notebook's settings it reads, as vit.json records them
-    "ANGLE FT_TRAIN_SIZE VAL_SIZE FT_EPOCHS BATCH_SIZE RANK ALPHA PRETRAIN_LR SEEDS "
-    "PAPER_CORRELATION"
-).split()
-
-
-def settings() -> dict:
-    """This script's own settings, as vit.json records them."""
-    names = "PATCH WIDTH HEADS MLP_WIDTH BLOCKS POOLING PRETRAIN_EPOCHS N_SEEDS RATES ADAPTED"
-    return {name: globals()[name] for name in f"{names} THREADS".split()}
+# this script's settings (every name above in capitals), as vit.json records them
+SETTINGS = {name: value for name, value in globals().items() if name.isupper()}
+# the notebook's settings it reads, as vit.json records them
+USED = "ANGLE FT_TRAIN_SIZE VAL_SIZE FT_EPOCHS BATCH_SIZE RANK ALPHA PRETRAIN_LR SEEDS".split()
+USED.append("PAPER_CORRELATION")
+# the query and value matrices, block by block: 'blocks.0.attn.q', 'blocks.0.attn.v', ...
+FIGURE2_LAYERS = [f"blocks.{b}.attn.{name}" for b in range(BLOCKS) for name in ADAPTED]
 
 
 class QueryValue(nn.Linear):
     """A query or value projection: an ``nn.Linear`` that ``add_adapters`` can single out."""
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention with separate q, k, v and output projections."""
-
-    def __init__(self):
-        super().__init__()
-        for name in ("q", "k", "v", "out"):  # in this order: the seeded initial weights
-            setattr(self, name, (QueryValue if name in ADAPTED else nn.Linear)(WIDTH, WIDTH))
-
-    def forward(self, x):
-        n, t, d = x.shape
-        q, k, v = (f(x).view(n, t, HEADS, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
-        weights = (q @ k.transpose(-2, -1) / math.sqrt(d // HEADS)).softmax(-1)
-        return self.out((weights @ v).transpose(1, 2).reshape(n, t, d))
-
-
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x))."""
+    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x)); the attention
+    has separate q, k, v and output projections."""
 
     def __init__(self):
         super().__init__()
-        self.norm1, self.attn, self.norm2 = nn.LayerNorm(WIDTH), Attention(), nn.LayerNorm(WIDTH)
+        self.norm1 = nn.LayerNorm(WIDTH)
+        projections = {  # in this order: the seeded initial weights
+            name: (QueryValue if name in ADAPTED else nn.Linear)(WIDTH, WIDTH)
+            for name in ("q", "k", "v", "out")
+        }
+        self.attn, self.norm2 = nn.ModuleDict(projections), nn.LayerNorm(WIDTH)
         self.mlp = nn.Sequential(
             nn.Linear(WIDTH, MLP_WIDTH), nn.GELU(), nn.Linear(MLP_WIDTH, WIDTH)
         )
 
     def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+        (n, t, d), normed = x.shape, self.norm1(x)
+        q, k, v = (self.attn[f](normed).view(n, t, HEADS, -1).transpose(1, 2) for f in "qkv")
+        weights = (q @ k.transpose(-2, -1) / math.sqrt(d // HEADS)).softmax(-1)
+        x = x + self.attn.out((weights @ v).transpose(1, 2).reshape(n, t, d))
         return x + self.mlp(self.norm2(x))
 
 
@@ -98,11 +82,6 @@ class ViT(nn.Module):
         return self.head(self.norm(h).mean(1))
 
 
-def figure2_layers() -> list[str]:
-    """The query and value matrices, block by block: 'blocks.0.attn.q', 'blocks.0.attn.v', ..."""
-    return [f"blocks.{b}.attn.{name}" for b in range(BLOCKS) for name in ADAPTED]
-
-
 def validation_table(validation: dict, seeds: int) -> str:
     lines = [f"validation accuracy (%), mean ± std over {seeds} seeds"]
     for name, rates in validation.items():
@@ -119,24 +98,17 @@ def main() -> None:
     torch.manual_seed(0)
     pretrained = ViT()
     before = pretrain(pretrained, mnist, rotated, p, PRETRAIN_EPOCHS)
-    pretrained.requires_grad_(False)
-    methods = {
-        "full FT": None,
-        "LoRA": {QueryValue: nb.LinearWithLoRA},
-        "DoRA": {QueryValue: nb.LinearWithDoRA},
-    }
+    adapters = {"LoRA": nb.LinearWithLoRA, "DoRA": nb.LinearWithDoRA}
+    methods = {"full FT": None} | {name: {QueryValue: w} for name, w in adapters.items()}
     seeds = p["SEEDS"][:N_SEEDS]
     validation, best = choose(
         pretrained, rotated, p, methods, RATES, seeds=seeds, record_weights=True
     )
-    chosen = {name: float(lr) for name, (lr, _) in best.items()}
-    runs = {}
+    runs, points = {}, {}
     for name, (_, r) in best.items():  # each seed's final model on the test set, once
         acc = [[helpers.accuracy(m, rotated.test_x, rotated.test_y)] for m in r.models]
         runs[name] = dataclasses.replace(r, test_acc=np.array(acc))
-    points = {
-        name: helpers.figure2_points(r, pretrained, figure2_layers()) for name, r in runs.items()
-    }
+        points[name] = helpers.figure2_points(r, pretrained, FIGURE2_LAYERS)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
     trainable = {name: r.trainable for name, r in runs.items()}
     vit = (
@@ -152,22 +124,20 @@ def main() -> None:
     )
     result = {
         "protocol": {key: p[key] for key in USED},
-        "settings": settings(),
+        "settings": SETTINGS,
         "vit": vit,
         "pretrained": before,
         "trainable": trainable,
         "rates": {name: [float(lr) for lr in v] for name, v in validation.items()},
         "validation": validation,
-        "chosen": chosen,
+        "chosen": {name: float(lr) for name, (lr, _) in best.items()},
         "validation_table": validation_table(validation, len(seeds)),
         **outcome(runs),
         "points": points,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
     }
-    write_json(
-        results_path("vit"), result
-    )  # the training's results first: --analyse can redo the rest
+    write_json(results_path("vit"), result)  # the training's results: --analyse redoes the rest
     reanalyse()
 
 

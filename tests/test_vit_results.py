@@ -14,12 +14,12 @@ VIT = json.loads((helpers.REPO / "experiments" / "vit.json").read_text())
 
 
 def test_vit_ran_with_its_own_settings():
-    assert VIT["settings"] == vit.settings(), "rerun experiments/vit.py: its settings changed"
+    assert VIT["settings"] == vit.SETTINGS, "rerun experiments/vit.py: its settings changed"
 
 
 def test_figure2_follows_exactly_the_adapted_matrices():
     adapted = {name for name, m in vit.ViT().named_modules() if isinstance(m, vit.QueryValue)}
-    assert set(vit.figure2_layers()) == adapted and len(adapted) == 2 * vit.BLOCKS
+    assert set(vit.FIGURE2_LAYERS) == adapted and len(adapted) == 2 * vit.BLOCKS
 
 
 @pytest.mark.parametrize("method", ["full FT", "LoRA", "DoRA"])
@@ -27,5 +27,5 @@ def test_vit_points_cover_every_matrix_checkpoint_and_seed_once(nb, method):
     seeds = protocol(nb)["SEEDS"][: vit.N_SEEDS]
     checkpoints = range(1, protocol(nb)["FT_EPOCHS"] + 1)
     keys = [(p["seed"], p["checkpoint"], p["layer"]) for p in VIT["points"][method]]
-    expected = {(s, c, n) for s in seeds for c in checkpoints for n in vit.figure2_layers()}
+    expected = {(s, c, n) for s in seeds for c in checkpoints for n in vit.FIGURE2_LAYERS}
     assert sorted(keys) == sorted(expected)
