@@ -35,12 +35,10 @@ from dora_tutorial.mnist_files import load_mnist
 from dora_tutorial.models import (
     add_adapters,
     add_to_class,
-    import_peft,
     inference_ms,
     layer_weights,
     make_mlp,
     merge_adapters,
-    optional_part,
     parameter_counts,
 )
 from dora_tutorial.plots import (
@@ -53,7 +51,16 @@ from dora_tutorial.plots import (
     plot_rank_sweep,
 )
 from dora_tutorial.precision import magnitude_moves, merge_error
-from dora_tutorial.runtime import REPO, __version__, pick_device, require_version, timed, wrap
+from dora_tutorial.runtime import (
+    REPO,
+    __version__,
+    import_peft,
+    optional_part,
+    pick_device,
+    require_version,
+    timed,
+    wrap,
+)
 from dora_tutorial.stats import Comparison, compare, compare_values, holm, lora_at_budget
 from dora_tutorial.summary import results_table, run_summary, what_we_learned, write_results
 from dora_tutorial.training import Runs, accuracy, adamw, finetune, make_adam, train

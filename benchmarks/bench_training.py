@@ -72,7 +72,7 @@ def seeds(nb, device, repeats) -> None:
 
 def pipeline(nb, device, repeats) -> None:
     task = helpers.make_task(*helpers.load_mnist(verbose=False), device=device)
-    data = datasets.MNIST(helpers.REPO / "data", download=True, transform=transforms.ToTensor())
+    data = datasets.MNIST(helpers.REPO / "data", transform=transforms.ToTensor())  # verified above
 
     def tutorial() -> None:  # batches from a DataLoader, moved to the device one by one
         model = nn.Sequential(nn.Flatten(), *helpers.make_mlp(nb.SIZES, seed=0)).to(device)

@@ -1,18 +1,15 @@
 """The MLP and its adapters: wrapping, counting, effective weights, merging, inference time;
-and the guard around the notebook's optional PEFT parts."""
+and ``add_to_class``, which lets the notebook explain one class over several cells."""
 
-import contextlib
 import copy
 import statistics
-import traceback
-import types
 
 import torch
 from torch import nn
 
 from dora_tutorial.adapter_files import adapter_layers
 from dora_tutorial.adapter_files import inside as _inside
-from dora_tutorial.runtime import timed, wrap
+from dora_tutorial.runtime import timed
 
 
 def make_mlp(sizes: tuple[int, ...], seed: int = 0) -> nn.Sequential:
@@ -69,28 +66,6 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     return model
 
 
-_OPTIONAL_PACKAGES = ("peft", "transformers", "torchao", "accelerate")  # PEFT and what it loads
-
-
-@contextlib.contextmanager
-def optional_part(what: str):
-    """``with optional_part("the comparison with PEFT") as part: ...``: an exception raised
-    inside an optional package (PEFT imports but fails in use) ends the block with one line and
-    is kept as ``part.skipped``; any other exception (this project's code) goes on up."""
-    part = types.SimpleNamespace(skipped=None)
-    try:
-        yield part
-    except Exception as error:
-        modules = (
-            f.f_globals.get("__name__", "") for f, _ in traceback.walk_tb(error.__traceback__)
-        )
-        if not any(name.partition(".")[0] in _OPTIONAL_PACKAGES for name in modules):
-            raise
-        part.skipped = error
-        text = " ".join(str(error).split())[:160]
-        print(wrap(f"Skipping {what}: PEFT fails in use ({type(error).__name__}: {text})."))
-
-
 def merge_adapters(model: nn.Module, merge) -> nn.Module:
     """A copy of ``model`` with every adapter layer replaced by ``merge(layer)`` (the notebook's
     merge, or a dict of them by adapter class)."""
@@ -115,21 +90,6 @@ def inference_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: i
     times = [timed(lambda: model(x), x.device)[0] for _ in range(warmup + repeats)][warmup:]
     model.train(was_training)
     return 1000 * statistics.median(times)
-
-
-def import_peft():
-    """PEFT's ``PeftModel``, or None with a line saying why: an installed peft can fail to import
-    with any exception, not just ImportError (NameError with torch 2.5 and transformers 5)."""
-    import warnings
-
-    try:
-        with warnings.catch_warnings():  # tqdm, imported by peft, warns when ipywidgets is missing
-            warnings.filterwarnings("ignore", message="IProgress not found")
-            from peft import PeftModel
-    except Exception as err:
-        print(wrap(f"Skipping the comparison with PEFT: cannot import peft ({err!r})."))
-        return None
-    return PeftModel
 
 
 def add_to_class(cls):

@@ -1,10 +1,13 @@
-"""Where the reader's code runs: the release check, the device and its clock, seeds, and printed
-text wrapped to a notebook's output area."""
+"""Where the reader's code runs: the release check, the device and its clock, seeds, printed
+text wrapped to a notebook's output area, and PEFT as an optional part."""
 
+import contextlib
 import os
 import random
 import textwrap
 import time
+import traceback
+import types
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +78,40 @@ def seed_everything(seed: int) -> None:
 def wrap(text: str, indent: str = "") -> str:
     """``text`` wrapped to ``WIDTH`` columns; continuation lines indented by ``indent``."""
     return textwrap.fill(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False)
+
+
+_OPTIONAL_PACKAGES = ("peft", "transformers", "torchao", "accelerate")  # PEFT and what it loads
+
+
+@contextlib.contextmanager
+def optional_part(what: str):
+    """``with optional_part("the comparison with PEFT") as part: ...``: an exception raised
+    inside an optional package (PEFT imports but fails in use) ends the block with one line and
+    is kept as ``part.skipped``; any other exception (this project's code) goes on up."""
+    part = types.SimpleNamespace(skipped=None)
+    try:
+        yield part
+    except Exception as error:
+        modules = (
+            f.f_globals.get("__name__", "") for f, _ in traceback.walk_tb(error.__traceback__)
+        )
+        if not any(name.partition(".")[0] in _OPTIONAL_PACKAGES for name in modules):
+            raise
+        part.skipped = error
+        text = " ".join(str(error).split())[:160]
+        print(wrap(f"Skipping {what}: PEFT fails in use ({type(error).__name__}: {text})."))
+
+
+def import_peft():
+    """PEFT's ``PeftModel``, or None with a line saying why: an installed peft can fail to import
+    with any exception, not just ImportError (NameError with torch 2.5 and transformers 5)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # tqdm, imported by peft, warns when ipywidgets is missing
+            warnings.filterwarnings("ignore", message="IProgress not found")
+            from peft import PeftModel
+    except Exception as err:
+        print(wrap(f"Skipping the comparison with PEFT: cannot import peft ({err!r})."))
+        return None
+    return PeftModel

@@ -161,4 +161,7 @@ def mean_interval(values) -> tuple[float, float]:
 
     if len(values) < 2:
         raise ValueError("an interval needs at least 2 values")
-    return stats.t.interval(LEVEL, len(values) - 1, np.mean(values), stats.sem(values))
+    mean, se = float(np.mean(values)), float(stats.sem(values))
+    if se == 0:  # every value the same: scipy's interval would be NaN
+        return mean, mean
+    return stats.t.interval(LEVEL, len(values) - 1, mean, se)

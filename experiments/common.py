@@ -41,9 +41,11 @@ def widen(rates, best: float) -> float | None:
     rates = sorted(rates)
     if best not in (rates[0], rates[-1]):
         return None
-    exponent = math.floor(math.log10(best))
-    step = 3 * exponent + STEPS.index(round(best / 10**exponent)) + (1 if best == rates[-1] else -1)
-    return float(f"{STEPS[step % 3] * 10.0 ** (step // 3):.3g}")
+    exponent = math.floor(math.log10(best))  # the 1-2-5 ladder around best, which may be off it
+    ladder = [s * 10.0**e for e in range(exponent - 1, exponent + 2) for s in STEPS]
+    up = best == rates[-1]
+    beyond = [r for r in ladder if (r > best * 1.001 if up else r < best / 1.001)]
+    return float(f"{(min(beyond) if up else max(beyond)):.3g}")
 
 
 def tune(score, grid) -> dict[float, float]:

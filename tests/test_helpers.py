@@ -1,4 +1,4 @@
-"""helpers' models plumbing (with the notebook's classes) and the session: device and seeds."""
+"""helpers' models plumbing (with the notebook's classes) and the runtime: device and seeds."""
 
 import random
 

@@ -63,7 +63,7 @@ def _load_factory(target: str):
 def main(argv=None) -> int:
     checks = "\n".join(f"  {i:2}. {c.title} [{c.kind}]" for i, c in enumerate(CHECKS, 1))
     parser = argparse.ArgumentParser(
-        prog="check_dora.py",
+        prog="python -m dora_tutorial.check_dora",
         description=_DESCRIPTION,
         epilog=_MANUAL.format(checks=checks),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         try:
             layers.append((_load_factory(args.target), args.target.rpartition(":")[2] + on))
         except ValueError as e:
-            print(f"check_dora.py: error: {e}", file=sys.stderr)
+            print(f"check_dora: error: {e}", file=sys.stderr)
             return 2
     if args.peft and (reason := peft_unavailable_reason()) is not None:
         skipped.append(f"PEFT's DoRA: skipped: {reason}")  # one line, and the rest goes on
