@@ -92,13 +92,10 @@ def test_a_cnns_adapters_wrap_merge_weigh_and_save(nb, kind, tmp_path):
     assert torch.equal(helpers.load_adapter(fresh, path)(x), model(x))
     with pytest.raises(ValueError, match="layer '1': the file has rank 4"):
         helpers.load_adapter(helpers.add_adapters(pretrained, wrappers(nb, kind), 2, 4), path)
-    peft_sd = adapter_files.to_peft_state_dict(model)  # PEFT keeps a Conv2d's m as (1, out, 1, 1)
-    assert kind == "LoRA" or peft_sd["base_model.model.3.lora_magnitude_vector"].shape == (
-        1,
-        8,
-        1,
-        1,
-    )
+    peft_sd = adapter_files.to_peft_state_dict(model)  # PEFT: A the kernel, m (1, out, 1, 1)
+    shape = {k.removeprefix("base_model.model.3."): tuple(t.shape) for k, t in peft_sd.items()}
+    assert shape["lora_A.weight"] == (4, 4, 3, 3) and shape["lora_B.weight"] == (8, 4, 1, 1)
+    assert kind == "LoRA" or shape["lora_magnitude_vector"] == (1, 8, 1, 1)
     back = adapter_files.from_peft_state_dict(peft_sd, adapter_files.peft_config_kwargs(model))
     assert back["layers"]["3"]["class"] == "peft lora.Conv2d"
     assert all(torch.equal(back["tensors"][k], t) for k, t in saved["tensors"].items())
