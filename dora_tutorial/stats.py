@@ -31,7 +31,7 @@ class Comparison:
     family: int = 1
     se: float = 0.0
     df: float = 1.0
-    values: tuple = ((), ())
+    values: tuple = ((), ())  # the per-seed (or per-network) values of A and of B, paired
 
     @property
     def verdict(self) -> str:
@@ -106,11 +106,9 @@ def compare_values(name_a: str, a, name_b: str, b) -> Comparison:
     if len(a) != len(b) or len(a) < 2:
         raise ValueError(f"a paired comparison needs at least 2 seeds, as many A as B: {a}, {b}")
     diff, se, df = float(a.mean() - b.mean()), float(stats.sem(a - b)), len(a) - 1
-    if se > 0:
-        result = stats.ttest_rel(a, b)
-        p, (low, high) = float(result.pvalue), map(float, result.confidence_interval(LEVEL))
-    else:  # every seed gave the same difference: no spread to test against
-        p, low, high = (0.0 if diff else 1.0), diff, diff
+    low, high = map(float, mean_interval(a - b))  # the paired t-interval
+    # every seed gave the same difference: no spread to test against
+    p = float(stats.ttest_rel(a, b).pvalue) if se > 0 else (0.0 if diff else 1.0)
     detectable = float((stats.t.ppf(0.5 + LEVEL / 2, df) + stats.t.ppf(POWER, df)) * se)
     n, test, pairs = len(a), "paired t-test", (tuple(map(float, a)), tuple(map(float, b)))
     return Comparison(

@@ -68,12 +68,12 @@ def render(evidence: dict, found: dict, mlp_figure2: dict, vit: dict) -> str:
 
 
 def detail(evidence: dict, found: dict) -> str:
+    held = ev.held_out(evidence)
     check = {
         k: f"{h.diff:+.2f} [{h.low:+.2f}, {h.high:+.2f}] {ev.short(h.verdict)}"
-        for k, h in ev.held_out(evidence).items()
+        for k, h in held.items()
     }
     noise, spread = ev.float_noise(evidence)
-    nets = [ev.differences(evidence, net) for net in evidence["accuracy"]]
     labels = [str(j) for j in range(evidence["networks"])] + ["held out"]
     return "\n".join(
         [
@@ -96,7 +96,8 @@ def detail(evidence: dict, found: dict) -> str:
             "|---|" + "---:|" * len(labels),
             *(
                 f"| {name} | "
-                + " | ".join(f"{(a - b).mean():+.2f}" for a, b in (net[name] for net in nets))
+                + " | ".join(f"{a - b:+.2f}" for a, b in zip(*found[name].values, strict=True))
+                + f" | {held[name].diff:+.2f}"
                 + " |"
                 for name in found
             ),
