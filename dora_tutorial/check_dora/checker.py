@@ -1,6 +1,5 @@
 """check_dora(): build the layer, find its A, B and m, run every check, collect the Report."""
 
-import textwrap
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -8,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from ..runtime import wrap
 from . import formula_checks as formula
 from . import training_and_merging_checks as in_use
 from .adapter import NotIdentified, as_matrix, find_adapter
@@ -39,11 +39,6 @@ _KINDS_OF_FAILURE = {
 }
 
 
-def _fill(text, indent):
-    """Wrapped at 96 columns: they fit a terminal and a notebook's output area."""
-    return textwrap.fill(text, 96, subsequent_indent=" " * indent, break_on_hyphens=False)
-
-
 @dataclass
 class CheckResult:
     """status: "pass", "fail" or "skip" (not run, or not applicable)."""
@@ -67,7 +62,7 @@ class CheckResult:
         if self.within_rounding:
             n = self.numbers
             text += f" (within {self.precision} rounding: {n['error']:.0e} <= {n['tolerance']:.0e})"
-        return _fill(text, 10)
+        return wrap(text, " " * 10)
 
 
 @dataclass
@@ -134,15 +129,15 @@ class Report:
         found = (
             f"cannot check this layer: {self.problem}" if self.problem else f"found {self.adapter}"
         )
-        lines = [f"DoRA conformance: {self.name}{precision}", _fill(f"  {found}", 4)]
+        lines = [f"DoRA conformance: {self.name}{precision}", wrap(f"  {found}", " " * 4)]
         if self.precision != self.dtype:
             note = (
                 f"  the layer computes in {self.precision} with {self.dtype} parameters and "
                 f"inputs: checked with {self.precision}'s rounding tolerances"
             )
-            lines.append(_fill(note, 4))
+            lines.append(wrap(note, " " * 4))
         lines += [str(r) for r in self.results]
-        lines.append(_fill(f"  {self.summary()}", 4))
+        lines.append(wrap(f"  {self.summary()}", " " * 4))
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -181,7 +176,6 @@ def _identify(run: Run) -> str:
     ):
         run.precision = torch.float32
     run.adapter = find_adapter(layer, W0, base.bias.detach(), RANK, W_init, rtol=run.tol(IN))
-    run.conventions.axis = run.adapter.axis  # judged by its own check, used by the others
     return run.adapter.describe(layer)
 
 

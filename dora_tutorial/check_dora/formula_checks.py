@@ -188,7 +188,7 @@ def reference_formula(run: Run):
     _, worst, tol, what, where = max(found)
     c = run.conventions
     differences = {
-        "magnitude per input column": c.axis == 0,
+        "magnitude per input column": run.adapter.axis == 0,
         f"scaling {c.scaling}": c.scaling != "alpha / rank",
         "bias rescaled": c.rescaled_bias,
         "norm not detached": not c.detached,

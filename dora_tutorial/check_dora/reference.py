@@ -91,7 +91,6 @@ LINEAR = LayerKind("nn.Linear", make_linear, read_weight, _linear_inputs, F.line
 class _Conventions:
     """The layer's conventions where the checks measured them; the paper's until then."""
 
-    axis: int = 1
     scaling: str = "alpha / rank"
     rescaled_bias: bool = False
     detached: bool = True
@@ -160,7 +159,7 @@ class Run:
 
     def weight(self, base, A, B, m, rank=RANK, alpha=ALPHA, detach=True):
         """(W', m / ||V||) of the reference (float64) under the conventions measured so far."""
-        s, axis = self.scaling(alpha, rank), self.conventions.axis
+        s, axis = self.scaling(alpha, rank), self.adapter.axis
         return reference_weight(self.w0(base), A, B, m, s, axis, detach)
 
     def gradient_errors(self, layer, base, state, x, rank, alpha, detach=None):

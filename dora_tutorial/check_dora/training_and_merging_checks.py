@@ -121,22 +121,21 @@ def dropout(run: Run):
 
 
 def _merges(layer):
-    """[(how, merged)] for each merge the layer offers, in this order: merged_weight() (merged:
-    the weight as a float64 matrix), merge_and_unload() and merge() returning a layer (on a
-    copy), merge() in place (on the layer itself). Call under torch.no_grad()."""
-    found = []
+    """(how, merged) for each merge the layer offers, one at a time, in this order:
+    merged_weight() (merged: the weight as a float64 matrix), merge_and_unload() and merge()
+    returning a layer (on a copy), merge() in place (on the layer itself). Call under
+    torch.no_grad()."""
     if callable(getattr(layer, "merged_weight", None)):
-        found.append(("merged_weight()", as_matrix(layer.merged_weight().detach()).double()))
+        yield "merged_weight()", as_matrix(layer.merged_weight().detach()).double()
     if callable(getattr(layer, "merge_and_unload", None)):
-        found.append(("merge_and_unload()", copy.deepcopy(layer).merge_and_unload()))
+        yield "merge_and_unload()", copy.deepcopy(layer).merge_and_unload()
     if callable(getattr(layer, "merge", None)):
         merged = copy.deepcopy(layer).merge()
         if isinstance(merged, nn.Module):
-            found.append(("merge()", merged))
+            yield "merge()", merged
         else:
             layer.merge()
-            found.append(("merge() in place", layer))
-    return found
+            yield "merge() in place", layer
 
 
 _NO_MERGE = "the layer offers no merge (merged_weight(), merge_and_unload(), merge())"
@@ -153,7 +152,7 @@ def merge_and_unmerge(run: Run):
     tol, errors = run.forward_tol(as_matrix(W0), x), {}
     with torch.no_grad():
         y = layer(x).double()
-        merges = _merges(layer)
+        merges = list(_merges(layer))
         for how, merged in merges:
             if how == "merged_weight()":
                 got, what = run.kind.apply(x.double(), merged, b), f"x W'^T + b with W' = {how}"
@@ -219,10 +218,10 @@ def merge_precision(run: Run):
     run.adapter.assign(layer, A, B, m * (1 + 0.01 * torch.randn(m.shape, generator=g)))
     exact = run.weight(base, *(t.detach().double() for t in run.adapter.tensors(layer)))[0]
     with torch.no_grad():
-        merges = _merges(layer)
-        if not merges:
+        first = next(_merges(layer), None)  # the first merge the layer offers, alone
+        if first is None:
             return None, _NO_MERGE
-        how, merged = merges[0]
+        how, merged = first
         if isinstance(merged, nn.Module):
             merged = run.kind.effective_weight(merged.double(), n_in)[0]
     lost, least = merge_error(merged, exact, W0)
