@@ -131,7 +131,6 @@ def main() -> None:
         "rates": {name: [float(lr) for lr in v] for name, v in validation.items()},
         "validation": validation,
         "chosen": {name: float(lr) for name, (lr, _) in best.items()},
-        "validation_table": validation_table(validation, len(seeds)),
         **outcome(runs),
         "points": points,
         "seconds": seconds,
