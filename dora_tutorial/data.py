@@ -56,9 +56,11 @@ def make_task(
     n_train = n - n_val if n_train is None else n_train
     if n_train < 1 or n_val < 0 or n_train + n_val > n:
         raise ValueError(f"n_train + n_val must be in 1..{n}, got {n_train} + {n_val}")
-    generator = torch.Generator().manual_seed(seed)
-    pick = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-    train, val = pick[:n_train], pick[n_train : n_train + n_val]
+    if shuffle:
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        train, val = pick[:n_train], pick[n_train : n_train + n_val]
+    else:  # the whole set in order: views, not a copy through an index
+        train, val = slice(0, n), slice(n, n)
     splits = [(train_images[train], train_labels[train]), (test_images, test_labels)]
     splits += [(train_images[val], train_labels[val])]
     if degrees:
